@@ -1,0 +1,170 @@
+"""The memory bank: decoder self-attention K/V recorded during inversion, injected while editing.
+
+Patches are attention processors installed by :func:`memory_bank_patch`, a context manager
+that restores the UNet's own processors exactly on exit. The bank lives on the compute device
+(the reference parks it on the CPU and copies it back every step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Iterator, Literal
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+
+from .interfaces import AttentionPolicy
+
+BankMode = Literal["off", "record", "inject"]
+
+
+def bank_layer_names(unet) -> list[str]:
+    """Self-attention (``attn1``) processors inside the decoder's cross-attention up-blocks
+    (9 layers in SD 1.5)."""
+    return [
+        name
+        for name in unet.attn_processors
+        if name.startswith("up_blocks.") and ".attn1." in name
+    ]
+
+
+@dataclass
+class MemoryBank:
+    """Recorded K/V per (step, layer) and the switches the processors read on every call.
+
+    ``mode`` is ``"record"`` during inversion, ``"inject"`` during editing steps inside the
+    policy's window, and ``"off"`` otherwise (feature passes, time-travel rollbacks).
+    """
+
+    policy: AttentionPolicy = field(default_factory=AttentionPolicy)
+    mode: BankMode = "off"
+    step: int = -1
+    latent_hw: tuple[int, int] = (0, 0)
+    image_index: dict[str, int] = field(default_factory=dict)  # image name -> batch row
+    store: dict[tuple[int, str], tuple[Tensor, Tensor]] = field(default_factory=dict)
+    _mask_cache: dict[tuple[str, int], Tensor] = field(default_factory=dict)
+
+    # -- recording ---------------------------------------------------------------------------
+    def record(self, layer: str, k: Tensor, v: Tensor) -> None:
+        self.store[(self.step, layer)] = (k.detach(), v.detach())
+
+    def nbytes(self) -> int:
+        """Memory held by the bank."""
+        return sum(k.numel() * k.element_size() * 2 for k, _ in self.store.values())
+
+    def clear(self) -> None:
+        self.store.clear()
+        self._mask_cache.clear()
+
+    # -- injection ---------------------------------------------------------------------------
+    def _token_mask(self, which: str, mask: Tensor, tokens: int) -> Tensor:
+        key = (which, tokens)
+        if key not in self._mask_cache:
+            lh, lw = self.latent_hw
+            down = math.sqrt(lh * lw / tokens)
+            hw = (round(lh / down), round(lw / down))
+            m = F.interpolate(mask.float(), size=hw, mode="nearest")
+            self._mask_cache[key] = m.flatten().bool().to(mask.device)
+        return self._mask_cache[key]
+
+    def inject(self, layer: str, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """The K/V the generation branch attends to, from its own ``k, v`` ``(B, T, C)``."""
+        entry = self.store.get((self.step, layer))
+        pol = self.policy
+        if entry is None or pol.mode == "off":
+            return k, v
+        bk, bv = entry
+        b = k.shape[0]
+        src = self.image_index.get(pol.source, 0)
+        if pol.mode == "replace":
+            return bk[src : src + 1].expand(b, -1, -1), bv[src : src + 1].expand(b, -1, -1)
+        if pol.mode == "concat":
+            return (
+                torch.cat([k, bk[src : src + 1].expand(b, -1, -1)], dim=1),
+                torch.cat([v, bv[src : src + 1].expand(b, -1, -1)], dim=1),
+            )
+        # masked: source tokens outside the edited object + reference tokens inside its mask
+        tokens = bk.shape[1]
+        parts_k, parts_v = [], []
+        keep = pol.keep_mask
+        if keep is not None:
+            sel = self._token_mask("keep", keep.to(bk.device), tokens)
+            parts_k.append(bk[src][sel])
+            parts_v.append(bv[src][sel])
+        if pol.reference is not None and pol.reference_mask is not None:
+            ref = self.image_index[pol.reference]
+            sel = self._token_mask("ref", pol.reference_mask.to(bk.device), tokens)
+            parts_k.append(bk[ref][sel])
+            parts_v.append(bv[ref][sel])
+        if not parts_k or sum(p.shape[0] for p in parts_k) == 0:
+            return k, v
+        mk = torch.cat(parts_k, 0)[None].expand(b, -1, -1)
+        mv = torch.cat(parts_v, 0)[None].expand(b, -1, -1)
+        return mk, mv
+
+
+class BankAttnProcessor:
+    """Self-attention with memory-bank recording/injection, using PyTorch SDPA."""
+
+    def __init__(self, name: str, bank: MemoryBank):
+        self.name = name
+        self.bank = bank
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, *args, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        four_d = hidden_states.ndim == 4
+        if four_d:
+            b, c, h, w = hidden_states.shape
+            hidden_states = rearrange(hidden_states, "b c h w -> b (h w) c")
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        q = attn.to_q(hidden_states)
+        k = attn.to_k(context)
+        v = attn.to_v(context)
+        bank = self.bank
+        if bank.mode == "record":
+            bank.record(self.name, k, v)
+        elif bank.mode == "inject":
+            k, v = bank.inject(self.name, k, v)
+        heads = attn.heads
+        q, k, v = (rearrange(x, "b t (h d) -> b h t d", h=heads) for x in (q, k, v))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = rearrange(out, "b h t d -> b t (h d)").to(q.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if four_d:
+            out = rearrange(out, "b (h w) c -> b c h w", h=h, w=w)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+@contextlib.contextmanager
+def memory_bank_patch(unet, bank: MemoryBank) -> Iterator[MemoryBank]:
+    """Install bank processors on the decoder self-attention layers; restore on exit.
+
+    Processors are swapped per module, so other patches (the image prompt's cross-attention
+    processors, which also add entries to ``unet.attn_processors``) are left alone.
+    """
+    modules = {name: mod for name, mod in unet.named_modules() if hasattr(mod, "set_processor")}
+    saved = {}
+    for proc_name in bank_layer_names(unet):
+        mod = modules[proc_name[: -len(".processor")]]
+        saved[proc_name] = (mod, mod.processor)
+        mod.set_processor(BankAttnProcessor(proc_name, bank))
+    try:
+        yield bank
+    finally:
+        for mod, proc in saved.values():
+            mod.set_processor(proc)

@@ -1,0 +1,220 @@
+"""The Python API: ``Editor.from_pretrained(model).edit(spec)``."""
+
+from __future__ import annotations
+
+import logging
+import math
+import platform
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from PIL import Image
+
+from . import __version__
+from .engine import Engine
+from .errors import SpecError
+from .imageio import load_image, save_image, save_json, to_pil, to_tensor
+from .interfaces import Geometry
+from .models import ModelEntry, load_pipeline, resolve_model
+from .plugins import get_registry
+from .specs import EditSpec, parse_spec
+
+log = logging.getLogger(__name__)
+
+
+def working_size(input_hw: tuple[int, int], resolution: int, multiple: int = 64) -> tuple[int, int]:
+    """Scale to an area of about ``resolution**2`` with sides a multiple of ``multiple``
+    (the reference's ``resize_numpy_image``)."""
+    h, w = input_hw
+    k = resolution / math.sqrt(h * w)
+    return (
+        max(multiple, int(round(h * k / multiple)) * multiple),
+        max(multiple, int(round(w * k / multiple)) * multiple),
+    )
+
+
+def check_spec(spec: EditSpec, registry=None) -> tuple[int, int]:
+    """Validate a spec's inputs without any model: images decode, masks match, points lie
+    inside the image. Returns the input image's ``(height, width)``."""
+    reg = registry or get_registry()
+    task = reg.task(spec.task)
+    paths = task.images(spec)
+    hw = None
+    for name, path in paths.items():
+        im = load_image(path, "image" if name == "source" else name)
+        if name == "source":
+            hw = (im.height, im.width)
+    task.check(spec, hw)
+    return hw
+
+
+@dataclass
+class EditResult:
+    """What an edit returns: the image, the masks the task used, and the metadata."""
+
+    image: Image.Image
+    spec: EditSpec
+    masks: dict[str, Image.Image] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    latent: torch.Tensor | None = None
+
+    def save(self, path: str | Path, force: bool = False) -> Path:
+        """Write the image and its JSON sidecar (``.json`` beside it), atomically."""
+        path = Path(path)
+        save_image(self.image, path, force=force)
+        save_json(self.metadata, path.with_suffix(".json"), force=force)
+        return path
+
+
+def _versions() -> dict[str, str]:
+    import diffusers
+    import transformers
+
+    return {"diffeditor": __version__, "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+class Editor:
+    """Edits images with one loaded model; keeps an inversion cache across edits.
+
+    >>> editor = Editor.from_pretrained("shapes", device="cpu")       # doctest: +SKIP
+    >>> result = editor.edit("specs/move.yaml")                       # doctest: +SKIP
+    >>> result.image.save("moved.png")                                # doctest: +SKIP
+    """
+
+    def __init__(self, engine: Engine, entry: ModelEntry | None = None, model: str = ""):
+        self.engine = engine
+        self.entry = entry
+        self.model = model
+        self.registry = get_registry()
+
+    @classmethod
+    def from_pretrained(
+        cls, model: str | None = None, device: str | None = None, dtype: str | None = None,
+        cache_size: int = 4,
+    ) -> "Editor":
+        """Load a registered model name (``shapes``), a local folder or a hub id."""
+        location, entry = resolve_model(model)
+        pipe = load_pipeline(location, device, dtype)
+        editor = cls(Engine(pipe, model_id=str(model or location), cache_size=cache_size), entry,
+                     model or location)
+        editor._attach_image_prompt()
+        return editor
+
+    def _attach_image_prompt(self) -> None:
+        info = self.entry.image_prompt if self.entry else None
+        if not info:
+            return
+        from .image_prompt import ImagePromptRuntime
+
+        self.engine.image_prompt = ImagePromptRuntime.load(self.engine, info["weights"], info["encoder"])
+
+    # -- specs --------------------------------------------------------------------------------
+    def defaults(self) -> dict[str, Any]:
+        return dict(self.entry.defaults) if self.entry else {}
+
+    def parse(self, spec: EditSpec | dict | str | Path, base_dir: str | Path | None = None) -> EditSpec:
+        """Validate a spec (object, dict or file path) with this model's defaults."""
+        if isinstance(spec, EditSpec):
+            return spec
+        return parse_spec(spec, base_dir=base_dir, defaults=self.defaults())
+
+    def default_resolution(self) -> int:
+        cfg = self.engine.unet.config
+        size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+        native = size * self.engine.vae_scale
+        return 768 if native >= 512 else native  # the reference edits SD 1.5 at 768
+
+    # -- editing ------------------------------------------------------------------------------
+    def prepare(self, spec: EditSpec):
+        """Load the inputs and build the task's plan (no network calls)."""
+        task = self.registry.task(spec.task)
+        paths = task.images(spec)
+        pil = {name: load_image(p, "image" if name == "source" else name) for name, p in paths.items()}
+        input_hw = (pil["source"].height, pil["source"].width)
+        task.check(spec, input_hw)
+        resolution = spec.resolution or self.default_resolution()
+        work_hw = working_size(input_hw, resolution)
+        geom = Geometry(input_hw, work_hw, self.engine.vae_scale, spec.feature_scale)
+        tensors = {name: to_tensor(im, work_hw) for name, im in pil.items()}
+        plan = task.plan(spec, tensors, geom)
+        return task, plan, geom
+
+    def edit(
+        self, spec: EditSpec | dict | str | Path, base_dir: str | Path | None = None,
+        progress: Callable | None = None,
+    ) -> EditResult:
+        """Run one edit. ``spec`` is a spec object, a dict (paths relative to ``base_dir``) or
+        a YAML/JSON file."""
+        t0 = time.perf_counter()
+        spec = self.parse(spec, base_dir)
+        task, plan, geom = self.prepare(spec)
+        out = self.engine.edit(plan, spec, progress)
+        image = to_pil(out.image)
+        if (image.height, image.width) != geom.input_hw:
+            image = image.resize((geom.input_hw[1], geom.input_hw[0]), Image.BICUBIC)
+        masks = {k: to_pil(v.expand(-1, 3, -1, -1) * 2 - 1) for k, v in plan.masks.items()}
+        timings = dict(out.timings)
+        timings["wall"] = time.perf_counter() - t0
+        meta = {
+            "spec": spec.model_dump(mode="json"),
+            "task": {"name": task.name, "version": task.version},
+            "seed": spec.seed,
+            "model": self.model,
+            "device": str(self.engine.device),
+            "dtype": str(self.engine.dtype).replace("torch.", ""),
+            "working_size": list(geom.work_hw),
+            "versions": _versions(),
+            "timings_s": {k: round(v, 4) for k, v in timings.items()},
+            "inversion_cached": out.inversion_cached,
+            "memory_bank_bytes": out.bank_bytes,
+            "network_evaluations": out.counters,
+            "plan": {k: v for k, v in plan.info.items()},
+        }
+        return EditResult(image=image, spec=spec, masks=masks, metadata=meta, latent=out.latent)
+
+    # -- per-task helpers ---------------------------------------------------------------------
+    def _quick(self, task: str, images: dict[str, Any], **fields) -> EditResult:
+        with tempfile.TemporaryDirectory(prefix="diffeditor-") as tmp:
+            spec: dict[str, Any] = {"task": task, **fields}
+            for key, value in images.items():
+                if value is None:
+                    continue
+                if isinstance(value, Image.Image):
+                    path = Path(tmp) / f"{key}.png"
+                    value.save(path)
+                    spec[key] = str(path)
+                else:
+                    spec[key] = str(value)
+            return self.edit(spec)
+
+    def move(self, image, mask, offset, scale: float = 1.0, **fields) -> EditResult:
+        """Move the object under ``mask`` by ``offset`` = (dx, dy) pixels."""
+        return self._quick("move", {"image": image, "mask": mask}, offset=offset, scale=scale, **fields)
+
+    def resize(self, image, mask, scale: float, offset=(0, 0), **fields) -> EditResult:
+        """Resize the object under ``mask`` by ``scale`` about its centroid."""
+        return self._quick("resize", {"image": image, "mask": mask}, offset=offset, scale=scale, **fields)
+
+    def drag(self, image, mask, handles, targets, **fields) -> EditResult:
+        """Drag content from ``handles`` to ``targets`` inside the editable ``mask``."""
+        return self._quick("drag", {"image": image, "mask": mask}, handles=handles, targets=targets, **fields)
+
+    def appearance(self, image, mask, reference, reference_mask, **fields) -> EditResult:
+        """Give the object under ``mask`` the appearance of the reference object."""
+        return self._quick("appearance", {"image": image, "mask": mask, "reference": reference,
+                                          "reference_mask": reference_mask}, **fields)
+
+    def paste(self, image, reference, reference_mask, offset=(0, 0), scale: float = 1.0, **fields) -> EditResult:
+        """Paste the reference object into ``image``, shifted by ``offset`` from its place."""
+        return self._quick("paste", {"image": image, "reference": reference,
+                                     "reference_mask": reference_mask}, offset=offset, scale=scale, **fields)
+
+    def face(self, image, reference, **fields) -> EditResult:
+        """Move the face's 68 landmarks to those of the reference face."""
+        return self._quick("face", {"image": image, "reference": reference}, **fields)

@@ -1,0 +1,409 @@
+"""The shared DiffEditor sampler: inversion with a memory bank, CFG denoising with regional
+score-based guidance, regional SDE/ODE steps and time travel, for any task's :class:`EditPlan`.
+
+Device and dtype are read from the components; nothing assumes CUDA. Latents and the step math
+stay in float32; the UNet runs in its own dtype; energies are reduced in float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from .attention import MemoryBank, memory_bank_patch
+from .features import decoder_features
+from .interfaces import EditPlan, Features
+from .sampling import (
+    DDIMTimesteps,
+    combine_cfg,
+    ddim_invert,
+    ddim_invert_step,
+    regional_step,
+)
+from .schedule import Schedule
+
+log = logging.getLogger(__name__)
+
+ProgressFactory = Callable[[int, str], Any]
+
+
+@dataclass
+class Counters:
+    """UNet work done, for the benchmark and tests."""
+
+    unet_forward: int = 0  # full forwards (any batch size)
+    unet_partial: int = 0  # feature passes stopped after the deepest guidance level
+    unet_backward: int = 0  # backward passes through a feature pass
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Inversion:
+    """The result of inverting a set of images: every latent, and the memory bank."""
+
+    latents: dict[str, list[Tensor]]  # name -> [z_0 .. z_N]
+    bank: MemoryBank
+    seconds: float = 0.0
+
+
+@dataclass
+class EditOutput:
+    latent: Tensor
+    image: Tensor  # (1, 3, H, W) in [-1, 1]
+    timings: dict[str, float] = field(default_factory=dict)
+    counters: dict[str, int] = field(default_factory=dict)
+    inversion_cached: bool = False
+    bank_bytes: int = 0
+
+
+class InversionCache:
+    """A small LRU cache of inversions keyed by content (images, prompts, steps, model)."""
+
+    def __init__(self, max_items: int = 4):
+        self.max_items = max_items
+        self._items: OrderedDict[str, Inversion] = OrderedDict()
+
+    def get(self, key: str) -> Inversion | None:
+        item = self._items.get(key)
+        if item is not None:
+            self._items.move_to_end(key)
+        return item
+
+    def put(self, key: str, value: Inversion) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.max_items:
+            self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class Engine:
+    """The shared sampler around a diffusers SD 1.x pipeline's components."""
+
+    def __init__(self, pipe, model_id: str = "", cache_size: int = 4):
+        self.unet = pipe.unet
+        self.vae = pipe.vae
+        self.text_encoder = pipe.text_encoder
+        self.tokenizer = pipe.tokenizer
+        self.scheduler = pipe.scheduler
+        self.model_id = model_id
+        self.image_prompt = None  # an ImagePromptEncoder, when the model has image-prompt weights
+        self.cache = InversionCache(cache_size)
+        self.counters = Counters()
+        self._text_cache: dict[str, Tensor] = {}
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.requires_grad_(False)
+            module.eval()
+
+    # -- properties ----------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    # -- encoders ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> Tensor:
+        """Text embeddings ``(B, 77, D)``, cached per prompt."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
+        if missing:
+            ids = self.tokenizer(
+                missing, padding="max_length", max_length=self.tokenizer.model_max_length,
+                truncation=True, return_tensors="pt",
+            ).input_ids.to(self.text_encoder.device)
+            emb = self.text_encoder(ids)[0]
+            for p, e in zip(missing, emb):
+                self._text_cache[p] = e.to(self.dtype)
+        return torch.stack([self._text_cache[p] for p in prompts])
+
+    @torch.no_grad()
+    def encode_image(self, image: Tensor) -> Tensor:
+        """``(B, 3, H, W)`` in [-1, 1] -> scaled latent (posterior mean), float32."""
+        x = image.to(self.vae.device, self.vae.dtype)
+        z = self.vae.encode(x).latent_dist.mean
+        return (z * self.vae.config.scaling_factor).float()
+
+    @torch.no_grad()
+    def decode(self, z: Tensor) -> Tensor:
+        x = self.vae.decode((z / self.vae.config.scaling_factor).to(self.vae.dtype)).sample
+        return x.float().clamp(-1, 1)
+
+    # -- network calls -------------------------------------------------------------------------
+    def _unet_kwargs(self, batch: int, cond_rows: list[bool] | None = None) -> dict:
+        if self.image_prompt is None:
+            return {}
+        return {"added_cond_kwargs": self.image_prompt.added_cond_kwargs(batch, cond_rows)}
+
+    def eps(self, z: Tensor, t: Tensor, context: Tensor, cond_rows: list[bool] | None = None) -> Tensor:
+        """Noise prediction in float32 for a batch."""
+        self.counters.unet_forward += 1
+        out = self.unet(
+            z.to(self.dtype), t, encoder_hidden_states=context, return_dict=False,
+            **self._unet_kwargs(z.shape[0], cond_rows),
+        )[0]
+        return out.float()
+
+    def features(self, z: Tensor, t: Tensor, context: Tensor, levels, scale) -> Features:
+        self.counters.unet_partial += 1
+        return decoder_features(
+            self.unet, z, t, context, tuple(levels), scale,
+            self._unet_kwargs(z.shape[0], [True] * z.shape[0]),
+        )
+
+    def _set_image_prompt(self, gamma: float) -> None:
+        if self.image_prompt is not None:
+            self.image_prompt.set_scale(gamma)
+
+    # -- inversion -----------------------------------------------------------------------------
+    def inversion_key(self, plan: EditPlan, steps: int) -> str:
+        h = hashlib.sha256()
+        h.update(f"{self.model_id}|{steps}|{self.dtype}|{self.device}".encode())
+        for name in plan.images:
+            h.update(name.encode())
+            h.update(plan.prompts.get(name, "").encode())
+            img = plan.images[name].detach().float().cpu().contiguous()
+            h.update(str(tuple(img.shape)).encode())
+            h.update(img.numpy().tobytes())
+        return h.hexdigest()
+
+    @torch.no_grad()
+    def invert(self, plan: EditPlan, grid: DDIMTimesteps, progress=None) -> tuple[Inversion, bool]:
+        """DDIM-invert every image of the plan together, recording the memory bank.
+
+        Conditioning: each image's own text prompt, no CFG, no image prompt (as the reference).
+        Results are cached by content; returns ``(inversion, was_cached)``.
+        """
+        key = self.inversion_key(plan, grid.num_steps)
+        hit = self.cache.get(key)
+        if hit is not None:
+            return hit, True
+        start = time.perf_counter()
+        names = list(plan.images)
+        x = torch.cat([plan.images[n] for n in names])
+        z0 = self.encode_image(x).to(self.device)
+        context = self.encode_text([plan.prompts.get(n, "") for n in names])
+        bank = MemoryBank(mode="record", image_index={n: i for i, n in enumerate(names)})
+        bank.latent_hw = tuple(z0.shape[-2:])
+        self._set_image_prompt(0.0)
+        bar = progress(grid.num_steps, "inversion") if progress else None
+
+        def eps_fn(z: Tensor, i: int) -> Tensor:
+            bank.step = i
+            return self.eps(z, grid.timesteps[i].to(self.device), context, [True] * len(names))
+
+        def tick(i: int, z: Tensor) -> None:
+            if bar is not None:
+                bar.update(1)
+
+        with memory_bank_patch(self.unet, bank):
+            latents = ddim_invert(z0, eps_fn, grid, tick)
+        if bar is not None:
+            bar.close()
+        bank.mode = "off"
+        inv = Inversion(
+            {n: [z[i : i + 1] for z in latents] for i, n in enumerate(names)},
+            bank,
+            time.perf_counter() - start,
+        )
+        self.cache.put(key, inv)
+        return inv, False
+
+    # -- guidance ------------------------------------------------------------------------------
+    def guidance(
+        self,
+        z: Tensor,
+        t: Tensor,
+        context: Tensor,
+        ref_feats: dict[str, Features],
+        plan: EditPlan,
+        spec,
+    ) -> Tensor:
+        """Regional score-based guidance: ``Σ_r region_r ⊙ ∇_z(λ·Σ_{terms in r} w·E)``.
+
+        One feature pass with gradient, one backward pass per region; energies in float32.
+        """
+        terms = [term for term in plan.energies if term.weight != 0]
+        if not terms:
+            return torch.zeros_like(z)
+        if spec.guidance_region == "global":
+            groups = {"__global__": terms}
+            regions = {"__global__": torch.ones_like(z[:, :1])}
+        else:
+            groups = {}
+            for term in terms:
+                groups.setdefault(term.region, []).append(term)
+            regions = plan.regions
+        with torch.enable_grad():
+            zg = z.detach().requires_grad_(True)
+            cur = self.features(zg, t, context, spec.feature_levels, spec.feature_scale)
+            correction = torch.zeros_like(z)
+            items = list(groups.items())
+            for j, (region, group) in enumerate(items):
+                energy = sum(term.weight * term.fn(cur, ref_feats).float() for term in group)
+                (grad,) = torch.autograd.grad(
+                    spec.energy_scale * energy.sum(), zg, retain_graph=j < len(items) - 1
+                )
+                self.counters.unet_backward += 1
+                correction = correction + regions[region].to(z) * grad.float()
+        return correction.detach()
+
+    # -- editing -------------------------------------------------------------------------------
+    def edit(self, plan: EditPlan, spec, progress: ProgressFactory | None = None) -> EditOutput:
+        """Run one edit plan; returns the edited latent and image."""
+        timings: dict[str, float] = {}
+        before = Counters(**self.counters.as_dict())
+        t0 = time.perf_counter()
+        grid = DDIMTimesteps.from_scheduler(self.scheduler, spec.steps)
+        sched = Schedule.resolve(spec.schedule, spec.steps, plan.attention.window)
+        guided_steps = sched.guidance if (spec.energy_scale > 0 and plan.energies) else frozenset()
+        inv, cached = self.invert(plan, grid, progress)
+        timings["inversion"] = 0.0 if cached else inv.seconds
+        bank = inv.bank
+        policy = plan.attention
+        if spec.memory_bank not in ("task",):
+            policy = type(policy)(**{**policy.__dict__, "mode": spec.memory_bank})
+        bank.policy = policy
+        bank._mask_cache.clear()
+
+        if self.image_prompt is not None:
+            self.image_prompt.set_image(plan.images[plan.image_prompt_source])
+        n = grid.num_steps
+        z = plan.surgery({k: v[-1] for k, v in inv.latents.items()}) if plan.surgery else inv.latents["source"][-1]
+        z = z.to(self.device, torch.float32)
+        source_prompt = plan.prompts.get("source", "")
+        cond = self.encode_text([source_prompt])
+        context = torch.cat([self.encode_text([""]), cond])
+        ref_names = list(plan.images)
+        ref_contexts = self.encode_text([plan.prompts.get(k, "") for k in ref_names])
+        sde_mask = plan.sde_mask if spec.sde_region == "regional" else None
+        if sde_mask is not None:
+            sde_mask = sde_mask.to(self.device)
+        eta_in, eta_out = spec.sde_strength, spec.sde_strength_outside
+        gen = torch.Generator("cpu").manual_seed(spec.seed)
+        bar = progress(n, "editing") if progress else None
+        t1 = time.perf_counter()
+        with memory_bank_patch(self.unet, bank):
+            for i in range(n):
+                t = grid.timesteps[i].to(self.device)
+                a_t, a_prev = grid.alphas[i], grid.alphas_prev[i]
+                guided = i in guided_steps
+                passes = sched.passes(i) if guided else 1
+                ref_feats: dict[str, Features] | None = None
+                for u in range(passes):
+                    # 1. CFG noise prediction with the memory bank and the image prompt
+                    bank.step = i
+                    bank.mode = "inject" if (i in sched.memory_bank and policy.mode != "off") else "off"
+                    self._set_image_prompt(spec.image_prompt_scale if i in sched.image_prompt else 0.0)
+                    eps_u, eps_c = self.eps(torch.cat([z, z]), t, context, [False, True]).chunk(2)
+                    bank.mode = "off"
+                    self._set_image_prompt(0.0)
+                    eps = combine_cfg(eps_u, eps_c, spec.guidance_scale)
+                    # 2. regional gradient guidance (enters through x0 only)
+                    eps_hat = eps
+                    if guided:
+                        if ref_feats is None:  # cached across time-travel repeats
+                            ref_feats = self._reference_features(inv, ref_names, ref_contexts, i, t, spec)
+                        eps_hat = eps + spec.guidance_k * self.guidance(z, t, cond, ref_feats, plan, spec)
+                    # 3. regional SDE/ODE step
+                    sde = i in sched.sde and (eta_in > 0 or eta_out > 0)
+                    noise = None
+                    if sde:
+                        noise = torch.randn(z.shape, generator=gen).to(self.device)
+                    z_prev, _ = regional_step(
+                        z, eps, a_t, a_prev, eps_hat=eps_hat, mask=sde_mask,
+                        eta_in=eta_in if sde else 0.0,
+                        eta_out=(eta_in if sde_mask is None else eta_out) if sde else 0.0,
+                        noise=noise,
+                    )
+                    # 4. time travel: roll back to t by one DDIM inversion step, except after the last pass
+                    if u < passes - 1:
+                        z = self._rollback(z_prev, i, grid, cond)
+                z = z_prev
+                if bar is not None:
+                    bar.update(1)
+        if bar is not None:
+            bar.close()
+        timings["sampling"] = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        image = self.decode(z)
+        timings["decode"] = time.perf_counter() - t2
+        timings["total"] = time.perf_counter() - t0
+        after = self.counters.as_dict()
+        return EditOutput(
+            latent=z, image=image, timings=timings,
+            counters={k: after[k] - getattr(before, k) for k in after},
+            inversion_cached=cached, bank_bytes=bank.nbytes(),
+        )
+
+    @torch.no_grad()
+    def _reference_features(self, inv: Inversion, names, contexts, i: int, t, spec) -> dict[str, Features]:
+        n = len(inv.latents[names[0]]) - 1
+        zs = torch.cat([inv.latents[k][n - i] for k in names]).to(self.device)
+        feats = self.features(zs, t, contexts, spec.feature_levels, spec.feature_scale)
+        return {k: {lv: f[j : j + 1] for lv, f in feats.items()} for j, k in enumerate(names)}
+
+    @torch.no_grad()
+    def _rollback(self, z_prev: Tensor, i: int, grid: DDIMTimesteps, cond: Tensor) -> Tensor:
+        """One deterministic DDIM-inversion step from t_prev back to t_i (conditional prompt,
+        no CFG, memory bank and image prompt off)."""
+        eps = self.eps(z_prev, grid.timesteps[i].to(self.device), cond, [True])
+        return ddim_invert_step(z_prev, eps, grid.alphas_prev[i], grid.alphas[i])
+
+    @torch.no_grad()
+    def reconstruct(self, image: Tensor, prompt: str = "", steps: int = 50,
+                    guidance_scale: float = 1.0) -> Tensor:
+        """Invert then regenerate with plain DDIM (no guidance, bank or SDE): a sanity check of
+        inversion. Returns the image in [-1, 1]."""
+        from .interfaces import AttentionPolicy
+
+        plan = EditPlan(images={"source": image}, prompts={"source": prompt}, regions={},
+                        energies=[], sde_mask=None, attention=AttentionPolicy(mode="off"))
+        grid = DDIMTimesteps.from_scheduler(self.scheduler, steps)
+        inv, _ = self.invert(plan, grid)
+        z = inv.latents["source"][-1].to(self.device)
+        cond = self.encode_text([prompt])
+        context = torch.cat([self.encode_text([""]), cond])
+        for i in range(grid.num_steps):
+            t = grid.timesteps[i].to(self.device)
+            if guidance_scale == 1.0:
+                eps = self.eps(z, t, cond, [True])
+            else:
+                eps_u, eps_c = self.eps(torch.cat([z, z]), t, context, [False, True]).chunk(2)
+                eps = combine_cfg(eps_u, eps_c, guidance_scale)
+            z, _ = regional_step(z, eps, grid.alphas[i], grid.alphas_prev[i])
+        return self.decode(z)
+
+    @torch.no_grad()
+    def generate(self, prompt: str, steps: int = 50, guidance_scale: float = 7.5,
+                 hw: tuple[int, int] = (512, 512), seed: int = 0) -> Tensor:
+        """Plain CFG DDIM text-to-image with the same components (the benchmark's baseline)."""
+        gen = torch.Generator("cpu").manual_seed(seed)
+        grid = DDIMTimesteps.from_scheduler(self.scheduler, steps)
+        c = self.unet.config.in_channels
+        z = torch.randn((1, c, hw[0] // self.vae_scale, hw[1] // self.vae_scale), generator=gen)
+        z = z.to(self.device)
+        context = torch.cat([self.encode_text([""]), self.encode_text([prompt])])
+        for i in range(grid.num_steps):
+            t = grid.timesteps[i].to(self.device)
+            eps_u, eps_c = self.eps(torch.cat([z, z]), t, context, [False, True]).chunk(2)
+            z, _ = regional_step(z, combine_cfg(eps_u, eps_c, guidance_scale), grid.alphas[i], grid.alphas_prev[i])
+        return self.decode(z)

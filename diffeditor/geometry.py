@@ -1,0 +1,66 @@
+"""Geometric helpers shared by tasks: similarity warps of grids (masks, features, latents) in
+pixel units, so that one transform is applied consistently at every resolution.
+
+A grid of shape ``(B, C, h, w)`` covers a working image of ``H x W`` pixels; cell ``(r, c)`` has
+its centre at pixel ``((c + 0.5) * W / w, (r + 0.5) * H / h)``. Coordinates are ``(x, y)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def similarity_warp(
+    x: Tensor,
+    image_hw: tuple[int, int],
+    center: tuple[float, float],
+    scale: float = 1.0,
+    offset: tuple[float, float] = (0.0, 0.0),
+    mode: str = "nearest",
+) -> Tensor:
+    """Warp a grid so that the content at pixel ``p`` moves to ``center + scale*(p - center) + offset``.
+
+    Content that leaves the frame is cropped; cells with no source are filled with zeros.
+    ``x`` is ``(B, C, h, w)``; ``image_hw`` the working image size in pixels.
+    """
+    b, _, h, w = x.shape
+    H, W = image_hw
+    dev = x.device
+    # pixel coordinates of destination cell centres
+    ys = (torch.arange(h, device=dev, dtype=torch.float32) + 0.5) * (H / h)
+    xs = (torch.arange(w, device=dev, dtype=torch.float32) + 0.5) * (W / w)
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    cx, cy = center
+    # inverse map: source pixel of each destination pixel
+    sx = cx + (gx - cx - offset[0]) / scale
+    sy = cy + (gy - cy - offset[1]) / scale
+    grid = torch.stack([2 * sx / W - 1, 2 * sy / H - 1], dim=-1)[None].expand(b, -1, -1, -1)
+    return F.grid_sample(x, grid.to(x.dtype), mode=mode, padding_mode="zeros", align_corners=False)
+
+
+def mask_centroid(mask: Tensor, image_hw: tuple[int, int]) -> tuple[float, float]:
+    """Centroid ``(x, y)`` in working-image pixels of a ``(1, 1, h, w)`` mask on any grid."""
+    h, w = mask.shape[-2:]
+    H, W = image_hw
+    m = mask.float()[0, 0]
+    total = m.sum().clamp(min=1e-8)
+    ys = (torch.arange(h, dtype=torch.float32, device=m.device) + 0.5) * (H / h)
+    xs = (torch.arange(w, dtype=torch.float32, device=m.device) + 0.5) * (W / w)
+    return (float((m.sum(0) * xs).sum() / total), float((m.sum(1) * ys).sum() / total))
+
+
+def resize_mask(mask: Tensor, hw: tuple[int, int]) -> Tensor:
+    """A binary ``(1, 1, H, W)`` mask on another grid: a cell is set when any of it is covered."""
+    if tuple(mask.shape[-2:]) == tuple(hw):
+        return (mask > 0.5).float()
+    return (F.interpolate(mask.float(), size=hw, mode="area") > 0).float()
+
+
+def dilate(mask: Tensor, cells: int) -> Tensor:
+    """Binary dilation of a ``(1, 1, h, w)`` mask by a square of half-width ``cells``."""
+    if cells <= 0:
+        return mask
+    k = 2 * cells + 1
+    return (F.max_pool2d(mask.float(), k, stride=1, padding=cells) > 0).float()

@@ -1,0 +1,197 @@
+"""The kernel's interfaces: what a task, an energy term, a prompt encoder and a sampler are.
+
+A *task* says **what** to edit: its spec model, its masks, its energy terms, its memory-bank
+attention policy, its default schedule and its initial-latent surgery, all bundled in an
+:class:`EditPlan`. The kernel (:mod:`diffeditor.engine`) owns **how**: feature extraction,
+``autograd``, the regional combination of gradients, device and dtype.
+
+Everything here is plain data and callables: nothing from pydantic or pluggy runs inside the
+sampling loop.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from .schedule import Window
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .specs import EditSpec
+
+Features = dict[int, Tensor]
+"""Decoder features by level (``up_blocks`` index) -> ``(B, C, Hf, Wf)`` on the feature grid."""
+
+EnergyFn = Callable[[Features, dict[str, Features]], Tensor]
+"""``fn(current, references) -> (B,)``: an energy of the current latent's features given the
+(gradient-free) features of the inverted images, keyed by image name (``"source"``, ...)."""
+
+
+@dataclass
+class EnergyTerm:
+    """One energy term: ``weight * fn(current, references)``, minimised by guidance.
+
+    Attributes:
+        name: a label for logs and tests (``"edit"``, ``"content"``, ``"contrast"``, ...).
+        fn: the energy, one value per batch item; reduced in float32 by the task.
+        weight: the term's weight (``w_edit``, ``w_content``, ...). Zero-weight terms are skipped.
+        region: the key in :attr:`EditPlan.regions` whose mask this term's gradient is applied
+            inside. Terms sharing a region are summed and differentiated once.
+    """
+
+    name: str
+    fn: EnergyFn
+    weight: float = 1.0
+    region: str = "edit"
+
+
+AttentionMode = Literal["replace", "concat", "masked", "off"]
+
+
+@dataclass
+class AttentionPolicy:
+    """How the memory bank (decoder self-attention K/V recorded during inversion) is injected.
+
+    * ``replace``: the generation branch attends to the source image's K/V only.
+    * ``concat``: it attends to ``[own K/V ; source K/V]``.
+    * ``masked``: ``[source K/V at tokens where keep_mask ; reference K/V at tokens where
+      reference_mask]`` (appearance and paste); masks are image-resolution and resized to each
+      layer's token grid (nearest).
+    * ``off``: no injection.
+    """
+
+    mode: AttentionMode = "replace"
+    window: Window = field(default_factory=lambda: Window(start=0.1, stop=1.0))
+    source: str = "source"
+    reference: str | None = None
+    keep_mask: Tensor | None = None
+    reference_mask: Tensor | None = None
+
+
+@dataclass
+class Geometry:
+    """Sizes of one edit: the input image, the working image, the latent and the feature grid.
+
+    Points given in input-image pixels map to the working image by ``scale_xy``; the feature
+    grid is ``feature_scale`` times the latent grid (the reference's ``up_scale = 2``).
+    """
+
+    input_hw: tuple[int, int]
+    work_hw: tuple[int, int]
+    vae_scale: int = 8
+    feature_scale: int = 2
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        return (self.work_hw[0] // self.vae_scale, self.work_hw[1] // self.vae_scale)
+
+    @property
+    def feature_hw(self) -> tuple[int, int]:
+        h, w = self.latent_hw
+        return (h * self.feature_scale, w * self.feature_scale)
+
+    @property
+    def scale_xy(self) -> tuple[float, float]:
+        """(sx, sy): working pixels per input pixel along x and y."""
+        return (self.work_hw[1] / self.input_hw[1], self.work_hw[0] / self.input_hw[0])
+
+    def pixels_per_cell(self, grid: Literal["latent", "feature"]) -> float:
+        """Working-image pixels per cell of the latent or feature grid."""
+        return self.vae_scale if grid == "latent" else self.vae_scale / self.feature_scale
+
+
+Surgery = Callable[[dict[str, Tensor]], Tensor]
+"""``surgery(z_T by image name) -> z_T``: the initial latent of editing."""
+
+
+@dataclass
+class EditPlan:
+    """Everything a task hands to the shared sampler for one edit (plain tensors, no pydantic).
+
+    Attributes:
+        images: working-resolution images, ``(1, 3, H, W)`` in [-1, 1], by name; ``"source"``
+            is the image being edited, other names (``"reference"``) are inverted beside it.
+        prompts: the text prompt of each image (inversion and guidance features).
+        regions: latent-resolution masks ``(1, 1, h, w)`` in [0, 1] by region name; each
+            energy term's gradient is applied inside its region.
+        energies: the energy terms.
+        sde_mask: latent-resolution region of the regional SDE (``None`` = everywhere).
+        attention: the memory-bank policy.
+        surgery: builds the initial latent from the inverted ones (``None`` = source's z_T).
+        masks: image-resolution masks the task used, by name, for reporting.
+        info: anything else worth reporting (scaled offsets, clipped points...).
+        image_prompt_source: which image feeds the image prompt (when the model has one).
+    """
+
+    images: dict[str, Tensor]
+    prompts: dict[str, str]
+    regions: dict[str, Tensor]
+    energies: list[EnergyTerm]
+    sde_mask: Tensor | None
+    attention: AttentionPolicy
+    surgery: Surgery | None = None
+    masks: dict[str, Tensor] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    image_prompt_source: str = "source"
+
+
+class Task(abc.ABC):
+    """An editing task. Plugins register instances through the ``register_tasks`` hook.
+
+    Subclasses set ``name``, ``version``, ``description`` and ``spec_model`` (a subclass of
+    :class:`diffeditor.specs.EditSpec` whose ``task`` field is ``Literal[name]``) and implement
+    :meth:`plan`. :meth:`plan` receives the validated spec, its loaded images and the geometry
+    and must not touch the model: the kernel does the rest.
+    """
+
+    name: str
+    version: str = "0.0.0"
+    description: str = ""
+    spec_model: type["EditSpec"]
+
+    def images(self, spec: "EditSpec") -> dict[str, Any]:
+        """The image files this task needs, by name (``source`` is always ``spec.image``)."""
+        return {"source": spec.image}
+
+    @abc.abstractmethod
+    def plan(self, spec: "EditSpec", images: dict[str, Tensor], geom: Geometry) -> EditPlan:
+        """Build the edit plan: masks, energies, regions, attention policy and surgery."""
+
+    def check(self, spec: "EditSpec", input_hw: tuple[int, int]) -> None:
+        """Cross-checks that need the image size (points inside the image, mask sizes).
+
+        Raise :class:`diffeditor.errors.SpecError` naming the field. Runs before any model
+        loads. The default does nothing.
+        """
+
+
+@runtime_checkable
+class PromptEncoder(Protocol):
+    """Turns prompts into conditioning tokens for the UNet's cross-attention."""
+
+    def encode(self, prompts: list[str]) -> Tensor:  # (B, tokens, dim)
+        ...
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    """Runs one edit plan to an edited latent and image."""
+
+    def edit(self, plan: EditPlan, spec: "EditSpec") -> Any: ...
+
+
+@runtime_checkable
+class EnergyFunction(Protocol):
+    """The callable inside an :class:`EnergyTerm`."""
+
+    def __call__(self, current: Features, references: dict[str, Features]) -> Tensor: ...
+
+
+def latent_mask(mask: Tensor, latent_hw: tuple[int, int]) -> Tensor:
+    """An image-resolution mask ``(1, 1, H, W)`` resized to a grid (area average, then > 0)."""
+    m = torch.nn.functional.interpolate(mask.float(), size=latent_hw, mode="area")
+    return (m > 0).float()

@@ -1,0 +1,234 @@
+"""Edit specs: pydantic models, the run-time discriminated union, loading YAML/JSON files.
+
+Every tunable number of the reference implementation is a named, bounded, documented field whose
+default is the reference's value (per task: each task's spec model overrides the defaults).
+Paths inside a spec file are relative to that file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+from .errors import SpecError
+from .schedule import ScheduleSpec
+
+
+def _resolve(value: Any, info: ValidationInfo) -> Any:
+    if value is None:
+        return None
+    p = Path(value).expanduser()
+    base = (info.context or {}).get("base_dir") if info.context else None
+    if not p.is_absolute() and base is not None:
+        p = Path(base) / p
+    return p
+
+
+def _must_exist(p: Path | None, info: ValidationInfo) -> Path | None:
+    if p is not None and not p.is_file():
+        raise ValueError(f"file not found: {p}")
+    return p
+
+
+class EditSpec(BaseModel):
+    """Fields common to every task. Task spec models subclass this and set ``task``."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    task: str = Field(description="the editing task")
+    image: Path = Field(description="the image to edit (path relative to the spec file)")
+    prompt: str = Field("", description="text prompt describing the image")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="random seed (SDE noise)")
+    steps: int = Field(50, ge=2, le=1000, description="DDIM steps (inversion and editing)")
+    resolution: int | None = Field(
+        None,
+        ge=64,
+        le=2048,
+        description="working size: the image is scaled to about resolution^2 pixels with each "
+        "side a multiple of 64 (reference: 768); default: the model's own",
+    )
+    guidance_scale: float = Field(4.0, ge=1.0, le=30.0, description="classifier-free guidance scale")
+    energy_scale: float = Field(
+        500.0, ge=0.0, le=1e5, description="lambda: energy multiplier (reference UI value x 1e3)"
+    )
+    guidance_k: float = Field(
+        0.04, ge=0.0, le=10.0, description="k: factor on the energy gradient added to the noise"
+    )
+    w_edit: float = Field(4.0, ge=0.0, le=100.0, description="weight of the edit energy")
+    w_content: float = Field(6.0, ge=0.0, le=100.0, description="weight of the content energy")
+    sde_strength: float = Field(
+        0.4, ge=0.0, le=1.0, description="eta inside the edit region during the SDE window"
+    )
+    sde_strength_outside: float = Field(
+        0.0, ge=0.0, le=1.0, description="eta outside the edit region during the SDE window"
+    )
+    sde_region: Literal["regional", "global"] = Field(
+        "regional", description="regional: eta_in inside the mask only; global: eta_in everywhere"
+    )
+    guidance_region: Literal["regional", "global"] = Field(
+        "regional",
+        description="regional: each energy's gradient inside its own region (the paper); "
+        "global: one gradient of the summed energies applied everywhere (ablation)",
+    )
+    image_prompt_scale: float = Field(
+        0.1, ge=0.0, le=1.0, description="gamma: weight of the image-prompt cross-attention"
+    )
+    memory_bank: Literal["task", "replace", "concat", "masked", "off"] = Field(
+        "task", description="memory-bank attention policy; 'task' = the task's own"
+    )
+    feature_levels: tuple[int, ...] = Field(
+        (1, 2), min_length=1, description="decoder up_blocks whose outputs are guidance features"
+    )
+    feature_scale: int = Field(
+        2, ge=1, le=8, description="feature grid = this x the latent grid (reference up_scale)"
+    )
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec, description="step windows")
+
+    resolve_image_path = field_validator("image", mode="before")(_resolve)
+    check_image_path = field_validator("image", mode="after")(_must_exist)
+
+    @field_validator("feature_levels")
+    @classmethod
+    def _levels(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(lv < 0 or lv > 3 for lv in v):
+            raise ValueError("feature levels are up_blocks indices 0..3")
+        return tuple(sorted(set(v)))
+
+    def input_paths(self) -> dict[str, Path]:
+        """Every file the spec refers to, by field name."""
+        return {
+            k: v for k, v in self.__dict__.items() if isinstance(v, Path)
+        }
+
+
+def path_field(description: str, optional: bool = False):
+    """A spec field holding a file path (relative to the spec file). Use with
+    :func:`path_validators` on the subclass."""
+    return Field(None if optional else ..., description=description)
+
+
+def path_validators(*names: str):
+    """Validators that resolve the named path fields against the spec file and check they exist.
+
+    Use as ``resolve_paths, check_paths = path_validators("mask", "reference")`` in a subclass
+    body (two public names: pydantic ignores validators bound to private names)."""
+    return (
+        field_validator(*names, mode="before")(_resolve),
+        field_validator(*names, mode="after")(_must_exist),
+    )
+
+
+Point = Annotated[tuple[float, float], Field(description="[x, y] in input-image pixels")]
+
+
+# -- the union ---------------------------------------------------------------------------------
+
+def spec_union(registry=None):
+    """A ``TypeAdapter`` for the discriminated union (on ``task``) of all registered tasks."""
+    from .plugins import get_registry
+
+    reg = registry or get_registry()
+    models = [t.spec_model for t in reg.tasks.values()]
+    if not models:
+        raise SpecError("no tasks are registered; is diffeditor installed with its tasks?")
+    if len(models) == 1:
+        return TypeAdapter(models[0])
+    return TypeAdapter(Annotated[Union[tuple(models)], Field(discriminator="task")])
+
+
+def json_schema(registry=None) -> dict:
+    """The JSON Schema of every spec the installed plugins accept."""
+    schema = spec_union(registry).json_schema()
+    schema.setdefault("title", "diffeditor edit spec")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return schema
+
+
+def format_validation_error(err: ValidationError, source: str = "spec") -> str:
+    """One readable message naming the field(s)."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"] if not str(x).startswith("function-after"))
+        # drop the union tag from the location ("move.offset" -> "offset")
+        parts = loc.split(".", 1)
+        if len(parts) == 2 and e.get("type") != "union_tag_invalid":
+            loc = parts[1] if parts[0] in _TAGS else loc
+        msg = e["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        lines.append(f"{loc or '(top level)'}: {msg}")
+    return f"{source}: " + "; ".join(lines)
+
+
+_TAGS: set[str] = set()
+
+
+def read_spec_file(path: str | Path) -> dict:
+    """Parse a YAML or JSON spec file into a dict (with clear errors)."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"spec file not found: {p}")
+    text = p.read_text()
+    try:
+        data = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise SpecError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {exc}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{p}: a spec must be a mapping with a 'task' field")
+    return data
+
+
+def parse_spec(
+    data: dict | str | Path | EditSpec,
+    base_dir: str | Path | None = None,
+    defaults: dict[str, Any] | None = None,
+    registry=None,
+    source: str | None = None,
+) -> EditSpec:
+    """Validate a spec given as a dict, a file path or a model.
+
+    ``defaults`` (a model's registered defaults) fill fields the spec leaves out;
+    ``"<task>.<field>"`` keys apply to that task only. Raises :class:`SpecError`.
+    """
+    from .plugins import get_registry
+
+    reg = registry or get_registry()
+    if isinstance(data, EditSpec):
+        data, base_dir = data.model_dump(), base_dir
+    if isinstance(data, (str, Path)):
+        source = source or str(data)
+        base_dir = Path(data).resolve().parent if base_dir is None else base_dir
+        data = read_spec_file(data)
+    source = source or "spec"
+    data = dict(data)
+    task = data.get("task")
+    if task is None:
+        raise SpecError(f"{source}: task: missing; one of {', '.join(sorted(reg.tasks))}")
+    if task not in reg.tasks:
+        raise SpecError(
+            f"{source}: task: unknown task {task!r}; registered tasks: {', '.join(sorted(reg.tasks))}"
+        )
+    model = reg.tasks[task].spec_model
+    for key, value in (defaults or {}).items():
+        field = key.split(".", 1)[1] if key.startswith(f"{task}.") else key
+        if "." in field or field not in model.model_fields:
+            continue
+        data.setdefault(field, value)
+    _TAGS.update(reg.tasks)
+    ctx = {"base_dir": Path(base_dir) if base_dir is not None else Path.cwd()}
+    try:
+        return model.model_validate(data, context=ctx)
+    except ValidationError as err:
+        raise SpecError(format_validation_error(err, source)) from None

@@ -1,0 +1,145 @@
+"""``diffeditor eval ...``: the evaluation commands, registered through ``register_commands``.
+
+Each benchmark is one function decorated with :func:`eval_command` that receives the ``eval``
+sub-parsers and adds its own parser (with ``set_defaults(func=handler)``). Adding a benchmark
+(for example ``diffeditor eval shapes``) is adding one such function. Heavy imports (torch,
+diffusers) happen inside the handlers so that plugin discovery stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from diffeditor.hookspecs import hookimpl
+
+#: Functions ``add(eval_subparsers) -> None``, one per ``diffeditor eval <benchmark>`` command.
+EVAL_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+
+EXIT_OK, EXIT_NOTHING_SCORED, EXIT_METRIC_SKIPPED = 0, 1, 2
+
+
+def eval_command(add: Callable[[argparse._SubParsersAction], None]):
+    """Register ``add`` as the builder of one ``diffeditor eval`` sub-command."""
+    EVAL_COMMANDS.append(add)
+    return add
+
+
+@hookimpl
+def register_commands(subparsers):
+    """Add ``diffeditor eval`` with one sub-command per benchmark in :data:`EVAL_COMMANDS`."""
+    parser = subparsers.add_parser(
+        "eval",
+        help="score edits on a benchmark",
+        description="Score edits on a benchmark. Metric variants are named in the output.",
+    )
+    benchmarks = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
+    for add in EVAL_COMMANDS:
+        add(benchmarks)
+
+
+# -- diffeditor eval dragbench -------------------------------------------------------------------
+
+
+@eval_command
+def add_dragbench(benchmarks) -> None:
+    p = benchmarks.add_parser(
+        "dragbench",
+        help="MD / IF (and DAI) of already-edited DragBench images",
+        description=(
+            "Score already-edited DragBench images. The edit of case <category>/<name> is read "
+            "from EDITED/<category>/<name>/dragged_image.png (DragDiffusion's layout) or "
+            "EDITED/<name>.png and similar. MD needs Stable Diffusion 2.1 (DIFT features), IF "
+            "needs the lpips package and its AlexNet weights."
+        ),
+    )
+    p.add_argument("bench", type=Path, metavar="DIR", help="the DragBench folder (original format)")
+    p.add_argument(
+        "--edited", type=Path, required=True, metavar="DIR", help="folder of the edited images"
+    )
+    p.add_argument(
+        "--json", type=Path, metavar="OUT", help="write the per-case and summary results here"
+    )
+    p.add_argument(
+        "--metrics",
+        type=_metric_list,
+        default="md,if",
+        help="comma-separated subset of md, if, dai (default: md,if)",
+    )
+    p.add_argument(
+        "--dift-model",
+        default=None,
+        metavar="PATH|ID",
+        help="SD 2.1 folder or hub id for MD (default: stabilityai/stable-diffusion-2-1)",
+    )
+    p.add_argument(
+        "--device", default=None, help="torch device for MD / IF (default: cuda if available)"
+    )
+    p.add_argument("--ensemble", type=int, default=8, help="DIFT ensemble size (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of DIFT's noise (default 0)")
+    p.set_defaults(func=run_dragbench)
+
+
+def _metric_list(text: str) -> list[str]:
+    wanted = [m.strip().lower() for m in text.split(",") if m.strip()]
+    unknown = sorted(set(wanted) - {"md", "if", "dai"})
+    if unknown or not wanted:
+        raise argparse.ArgumentTypeError(
+            f"unknown metric(s) {unknown or text!r}; choose from md, if, dai"
+        )
+    return wanted
+
+
+def run_dragbench(args: argparse.Namespace) -> int:
+    """Handler of ``diffeditor eval dragbench``; returns the exit status.
+
+    0: every requested metric was computed; 1: no case had an edited image; 2: a metric was
+    skipped because its weights are missing (the others are still reported).
+    """
+    import torch
+
+    from . import metrics as M
+    from .dragbench import evaluate_dragbench, iter_dragbench
+
+    wanted = args.metrics if isinstance(args.metrics, list) else _metric_list(args.metrics)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cases = list(iter_dragbench(args.bench))
+
+    def load_dift():
+        return M.DIFTFeatures.from_pretrained(
+            args.dift_model or M.SD21, device=device, ensemble_size=args.ensemble
+        )
+
+    result = evaluate_dragbench(
+        cases,
+        args.edited,
+        wanted,
+        dift=load_dift,
+        fidelity=lambda a, b: M.image_fidelity(a, b, device=device),
+        seed=args.seed,
+    )
+    result = {"benchmark": str(args.bench), "edited": str(args.edited), **result}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+    print(
+        f"{result['summary']['cases']} of {len(cases)} cases scored, "
+        f"{result['summary']['pairs']} pairs"
+    )
+    for name, value in result["summary"].items():
+        if name not in ("cases", "pairs"):
+            print(f"  {name}: {value:.4f}")
+    if result["missing"]:
+        print(
+            f"no edited image for {len(result['missing'])} case(s): {', '.join(result['missing'])}",
+            file=sys.stderr,
+        )
+    for metric, reason in result["skipped"].items():
+        print(f"{metric} skipped: {reason}", file=sys.stderr)
+    if not result["cases"]:
+        return EXIT_NOTHING_SCORED
+    return EXIT_METRIC_SKIPPED if result["skipped"] else EXIT_OK

@@ -1,0 +1,941 @@
+"""The procedural "shapes" world of the ``shapes-ldm`` model, and edit cases with known answers.
+
+The generator follows the training recipe of ``model/README.md`` exactly:
+
+* Background, uniform in ``white`` (240,240,240), ``black`` (20,20,20), ``gray`` (128,128,128)
+  and ``gradient``: two palette colours *a*, *b*; every pixel of a row has, per channel,
+  ``0.6*a*(1-y) + 0.6*b*y + 50`` with ``y = row / (H - 1)``.
+* Palette: red, green, blue, yellow, purple, orange, white, black (:data:`PALETTE`).
+* 1 to 3 objects drawn in order (later ones on top). Each has a shape uniform in
+  circle/square/triangle, a colour uniform in the palette except the background's own name,
+  ``r ~ U(0.12, 0.25) * size`` and a centre uniform in ``[r, size - r]`` on both axes.
+* circle: distance to the centre ``<= r``; square: ``|dx| <= 0.85r`` and ``|dy| <= 0.85r``;
+  triangle (apex up): rows from ``cy - r`` to ``cy + 0.8r``, half-width growing linearly from 0
+  at the apex to ``r`` at the base.
+* Gaussian noise of sigma 3 (0..255 scale), clipped to 0..255.
+* Caption: ``"a {size} {colour} {shape}"`` per object, joined with ``" and "``, then
+  ``" on a {background} background"``; size is ``small`` when ``r < 0.17*size`` else ``big``.
+
+Choices where the recipe is silent (documented here, tested in ``tests/test_shapes_scenes.py``):
+
+* **Gradient background.** Its caption name is ``gradient`` ("... on a gradient background").
+  Its two end colours *a* (top row) and *b* (bottom row) are two *distinct* palette colours.
+  Since the background's own name is ``gradient``, which is no palette name, the rule "never
+  the background's own name" excludes **no** object colour on a gradient (an object may share a
+  colour with *a* or *b*; the gradient is at most 0.6*c + 50, so it never equals a palette
+  colour exactly). Likewise a ``gray`` background excludes nothing (gray is not in the palette).
+* **Pixel grid.** Pixel ``(row i, column j)`` sits at ``x = j, y = i``; shapes are tested at
+  those integer coordinates. Inclusion tests allow ``1e-6`` of floating-point slack so that
+  boundaries that are exact in real arithmetic (``|dx| == 0.85r``, a triangle's base row) are
+  inside.
+* **Quantisation.** The image is computed in float (background, then flat palette colours,
+  then optional noise), clipped to 0..255 and rounded to the nearest integer.
+
+Coordinates, offsets and points are in pixels, ``(x, y)`` with ``x`` to the right and ``y``
+down. Images are ``(H, W, 3)`` ``uint8`` arrays; masks are ``(H, W)`` ``bool`` arrays.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "BACKGROUNDS",
+    "BACKGROUND_RGB",
+    "NOISE_SIGMA",
+    "PALETTE",
+    "SHAPES",
+    "SIZE",
+    "TASKS",
+    "EditCase",
+    "RenderedScene",
+    "Scene",
+    "ShapeObject",
+    "background_distance",
+    "background_image",
+    "case_spec",
+    "centroid",
+    "dilate",
+    "dragged",
+    "iou",
+    "make_case",
+    "moved",
+    "object_mask",
+    "pasted",
+    "psnr",
+    "random_scene",
+    "recoloured",
+    "render",
+    "save_case",
+    "subject_mask_by_colour",
+]
+
+# --------------------------------------------------------------------------------------------
+# The recipe's constants
+# --------------------------------------------------------------------------------------------
+
+SIZE = 128
+"""Training resolution (square)."""
+
+NOISE_SIGMA = 3.0
+"""Standard deviation of the Gaussian pixel noise, on the 0..255 scale."""
+
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (40, 70, 220),
+    "yellow": (235, 210, 40),
+    "purple": (150, 60, 190),
+    "orange": (240, 140, 30),
+    "white": (240, 240, 240),
+    "black": (20, 20, 20),
+}
+"""Object colours, in the recipe's order."""
+
+BACKGROUND_RGB: dict[str, tuple[int, int, int]] = {
+    "white": (240, 240, 240),
+    "black": (20, 20, 20),
+    "gray": (128, 128, 128),
+}
+"""The flat backgrounds' colours."""
+
+BACKGROUNDS: tuple[str, ...] = ("white", "black", "gray", "gradient")
+"""Background names (also their caption words)."""
+
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+
+TASKS: tuple[str, ...] = ("move", "resize", "drag", "appearance", "paste")
+"""The tasks :func:`make_case` can build."""
+
+R_RANGE = (0.12, 0.25)
+"""Radius range, as fractions of the image size."""
+
+SMALL_BELOW = 0.17
+"""An object is "small" when ``r < SMALL_BELOW * size``."""
+
+SQUARE_HALF = 0.85
+TRIANGLE_BASE = 0.8
+_EPS = 1e-6
+
+
+def excluded_colours(background: str) -> frozenset[str]:
+    """Object colours a background rules out: its own name if that is a palette colour."""
+    return frozenset({background}) if background in PALETTE else frozenset()
+
+
+# --------------------------------------------------------------------------------------------
+# Scenes
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShapeObject:
+    """One object of a scene.
+
+    Attributes:
+        shape: ``"circle"``, ``"square"`` or ``"triangle"``.
+        colour: a :data:`PALETTE` name.
+        cx, cy: the shape's centre in pixels (for a triangle, the point the recipe measures
+            from: the apex is at ``cy - r`` and the base at ``cy + 0.8r``).
+        r: the radius in pixels.
+    """
+
+    shape: str
+    colour: str
+    cx: float
+    cy: float
+    r: float
+
+    def __post_init__(self) -> None:
+        if self.shape not in SHAPES:
+            raise ValueError(f"unknown shape {self.shape!r}; expected one of {SHAPES}")
+        if self.colour not in PALETTE:
+            raise ValueError(f"unknown colour {self.colour!r}; expected one of {tuple(PALETTE)}")
+        if not self.r > 0:
+            raise ValueError(f"radius must be positive, got {self.r}")
+
+    @property
+    def rgb(self) -> tuple[int, int, int]:
+        """The object's colour as RGB."""
+        return PALETTE[self.colour]
+
+    def size_word(self, size: int = SIZE) -> str:
+        """``"small"`` when ``r < 0.17 * size``, else ``"big"``."""
+        return "small" if self.r < SMALL_BELOW * size else "big"
+
+    def phrase(self, size: int = SIZE) -> str:
+        """The object's caption phrase, ``"a {size} {colour} {shape}"``."""
+        return f"a {self.size_word(size)} {self.colour} {self.shape}"
+
+    def bbox(self) -> tuple[float, float, float, float]:
+        """The shape's extent ``(x0, y0, x1, y1)`` in pixel coordinates (inclusive, real)."""
+        cx, cy, r = self.cx, self.cy, self.r
+        if self.shape == "square":
+            h = SQUARE_HALF * r
+            return (cx - h, cy - h, cx + h, cy + h)
+        if self.shape == "triangle":
+            return (cx - r, cy - r, cx + r, cy + TRIANGLE_BASE * r)
+        return (cx - r, cy - r, cx + r, cy + r)
+
+    def inside(self, size: int = SIZE, margin: float = 0.0) -> bool:
+        """Whether the whole shape lies within the frame, ``margin`` pixels from its edges."""
+        x0, y0, x1, y1 = self.bbox()
+        lo, hi = margin, size - 1 - margin
+        return x0 >= lo and y0 >= lo and x1 <= hi and y1 <= hi
+
+    def shifted(self, dx: float, dy: float, scale: float = 1.0) -> ShapeObject:
+        """This object with its centre moved by ``(dx, dy)`` and its radius times ``scale``."""
+        return replace(self, cx=self.cx + dx, cy=self.cy + dy, r=self.r * scale)
+
+
+@dataclass
+class Scene:
+    """A shapes scene: a background and objects drawn in order (later ones on top).
+
+    Attributes:
+        background: one of :data:`BACKGROUNDS`.
+        objects: the objects, in draw order.
+        size: the image side in pixels.
+        gradient: the ``(a, b)`` palette names of a gradient background (``a`` at the top row,
+            ``b`` at the bottom row); ``None`` for a flat background.
+    """
+
+    background: str
+    objects: list[ShapeObject] = field(default_factory=list)
+    size: int = SIZE
+    gradient: tuple[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.background not in BACKGROUNDS:
+            raise ValueError(
+                f"unknown background {self.background!r}; expected one of {BACKGROUNDS}"
+            )
+        if (self.background == "gradient") != (self.gradient is not None):
+            raise ValueError("gradient=(a, b) is given exactly when background == 'gradient'")
+        if self.gradient is not None:
+            self.gradient = tuple(self.gradient)  # type: ignore[assignment]
+            for name in self.gradient:
+                if name not in PALETTE:
+                    raise ValueError(f"gradient colour {name!r} is not a palette colour")
+        self.objects = list(self.objects)
+
+    @property
+    def caption(self) -> str:
+        """The recipe's caption of this scene."""
+        body = " and ".join(o.phrase(self.size) for o in self.objects)
+        return f"{body} on a {self.background} background"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able description."""
+        return {
+            "background": self.background,
+            "gradient": list(self.gradient) if self.gradient else None,
+            "size": self.size,
+            "objects": [asdict(o) for o in self.objects],
+            "caption": self.caption,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Scene:
+        """The inverse of :meth:`to_dict`."""
+        return cls(
+            background=d["background"],
+            objects=[ShapeObject(**o) for o in d["objects"]],
+            size=int(d.get("size", SIZE)),
+            gradient=tuple(d["gradient"]) if d.get("gradient") else None,
+        )
+
+
+@dataclass
+class RenderedScene:
+    """The image of a scene with per-object masks.
+
+    Attributes:
+        image: ``(H, W, 3)`` ``uint8``.
+        masks: per object, the *visible* pixels (the shape minus what later objects cover).
+        full_masks: per object, the whole shape, as if nothing covered it.
+        caption: the scene's caption.
+    """
+
+    image: np.ndarray
+    masks: list[np.ndarray]
+    full_masks: list[np.ndarray]
+    caption: str
+
+
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    ys, xs = np.mgrid[0:size, 0:size]
+    return xs.astype(np.float64), ys.astype(np.float64)
+
+
+def object_mask(obj: ShapeObject, size: int = SIZE) -> np.ndarray:
+    """The ``(size, size)`` bool mask of a shape by the recipe's inclusion rules."""
+    xs, ys = _grid(size)
+    dx, dy = xs - obj.cx, ys - obj.cy
+    r = obj.r
+    if obj.shape == "circle":
+        return np.sqrt(dx * dx + dy * dy) <= r + _EPS
+    if obj.shape == "square":
+        h = SQUARE_HALF * r
+        return (np.abs(dx) <= h + _EPS) & (np.abs(dy) <= h + _EPS)
+    # triangle, apex up: apex row cy - r, base row cy + 0.8r, half-width 0 -> r.
+    top = obj.cy - r
+    height = (1.0 + TRIANGLE_BASE) * r
+    t = (ys - top) / height
+    rows = (t >= -_EPS) & (t <= 1.0 + _EPS)
+    return rows & (np.abs(dx) <= r * t + _EPS)
+
+
+def background_image(scene: Scene) -> np.ndarray:
+    """The background as a float ``(H, W, 3)`` array (not rounded)."""
+    n = scene.size
+    if scene.background == "gradient":
+        assert scene.gradient is not None
+        a = np.asarray(PALETTE[scene.gradient[0]], dtype=np.float64)
+        b = np.asarray(PALETTE[scene.gradient[1]], dtype=np.float64)
+        y = (np.arange(n, dtype=np.float64) / (n - 1))[:, None]
+        rows = 0.6 * a[None, :] * (1.0 - y) + 0.6 * b[None, :] * y + 50.0  # (H, 3)
+        return np.broadcast_to(rows[:, None, :], (n, n, 3)).copy()
+    rgb = np.asarray(BACKGROUND_RGB[scene.background], dtype=np.float64)
+    return np.broadcast_to(rgb, (n, n, 3)).copy()
+
+
+def random_scene(rng: np.random.Generator, n_objects: int | None = None, size: int = SIZE) -> Scene:
+    """Draw a scene from the training distribution.
+
+    Args:
+        rng: the random source (the result is a function of its state).
+        n_objects: how many objects; ``None`` draws 1 to 3 uniformly, as in training.
+        size: the image side (the recipe's ``128``; radii and ranges scale with it).
+    """
+    background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+    gradient: tuple[str, str] | None = None
+    names = list(PALETTE)
+    if background == "gradient":
+        i, j = rng.choice(len(names), size=2, replace=False)
+        gradient = (names[int(i)], names[int(j)])
+    if n_objects is None:
+        n_objects = int(rng.integers(1, 4))
+    if n_objects < 0:
+        raise ValueError("n_objects must be >= 0")
+    allowed = [c for c in names if c not in excluded_colours(background)]
+    objects = []
+    for _ in range(n_objects):
+        shape = SHAPES[int(rng.integers(len(SHAPES)))]
+        colour = allowed[int(rng.integers(len(allowed)))]
+        r = float(rng.uniform(*R_RANGE)) * size
+        cx = float(rng.uniform(r, size - r))
+        cy = float(rng.uniform(r, size - r))
+        objects.append(ShapeObject(shape, colour, cx, cy, r))
+    return Scene(background, objects, size=size, gradient=gradient)
+
+
+def _noise_rng(noise: bool | int | np.random.Generator | None) -> np.random.Generator | None:
+    if noise is None or noise is False:
+        return None
+    if noise is True:
+        return np.random.default_rng()
+    if isinstance(noise, np.random.Generator):
+        return noise
+    if isinstance(noise, (int, np.integer)):
+        return np.random.default_rng(int(noise))
+    raise TypeError(f"noise must be a bool, an int seed or a numpy Generator, not {noise!r}")
+
+
+def render(scene: Scene, noise: bool | int | np.random.Generator | None = False) -> RenderedScene:
+    """Draw a scene.
+
+    Args:
+        scene: what to draw.
+        noise: ``False``/``None``: no noise (the exact, ground-truth image); an ``int`` seed or
+            a :class:`numpy.random.Generator`: the recipe's Gaussian noise (sigma 3) from it;
+            ``True``: noise from a fresh, unseeded generator.
+    """
+    n = scene.size
+    img = background_image(scene)
+    full = [object_mask(o, n) for o in scene.objects]
+    for o, m in zip(scene.objects, full):
+        img[m] = np.asarray(o.rgb, dtype=np.float64)
+    visible = []
+    covered = np.zeros((n, n), dtype=bool)
+    for m in reversed(full):
+        visible.append(m & ~covered)
+        covered |= m
+    visible.reverse()
+    gen = _noise_rng(noise)
+    if gen is not None:
+        img = img + gen.normal(0.0, NOISE_SIGMA, size=img.shape)
+    image = np.rint(np.clip(img, 0.0, 255.0)).astype(np.uint8)
+    return RenderedScene(image=image, masks=visible, full_masks=full, caption=scene.caption)
+
+
+# --------------------------------------------------------------------------------------------
+# Edits with known results
+# --------------------------------------------------------------------------------------------
+
+
+def _with_objects(scene: Scene, objects: Sequence[ShapeObject]) -> Scene:
+    return Scene(scene.background, list(objects), size=scene.size, gradient=scene.gradient)
+
+
+def moved(scene: Scene, index: int, dx: float, dy: float, scale: float = 1.0) -> Scene:
+    """The true result of moving object ``index`` by ``(dx, dy)`` and scaling its radius.
+
+    The object keeps its place in the draw order; scaling is about its centre ``(cx, cy)``.
+    """
+    objs = list(scene.objects)
+    objs[index] = objs[index].shifted(dx, dy, scale)
+    return _with_objects(scene, objs)
+
+
+def dragged(scene: Scene, index: int, handle: Sequence[float], target: Sequence[float]) -> Scene:
+    """The true result of dragging object ``index`` rigidly from ``handle`` to ``target``."""
+    return moved(scene, index, target[0] - handle[0], target[1] - handle[1])
+
+
+def recoloured(scene: Scene, index: int, colour: str) -> Scene:
+    """The true result of giving object ``index`` the palette colour ``colour``."""
+    objs = list(scene.objects)
+    objs[index] = replace(objs[index], colour=colour)
+    return _with_objects(scene, objs)
+
+
+def pasted(
+    scene: Scene, obj: ShapeObject, dx: float = 0.0, dy: float = 0.0, scale: float = 1.0
+) -> Scene:
+    """The true result of pasting ``obj`` (shifted by ``(dx, dy)``, radius times ``scale``)
+    on top of everything in ``scene``."""
+    return _with_objects(scene, [*scene.objects, obj.shifted(dx, dy, scale)])
+
+
+# --------------------------------------------------------------------------------------------
+# Edit cases
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EditCase:
+    """A well-posed edit with its right answer.
+
+    Attributes:
+        task: one of :data:`TASKS`.
+        seed: the seed :func:`make_case` was given.
+        source: the image to edit (with the recipe's noise unless asked otherwise).
+        source_clean: the same without noise.
+        source_scene: what ``source`` shows.
+        mask: the subject's (visible) mask in ``source``; ``None`` for ``paste`` (the subject
+            comes from the reference).
+        subject_index: the subject's index in ``result_scene.objects``.
+        subject_colour: the subject's colour name in the source (in the reference for paste).
+        result_colour: the subject's colour name in the true result.
+        result: the true result image, without noise.
+        result_mask: the subject's visible mask in ``result``.
+        result_scene: what ``result`` shows.
+        prompt: the source scene's caption (the prompt for inversion and editing).
+        target_caption: the result scene's caption.
+        offset: the subject's shift ``(dx, dy)`` in pixels (for paste: from its place in the
+            reference to its place in the result).
+        scale: the subject's radius scale about its centre.
+        handles, targets: drag points ``[(x, y)]`` (drag only).
+        editable_mask: the region a drag may change (drag only).
+        reference, reference_clean, reference_scene, reference_mask, reference_prompt: the
+            reference image, its noise-free version, scene, the reference object's mask and the
+            reference caption (appearance and paste only).
+    """
+
+    task: str
+    seed: int
+    source: np.ndarray
+    source_clean: np.ndarray
+    source_scene: Scene
+    mask: np.ndarray | None
+    subject_index: int
+    subject_colour: str
+    result_colour: str
+    result: np.ndarray
+    result_mask: np.ndarray
+    result_scene: Scene
+    prompt: str
+    target_caption: str
+    offset: tuple[int, int] = (0, 0)
+    scale: float = 1.0
+    handles: list[tuple[int, int]] | None = None
+    targets: list[tuple[int, int]] | None = None
+    editable_mask: np.ndarray | None = None
+    reference: np.ndarray | None = None
+    reference_clean: np.ndarray | None = None
+    reference_scene: Scene | None = None
+    reference_mask: np.ndarray | None = None
+    reference_prompt: str | None = None
+
+    @property
+    def subject_rgb(self) -> tuple[int, int, int]:
+        """RGB of :attr:`result_colour` (what to look for in an edited image)."""
+        return PALETTE[self.result_colour]
+
+
+MOVE_RANGE = (15.0, 40.0)
+"""Length range of move and drag offsets, in pixels."""
+
+RESIZE_SCALES = ((0.65, 0.85), (1.2, 1.45))
+"""Resize factors are drawn from one of these ranges (shrink or grow)."""
+
+CLEARANCE = 3
+"""Pixels kept free between the subject (before and after the edit) and other objects."""
+
+FRAME_MARGIN = 1.0
+"""Pixels kept between an edited subject and the frame edges."""
+
+DRAG_DILATION = 6
+"""Dilation radius of the drag editable mask, in pixels."""
+
+MIN_CONTRAST = 60.0
+"""Least RGB distance between a case's subject colour and every background pixel. (A gradient
+can come within 38 of a palette colour: purple on a red-to-purple gradient.)"""
+
+_MAX_TRIES = 500
+
+
+def background_distance(scene: Scene, colour: str | Sequence[float]) -> float:
+    """The least Euclidean RGB distance between ``colour`` and any (noise-free) background
+    pixel of ``scene``."""
+    rgb = np.asarray(PALETTE[colour] if isinstance(colour, str) else colour, dtype=np.float64)
+    rows = background_image(scene)[:, 0, :]  # every row is flat
+    return float(np.sqrt(((rows - rgb) ** 2).sum(axis=-1)).min())
+
+
+def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Binary dilation of ``mask`` by a disk of ``radius`` pixels."""
+    if radius <= 0:
+        return mask.copy()
+    h, w = mask.shape
+    p = np.pad(mask, radius)
+    out = np.zeros_like(mask)
+    for oy in range(-radius, radius + 1):
+        for ox in range(-radius, radius + 1):
+            if ox * ox + oy * oy <= radius * radius:
+                out |= p[radius + oy : radius + oy + h, radius + ox : radius + ox + w]
+    return out
+
+
+def _others_union(scene: Scene, skip: int | None) -> np.ndarray:
+    n = scene.size
+    out = np.zeros((n, n), dtype=bool)
+    for i, o in enumerate(scene.objects):
+        if i != skip:
+            out |= object_mask(o, n)
+    return out
+
+
+def _clear_of(obj: ShapeObject, others_grown: np.ndarray, size: int) -> bool:
+    return not (object_mask(obj, size) & others_grown).any()
+
+
+def _random_offset(rng: np.random.Generator) -> tuple[int, int]:
+    while True:
+        length = rng.uniform(*MOVE_RANGE)
+        angle = rng.uniform(0.0, 2.0 * math.pi)
+        dx, dy = round(length * math.cos(angle)), round(length * math.sin(angle))
+        if MOVE_RANGE[0] <= math.hypot(dx, dy) <= MOVE_RANGE[1]:
+            return dx, dy
+
+
+def _unique_colour(scene: Scene, index: int) -> bool:
+    c = scene.objects[index].colour
+    return sum(o.colour == c for o in scene.objects) == 1
+
+
+def _pick_subject(rng: np.random.Generator, size: int, shapes: Sequence[str] = SHAPES):
+    """A 1-2 object scene and a subject index: subject in frame, unoccluded, uniquely coloured,
+    of one of ``shapes``, and clear of the other objects."""
+    for _ in range(_MAX_TRIES):
+        scene = random_scene(rng, n_objects=int(rng.integers(1, 3)), size=size)
+        index = int(rng.integers(len(scene.objects)))
+        subj = scene.objects[index]
+        if subj.shape not in shapes or not _unique_colour(scene, index):
+            continue
+        if background_distance(scene, subj.colour) < MIN_CONTRAST:
+            continue
+        if not subj.inside(size, FRAME_MARGIN):
+            continue
+        grown = dilate(_others_union(scene, index), CLEARANCE)
+        if not _clear_of(subj, grown, size):
+            continue
+        return scene, index, grown
+    raise RuntimeError("could not draw a usable source scene")
+
+
+def _noise_arg(rng: np.random.Generator, noise: bool) -> np.random.Generator | None:
+    return np.random.default_rng(int(rng.integers(2**63))) if noise else None
+
+
+def _reference_scene(rng: np.random.Generator, size: int, ok) -> tuple[Scene, ShapeObject]:
+    """A one-object reference scene drawn from the recipe, whose object satisfies ``ok``."""
+    for _ in range(_MAX_TRIES * 10):
+        ref = random_scene(rng, n_objects=1, size=size)
+        obj = ref.objects[0]
+        if ok(obj) and obj.inside(size, FRAME_MARGIN):
+            return ref, obj
+    raise RuntimeError("could not draw a usable reference scene")
+
+
+def make_case(task: str, seed: int, *, noise: bool = True, size: int = SIZE) -> EditCase:
+    """Build a well-posed edit case for ``task`` with its true result.
+
+    Every case keeps the subject fully inside the frame (before and after), never touching or
+    covering another object (``CLEARANCE`` pixels apart), of a colour no other object in the
+    result has and at least ``MIN_CONTRAST`` from every background pixel, so it can be found
+    again by colour (:func:`subject_mask_by_colour`). Offsets are whole pixels.
+
+    * ``move``: a 1-2 object scene, the subject moved by 15-40 px (``scale`` 1).
+    * ``resize``: a circle or square subject (its centre, centroid and box centre coincide, so
+      the answer does not depend on the editor's scaling anchor) scaled by 0.65-0.85 or
+      1.2-1.45 about its centre, ``offset`` (0, 0).
+    * ``drag``: as ``move``; handle = the subject's centre rounded to pixels, target = handle
+      + offset, editable mask = the union of the subject's source and target shapes dilated by
+      ``DRAG_DILATION`` px.
+    * ``appearance``: a one-object reference scene holding the same shape in another palette
+      colour (one that neither the source background nor the other objects use); the true
+      result is the subject recoloured.
+    * ``paste``: a one-object reference scene; its object is pasted on top of the source at
+      its reference position plus ``offset`` (``scale`` 1), in a free spot.
+
+    Args:
+        task: one of :data:`TASKS`.
+        seed: the case is a function of ``(task, seed, noise, size)``.
+        noise: add the recipe's noise to the source and reference images (the result is
+            always noise-free).
+        size: image side.
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    rng = np.random.default_rng([TASKS.index(task), int(seed)])
+    builder = {
+        "move": _case_move,
+        "resize": _case_resize,
+        "drag": _case_move,
+        "appearance": _case_appearance,
+        "paste": _case_paste,
+    }[task]
+    for _ in range(_MAX_TRIES):
+        case = builder(task, seed, rng, noise, size)
+        if case is not None:
+            return case
+    raise RuntimeError(f"could not build a {task} case for seed {seed}")
+
+
+def _finish(
+    task: str,
+    seed: int,
+    rng: np.random.Generator,
+    noise: bool,
+    src: Scene,
+    res: Scene,
+    subject_index: int,
+    source_index: int | None,
+    **extra: Any,
+) -> EditCase:
+    src_r = render(src, noise=_noise_arg(rng, noise))
+    src_clean = render(src).image if noise else src_r.image
+    res_r = render(res)
+    return EditCase(
+        task=task,
+        seed=int(seed),
+        source=src_r.image,
+        source_clean=src_clean,
+        source_scene=src,
+        mask=None if source_index is None else src_r.masks[source_index],
+        subject_index=subject_index,
+        subject_colour=extra.pop(
+            "subject_colour", src.objects[source_index].colour if source_index is not None else ""
+        ),
+        result_colour=res.objects[subject_index].colour,
+        result=res_r.image,
+        result_mask=res_r.masks[subject_index],
+        result_scene=res,
+        prompt=src.caption,
+        target_caption=res.caption,
+        **extra,
+    )
+
+
+def _case_move(task, seed, rng, noise, size) -> EditCase | None:
+    scene, index, grown = _pick_subject(rng, size)
+    subj = scene.objects[index]
+    for _ in range(50):
+        dx, dy = _random_offset(rng)
+        new = subj.shifted(dx, dy)
+        if new.inside(size, FRAME_MARGIN) and _clear_of(new, grown, size):
+            break
+    else:
+        return None
+    res = moved(scene, index, dx, dy)
+    extra: dict[str, Any] = {"offset": (dx, dy), "scale": 1.0}
+    if task == "drag":
+        handle = (round(subj.cx), round(subj.cy))
+        target = (handle[0] + dx, handle[1] + dy)
+        union = object_mask(subj, size) | object_mask(new, size)
+        extra.update(handles=[handle], targets=[target], editable_mask=dilate(union, DRAG_DILATION))
+    return _finish(task, seed, rng, noise, scene, res, index, index, **extra)
+
+
+def _case_resize(task, seed, rng, noise, size) -> EditCase | None:
+    scene, index, grown = _pick_subject(rng, size, shapes=("circle", "square"))
+    subj = scene.objects[index]
+    for _ in range(50):
+        lo, hi = RESIZE_SCALES[int(rng.integers(len(RESIZE_SCALES)))]
+        scale = round(float(rng.uniform(lo, hi)), 2)
+        new = subj.shifted(0, 0, scale)
+        if new.inside(size, FRAME_MARGIN) and _clear_of(new, grown, size):
+            break
+    else:
+        return None
+    res = moved(scene, index, 0, 0, scale)
+    return _finish(task, seed, rng, noise, scene, res, index, index, offset=(0, 0), scale=scale)
+
+
+def _case_appearance(task, seed, rng, noise, size) -> EditCase | None:
+    scene, index, _ = _pick_subject(rng, size)
+    subj = scene.objects[index]
+    taken = {o.colour for o in scene.objects} | excluded_colours(scene.background)
+    ref, ref_obj = _reference_scene(
+        rng,
+        size,
+        lambda o: (
+            o.shape == subj.shape
+            and o.colour not in taken
+            and background_distance(scene, o.colour) >= MIN_CONTRAST
+        ),
+    )
+    res = recoloured(scene, index, ref_obj.colour)
+    ref_r = render(ref, noise=_noise_arg(rng, noise))
+    return _finish(
+        task, seed, rng, noise, scene, res, index, index,
+        reference=ref_r.image,
+        reference_clean=render(ref).image if noise else ref_r.image,
+        reference_scene=ref,
+        reference_mask=ref_r.masks[0],
+        reference_prompt=ref.caption,
+    )  # fmt: skip
+
+
+def _case_paste(task, seed, rng, noise, size) -> EditCase | None:
+    scene = random_scene(rng, n_objects=int(rng.integers(1, 3)), size=size)
+    taken = {o.colour for o in scene.objects} | excluded_colours(scene.background)
+    ref, ref_obj = _reference_scene(
+        rng,
+        size,
+        lambda o: o.colour not in taken and background_distance(scene, o.colour) >= MIN_CONTRAST,
+    )
+    grown = dilate(_others_union(scene, None), CLEARANCE)
+    for _ in range(50):
+        tx = rng.uniform(ref_obj.r, size - ref_obj.r)
+        ty = rng.uniform(ref_obj.r, size - ref_obj.r)
+        dx, dy = round(tx - ref_obj.cx), round(ty - ref_obj.cy)
+        new = ref_obj.shifted(dx, dy)
+        if new.inside(size, FRAME_MARGIN) and _clear_of(new, grown, size):
+            break
+    else:
+        return None
+    res = pasted(scene, ref_obj, dx, dy)
+    ref_r = render(ref, noise=_noise_arg(rng, noise))
+    return _finish(
+        task, seed, rng, noise, scene, res, len(res.objects) - 1, None,
+        subject_colour=ref_obj.colour,
+        offset=(dx, dy),
+        scale=1.0,
+        reference=ref_r.image,
+        reference_clean=render(ref).image if noise else ref_r.image,
+        reference_scene=ref,
+        reference_mask=ref_r.masks[0],
+        reference_prompt=ref.caption,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------
+
+
+def _atomic_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _save_png(path: Path, array: np.ndarray) -> None:
+    import io
+
+    from PIL import Image
+
+    if array.dtype == bool:
+        img = Image.fromarray(np.where(array, 255, 0).astype(np.uint8), mode="L")
+    else:
+        img = Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8), mode="RGB")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    _atomic_bytes(path, buf.getvalue())
+
+
+def _pair(p: Sequence[float]) -> list[int | float]:
+    return [int(v) if float(v).is_integer() else float(v) for v in p]
+
+
+def case_spec(case: EditCase) -> dict[str, Any]:
+    """The diffeditor CLI spec of a case, with the file names :func:`save_case` writes."""
+    t = case.task
+    if t in ("move", "resize"):
+        spec: dict[str, Any] = {"task": t, "image": "source.png", "mask": "mask.png"}
+        spec.update(offset=_pair(case.offset), scale=float(case.scale), prompt=case.prompt)
+        return spec
+    if t == "drag":
+        return {
+            "task": "drag",
+            "image": "source.png",
+            "mask": "editable.png",
+            "handles": [_pair(p) for p in case.handles or []],
+            "targets": [_pair(p) for p in case.targets or []],
+            "prompt": case.prompt,
+        }
+    if t == "appearance":
+        return {
+            "task": "appearance",
+            "image": "source.png",
+            "mask": "mask.png",
+            "reference": "reference.png",
+            "reference_mask": "reference_mask.png",
+            "prompt": case.prompt,
+            "reference_prompt": case.reference_prompt,
+        }
+    if t == "paste":
+        return {
+            "task": "paste",
+            "image": "source.png",
+            "reference": "reference.png",
+            "reference_mask": "reference_mask.png",
+            "offset": _pair(case.offset),
+            "scale": float(case.scale),
+            "prompt": case.prompt,
+            "reference_prompt": case.reference_prompt,
+        }
+    raise ValueError(f"unknown task {t!r}")
+
+
+def save_case(case: EditCase, folder: str | os.PathLike[str]) -> Path:
+    """Write a case into ``folder`` and return the path of its ``spec.json``.
+
+    Files: ``source.png``; ``mask.png`` (move/resize/appearance: the subject);
+    ``editable.png`` (drag); ``reference.png`` and ``reference_mask.png`` (appearance/paste);
+    the truth, ``truth.png`` and ``truth_mask.png`` (the subject in the true result); the CLI
+    spec ``spec.json`` (paths relative to it, points and offsets in pixels); and ``case.json``
+    (the scenes, captions, colours and parameters, for scoring). Masks are white where
+    selected. Every file is written atomically (temporary file, then :func:`os.replace`).
+    """
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    _save_png(out / "source.png", case.source)
+    if case.mask is not None:
+        _save_png(out / "mask.png", case.mask)
+    if case.editable_mask is not None:
+        _save_png(out / "editable.png", case.editable_mask)
+    if case.reference is not None:
+        _save_png(out / "reference.png", case.reference)
+    if case.reference_mask is not None:
+        _save_png(out / "reference_mask.png", case.reference_mask)
+    _save_png(out / "truth.png", case.result)
+    _save_png(out / "truth_mask.png", case.result_mask)
+    meta = {
+        "task": case.task,
+        "seed": case.seed,
+        "spec": "spec.json",
+        "truth": "truth.png",
+        "truth_mask": "truth_mask.png",
+        "subject_index": case.subject_index,
+        "subject_colour": case.subject_colour,
+        "result_colour": case.result_colour,
+        "result_rgb": list(case.subject_rgb),
+        "prompt": case.prompt,
+        "target_caption": case.target_caption,
+        "offset": _pair(case.offset),
+        "scale": float(case.scale),
+        "source_scene": case.source_scene.to_dict(),
+        "result_scene": case.result_scene.to_dict(),
+        "reference_scene": case.reference_scene.to_dict() if case.reference_scene else None,
+    }
+    _atomic_bytes(out / "case.json", (json.dumps(meta, indent=2) + "\n").encode())
+    spec_path = out / "spec.json"
+    _atomic_bytes(spec_path, (json.dumps(case_spec(case), indent=2) + "\n").encode())
+    return spec_path
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring
+# --------------------------------------------------------------------------------------------
+
+
+def subject_mask_by_colour(
+    image: np.ndarray, colour_rgb: str | Sequence[float], threshold: float = 30.0
+) -> np.ndarray:
+    """Pixels within Euclidean RGB distance ``threshold`` of ``colour_rgb`` (a palette name or
+    an RGB triple).
+
+    The default suits this world: the closest two palette colours (yellow, orange) are 70.9
+    apart, so with a threshold under 35 no pixel counts for two colours; and :func:`make_case`
+    only picks subject colours at least :data:`MIN_CONTRAST` (60) from every background pixel.
+    """
+    rgb = PALETTE[colour_rgb] if isinstance(colour_rgb, str) else colour_rgb
+    diff = np.asarray(image, dtype=np.float64)[..., :3] - np.asarray(rgb, dtype=np.float64)
+    return np.sqrt((diff * diff).sum(axis=-1)) <= threshold
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two masks; 1.0 when both are empty."""
+    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    union = np.logical_or(a, b).sum()
+    if union == 0:
+        return 1.0
+    return float(np.logical_and(a, b).sum() / union)
+
+
+def centroid(mask: np.ndarray) -> tuple[float, float] | None:
+    """The mean ``(x, y)`` of a mask's pixels; ``None`` for an empty mask."""
+    ys, xs = np.nonzero(np.asarray(mask, dtype=bool))
+    if xs.size == 0:
+        return None
+    return float(xs.mean()), float(ys.mean())
+
+
+def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """PSNR in dB (peak 255) between two images, over ``mask`` pixels if given; ``inf`` when
+    they agree exactly, ``nan`` for an empty mask."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"shape mismatch: {a.shape} vs {b.shape}")
+    err = (a - b) ** 2
+    if mask is not None:
+        m = np.asarray(mask, dtype=bool)
+        if not m.any():
+            return float("nan")
+        err = err[m]
+    mse = float(err.mean())
+    if mse == 0.0:
+        return float("inf")
+    return 10.0 * math.log10(255.0**2 / mse)

@@ -1,0 +1,162 @@
+"""Content dragging (DiffEditor §4.2 "Content dragging"): drag content from handle points to
+target points inside an editable mask.
+
+Points are in input-image pixels and scaled to the working image per axis; the 3x3 feature
+patches are clipped to the grid on the right axes (the reference clipped x with the height).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from diffeditor.hookspecs import hookimpl
+from diffeditor.interfaces import AttentionPolicy, EditPlan, EnergyTerm, Geometry, Task
+from diffeditor.schedule import Window
+from diffeditor.specs import EditSpec, path_validators
+
+from . import __version__
+from .base import check_mask_file, check_points, grid_mask, scale_point, work_mask
+from .energies import cosine_map, inverse_energy, masked_mean, sim01
+
+Point = tuple[float, float]
+
+
+def patch_mask(point_px: Point, hw: tuple[int, int], px_per_cell: float, half: int = 1):
+    """A ``(1, 1, h, w)`` mask of the ``(2*half+1)^2`` patch around a pixel, on a grid of
+    ``hw`` cells of ``px_per_cell`` pixels; the patch is shifted to stay inside the grid."""
+    h, w = hw
+    col = int(point_px[0] // px_per_cell)
+    row = int(point_px[1] // px_per_cell)
+    col = min(max(col, half), w - 1 - half)  # x is clipped with the width
+    row = min(max(row, half), h - 1 - half)  # y with the height
+    m = torch.zeros(1, 1, h, w)
+    m[..., row - half : row + half + 1, col - half : col + half + 1] = 1
+    return m
+
+
+def drag_energies(handles, targets, geom: Geometry, source: str = "source"):
+    """The drag edit energy and the handle-contrast energy for point pairs (working pixels)."""
+    fh = geom.feature_hw
+    ppc = geom.pixels_per_cell("feature")
+    pairs = [(patch_mask(h, fh, ppc), patch_mask(t, fh, ppc)) for h, t in zip(handles, targets)]
+
+    def shifted(f, ph, pt):
+        # features at the handle patch, moved onto the target patch (3x3 -> 3x3, same order)
+        hr, hc = [int(x) for x in ph[0, 0].nonzero()[0]]
+        tr, tc = [int(x) for x in pt[0, 0].nonzero()[0]]
+        out = torch.zeros_like(f)
+        out[..., tr : tr + 3, tc : tc + 3] = f[..., hr : hr + 3, hc : hc + 3]
+        return out
+
+    def e_edit(cur, refs):
+        ref = refs[source]
+        vals = []
+        for lv, f in cur.items():
+            for ph, pt in pairs:
+                s = masked_mean(sim01(cosine_map(f, shifted(ref[lv], ph, pt))), pt)
+                vals.append(inverse_energy(1.0, s))
+        return torch.stack(vals).mean(0)
+
+    def e_handle(cur, refs):
+        ref = refs[source]
+        vals = []
+        for lv, f in cur.items():
+            for ph, pt in pairs:
+                only_h = ph * (1 - pt)
+                vals.append(masked_mean(sim01(cosine_map(f, ref[lv])), only_h))
+        return torch.stack(vals).mean(0)
+
+    return e_edit, e_handle
+
+
+class DragSpec(EditSpec):
+    """Drag content from ``handles`` to ``targets`` inside the editable ``mask``."""
+
+    task: Literal["drag"] = "drag"
+    mask: Path = Field(description="the editable region: white = may change")
+    handles: list[Point] = Field(min_length=1, description="[[x, y], ...] points to drag")
+    targets: list[Point] = Field(min_length=1, description="[[x, y], ...] where they go")
+    guidance_scale: float = Field(4.0, ge=1.0, le=30.0, description="classifier-free guidance")
+    energy_scale: float = Field(2000.0, ge=0.0, le=1e5, description="lambda (reference 2 x 1e3)")
+    guidance_k: float = Field(0.04, ge=0.0, le=10.0, description="k (reference 4e-2)")
+    w_edit: float = Field(4.0, ge=0.0, le=100.0, description="weight of the drag energy")
+    w_content: float = Field(6.0, ge=0.0, le=100.0, description="weight of the content energy")
+    w_inpaint: float = Field(
+        0.2, ge=0.0, le=100.0, description="push the handle patch away from its old content"
+    )
+
+    resolve_paths, check_paths = path_validators("mask")
+
+    @model_validator(mode="after")
+    def _pairs(self) -> "DragSpec":
+        if len(self.handles) != len(self.targets):
+            raise ValueError(
+                f"handles has {len(self.handles)} points but targets has {len(self.targets)}; "
+                "give one target per handle"
+            )
+        return self
+
+
+class DragTask(Task):
+    name = "drag"
+    version = __version__
+    description = "drag content by handle -> target point pairs inside an editable mask"
+    spec_model = DragSpec
+
+    def check(self, spec: DragSpec, input_hw) -> None:
+        check_points(spec.handles, "handles", input_hw)
+        check_points(spec.targets, "targets", input_hw)
+        check_mask_file(spec.mask, "mask", input_hw)
+
+    def plan(self, spec: DragSpec, images, geom: Geometry) -> EditPlan:
+        m_user = work_mask(spec.mask, "mask", geom)
+        handles = [scale_point(p, geom) for p in spec.handles]
+        targets = [scale_point(p, geom) for p in spec.targets]
+        m_user_f = grid_mask(m_user, geom.feature_hw)
+        m_user_l = grid_mask(m_user, geom.latent_hw)
+        e_edit, e_handle = drag_energies(handles, targets, geom)
+
+        def e_content(cur, refs):
+            src = refs["source"]
+            outside = 1 - m_user_f
+            return torch.stack([
+                inverse_energy(1.0, masked_mean(sim01(cosine_map(src[lv], f)), outside))
+                for lv, f in cur.items()
+            ]).mean(0)
+
+        lh, lw = geom.latent_hw
+        ppc = geom.pixels_per_cell("latent")
+
+        def surgery(zt):
+            z = zt["source"].clone()
+            src = zt["source"]
+            for h, t in zip(handles, targets):
+                hp = patch_mask(h, (lh, lw), ppc)[0, 0].nonzero()[0]
+                tp = patch_mask(t, (lh, lw), ppc)[0, 0].nonzero()[0]
+                z[..., tp[0] : tp[0] + 3, tp[1] : tp[1] + 3] = src[..., hp[0] : hp[0] + 3, hp[1] : hp[1] + 3]
+            return z
+
+        return EditPlan(
+            images={"source": images["source"]},
+            prompts={"source": spec.prompt},
+            regions={"edit": m_user_l, "content": 1 - m_user_l},
+            energies=[
+                EnergyTerm("edit", e_edit, spec.w_edit, "edit"),
+                EnergyTerm("handle_contrast", e_handle, spec.w_inpaint, "edit"),
+                EnergyTerm("content", e_content, spec.w_content, "content"),
+            ],
+            sde_mask=m_user_l,
+            attention=AttentionPolicy(mode="concat", window=Window(start=0.1, stop=1.0)),
+            surgery=surgery,
+            masks={"editable": m_user},
+            info={"handles_work_px": handles, "targets_work_px": targets},
+        )
+
+
+@hookimpl
+def register_tasks(register):
+    register(DragTask())

@@ -1,0 +1,35 @@
+"""Shared fixtures: where the trained small model lives, and one loaded editor per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPES_MODEL = Path(
+    os.environ.get("DIFFEDITOR_SHAPES_MODEL", REPO.parent / "shared" / "models" / "shapes-ldm")
+)
+SHARED = Path(os.environ.get("DIFFEDITOR_SHARED", REPO.parent / "shared"))
+
+
+def shapes_model_or_skip() -> Path:
+    if not (SHAPES_MODEL / "model_index.json").is_file():
+        pytest.skip(f"shapes model not found at {SHAPES_MODEL} (set DIFFEDITOR_SHAPES_MODEL)")
+    return SHAPES_MODEL
+
+
+@pytest.fixture(scope="session")
+def shapes_model() -> Path:
+    return shapes_model_or_skip()
+
+
+@pytest.fixture(scope="session")
+def editor(shapes_model):
+    """One Editor on the shapes model (CPU, float32) shared by the end-to-end tests."""
+    from diffeditor import Editor
+    from diffeditor.cli import _quiet_libraries
+
+    _quiet_libraries()
+    return Editor.from_pretrained(str(shapes_model), device="cpu", dtype="float32")
