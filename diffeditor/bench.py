@@ -9,7 +9,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageDraw
 
 
@@ -41,8 +40,12 @@ def _scene(size: int, folder: Path) -> dict:
 
 def random_sd15(device: str, dtype: str, tokenizer_folder: str | None = None):
     """SD 1.5's exact architecture with random weights (same compute, no download)."""
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from .models import resolve_device, resolve_dtype

@@ -12,8 +12,9 @@ import logging
 import os
 import sys
 import typing
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from . import __version__
 from .errors import DiffEditorError, OutputError, SpecError
@@ -148,7 +149,7 @@ def _outputs_for(specs: list[Path], args) -> list[Path]:
 
 
 def cmd_edit(args) -> int:
-    from .editor import Editor, check_spec
+    from .editor import check_spec
     from .imageio import check_writable
     from .models import resolve_model
     from .specs import parse_spec

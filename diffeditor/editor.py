@@ -7,16 +7,16 @@ import math
 import platform
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from PIL import Image
 
 from . import __version__
 from .engine import Engine
-from .errors import SpecError
 from .imageio import load_image, save_image, save_json, to_pil, to_tensor
 from .interfaces import Geometry
 from .models import ModelEntry, load_pipeline, resolve_model

@@ -7,13 +7,13 @@ stay in float32; the UNet runs in its own dtype; energies are reduced in float32
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor

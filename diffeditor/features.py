@@ -7,7 +7,6 @@ requested block, so the rest of the decoder is never computed.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

@@ -12,8 +12,9 @@ sampling loop.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -167,6 +168,7 @@ class Task(abc.ABC):
         Raise :class:`diffeditor.errors.SpecError` naming the field. Runs before any model
         loads. The default does nothing.
         """
+        return None
 
 
 @runtime_checkable

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 
 @dataclass
@@ -101,7 +104,6 @@ def load_pipeline(location: str, device=None, dtype=None, local_files_only: bool
     import os
     from pathlib import Path
 
-    import torch
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     from .errors import ModelError
@@ -116,7 +118,7 @@ def load_pipeline(location: str, device=None, dtype=None, local_files_only: bool
             location, dtype=dt, local_files_only=local_files_only,
             safety_checker=None, requires_safety_checker=False, feature_extractor=None,
         )
-    except (OSError, EnvironmentError, ValueError) as exc:
+    except (OSError, ValueError) as exc:
         if is_dir:
             raise ModelError(
                 f"{location} is not a loadable SD 1.x diffusers pipeline folder ({_first_line(exc)}); "

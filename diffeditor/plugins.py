@@ -90,7 +90,9 @@ class Registry:
 
     def _call(self, impl, register, info: PluginInfo) -> None:
         try:
-            impl.function(register)
+            # pass arguments by name, so an implementation may take fewer than the spec
+            kwargs = {"register": register}
+            impl.function(**{name: kwargs[name] for name in impl.argnames})
         except Exception as exc:  # a broken plugin must not take the others down
             log.warning("plugin %s failed while registering: %s", info.name, exc)
             self.failures.append(PluginFailure(info.name, info.distribution, f"{type(exc).__name__}: {exc}"))

@@ -15,8 +15,8 @@ Notation (DDIM, Song et al. 2021; DiffEditor, Mou et al. 2024):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -145,7 +145,7 @@ def spec_union(registry=None):
         raise SpecError("no tasks are registered; is diffeditor installed with its tasks?")
     if len(models) == 1:
         return TypeAdapter(models[0])
-    return TypeAdapter(Annotated[Union[tuple(models)], Field(discriminator="task")])
+    return TypeAdapter(Annotated[tuple(models), Field(discriminator="task")])
 
 
 def json_schema(registry=None) -> dict:

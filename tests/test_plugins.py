@@ -147,12 +147,6 @@ def test_models_are_collected():
     assert reg.failures == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="kernel bug: Registry._call (diffeditor/plugins.py:93) calls impl.function(register) "
-    "positionally, so an implementation with fewer arguments than its hookspec (allowed by "
-    "pluggy and promised by hookspecs.py) fails with TypeError",
-)
 def test_fewer_arguments_than_the_spec_are_allowed():
     reg = registry_from([ModelPlugin, NoArgumentPlugin])
     assert list(reg.models) == ["tiny"]

@@ -110,6 +110,19 @@ def test_window_is_frozen():
     assert hash(w) == hash(Window(start=0.1, stop=0.5))
 
 
+@pytest.mark.parametrize(
+    "start, stop, n, expect",
+    [
+        (0.14, 0.57, 100, range(14, 57)),  # 0.14*100 = 14.000000000000002 in floating point
+        (0.29, 0.7, 100, range(29, 70)),  # 0.29*100 = 28.999999999999996
+        (0.0, 0.14, 100, range(0, 14)),  # stop overshoots too: step 14 is excluded
+        (0.22, 0.4, 50, range(11, 20)),
+    ],
+)
+def test_decimal_fractions_land_on_their_integer(start, stop, n, expect):
+    assert Window(start=start, stop=stop).indices(n) == list(expect)
+
+
 def test_explicit_steps_override():
     w = Window(start=0.5, stop=0.6, every=7, steps=(30, 3, 3, 1, 0, 49, 50, 999))
     assert w.indices(50) == [0, 1, 3, 30, 49]

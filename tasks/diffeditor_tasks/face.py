@@ -18,7 +18,6 @@ from pydantic import Field
 
 from diffeditor.errors import SpecError
 from diffeditor.hookspecs import hookimpl
-from diffeditor.imageio import to_pil
 from diffeditor.interfaces import AttentionPolicy, EditPlan, EnergyTerm, Geometry, Task
 from diffeditor.schedule import Window
 from diffeditor.specs import EditSpec, path_validators
@@ -60,14 +59,19 @@ class FaceTask(Task):
     def plan(self, spec: FaceSpec, images, geom: Geometry) -> EditPlan:
         from .landmarks import LandmarkError, detect_landmarks
 
+        from diffeditor.imageio import load_image
+
+        # detect on the input images at their own size, then scale to the working image
         points = {}
-        for name, field in (("source", "image"), ("reference", "reference")):
+        for name, field, path in (("source", "image", spec.image), ("reference", "reference", spec.reference)):
+            pil = load_image(path, field)
             try:
-                points[name] = detect_landmarks(to_pil(images[name]))
+                pts = detect_landmarks(pil)
             except LandmarkError as exc:
                 raise SpecError(str(exc), field) from None
-        handles = [tuple(map(float, p)) for p in points["source"]]
-        targets = [tuple(map(float, p)) for p in points["reference"]]
+            sx, sy = geom.work_hw[1] / pil.width, geom.work_hw[0] / pil.height
+            points[name] = [(float(x) * sx, float(y) * sy) for x, y in pts]
+        handles, targets = points["source"], points["reference"]
         e_edit, e_handle = drag_energies(handles, targets, geom)
         ones = torch.ones(1, 1, *geom.latent_hw)
         return EditPlan(

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import torch
 from pydantic import Field
 
 from diffeditor.geometry import mask_centroid, similarity_warp

@@ -143,3 +143,11 @@ def run_dragbench(args: argparse.Namespace) -> int:
     if not result["cases"]:
         return EXIT_NOTHING_SCORED
     return EXIT_METRIC_SKIPPED if result["skipped"] else EXIT_OK
+
+
+@eval_command
+def add_shapes(benchmarks) -> None:
+    """``diffeditor eval shapes``: the ground-truth benchmark on the shapes model."""
+    from .shapes_eval import add_shapes_command
+
+    add_shapes_command(benchmarks)

@@ -27,3 +27,11 @@ def model_entry() -> ModelEntry:
 def register_models(register):
     """Register the ``shapes`` model."""
     register(model_entry())
+
+
+@hookimpl
+def register_commands(subparsers):
+    """Add ``diffeditor demo``."""
+    from .demo import add_demo_command
+
+    add_demo_command(subparsers)
