@@ -88,20 +88,15 @@ class MemoryBank:
                 torch.cat([k, bk[src : src + 1].expand(b, -1, -1)], dim=1),
                 torch.cat([v, bv[src : src + 1].expand(b, -1, -1)], dim=1),
             )
-        # masked: source tokens outside the edited object + reference tokens inside its mask
+        # masked: each named image's tokens inside its part's mask
         tokens = bk.shape[1]
         parts_k, parts_v = [], []
-        keep = pol.keep_mask
-        if keep is not None:
-            sel = self._token_mask("keep", keep.to(bk.device), tokens)
-            parts_k.append(bk[src][sel])
-            parts_v.append(bv[src][sel])
-        if pol.reference is not None and pol.reference_mask is not None:
-            ref = self.image_index[pol.reference]
-            sel = self._token_mask("ref", pol.reference_mask.to(bk.device), tokens)
-            parts_k.append(bk[ref][sel])
-            parts_v.append(bv[ref][sel])
-        if not parts_k or sum(p.shape[0] for p in parts_k) == 0:
+        for j, (name, mask) in enumerate(pol.parts):
+            row = self.image_index[name]
+            sel = self._token_mask(f"{j}:{name}", mask.to(bk.device), tokens)
+            parts_k.append(bk[row][sel])
+            parts_v.append(bv[row][sel])
+        if sum(p.shape[0] for p in parts_k) == 0:
             return k, v
         mk = torch.cat(parts_k, 0)[None].expand(b, -1, -1)
         mv = torch.cat(parts_v, 0)[None].expand(b, -1, -1)

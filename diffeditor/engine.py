@@ -298,6 +298,12 @@ class Engine:
         if sde_mask is not None:
             sde_mask = sde_mask.to(self.device)
         eta_in, eta_out = spec.sde_strength, spec.sde_strength_outside
+        keep = None  # where the latent is pinned to the inversion trajectory
+        blend_steps = int(round(spec.background_blend * n))
+        if blend_steps > 0 and plan.sde_mask is not None:
+            from .geometry import dilate
+
+            keep = (1 - dilate(plan.sde_mask.to(self.device), 1)).to(torch.float32)
         gen = torch.Generator("cpu").manual_seed(spec.seed)
         bar = progress(n, "editing") if progress else None
         t1 = time.perf_counter()
@@ -338,6 +344,8 @@ class Engine:
                     if u < passes - 1:
                         z = self._rollback(z_prev, i, grid, cond)
                 z = z_prev
+                if keep is not None and i < blend_steps:
+                    z = keep * inv.latents["source"][n - i - 1].to(z) + (1 - keep) * z
                 if bar is not None:
                     bar.update(1)
         if bar is not None:

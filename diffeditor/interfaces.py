@@ -59,18 +59,17 @@ class AttentionPolicy:
 
     * ``replace``: the generation branch attends to the source image's K/V only.
     * ``concat``: it attends to ``[own K/V ; source K/V]``.
-    * ``masked``: ``[source K/V at tokens where keep_mask ; reference K/V at tokens where
-      reference_mask]`` (appearance and paste); masks are image-resolution and resized to each
-      layer's token grid (nearest).
+    * ``masked``: it attends to the concatenation, over ``parts``, of each named image's K/V at
+      the tokens inside that part's mask: for appearance and paste, ``[("source", outside the
+      edited object), ("reference", the reference object)]``. Masks are image-resolution and
+      resized to each layer's token grid (nearest).
     * ``off``: no injection.
     """
 
     mode: AttentionMode = "replace"
     window: Window = field(default_factory=lambda: Window(start=0.1, stop=1.0))
     source: str = "source"
-    reference: str | None = None
-    keep_mask: Tensor | None = None
-    reference_mask: Tensor | None = None
+    parts: list[tuple[str, Tensor]] = field(default_factory=list)
 
 
 @dataclass

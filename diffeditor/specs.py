@@ -7,7 +7,9 @@ Paths inside a spec file are relative to that file.
 
 from __future__ import annotations
 
+import functools
 import json
+import operator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -88,6 +90,14 @@ class EditSpec(BaseModel):
     memory_bank: Literal["task", "replace", "concat", "masked", "off"] = Field(
         "task", description="memory-bank attention policy; 'task' = the task's own"
     )
+    background_blend: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="fraction of the run (from the start) during which the latent outside the "
+        "edit region is replaced by the inverted source latent of the same step; 0 = off (the "
+        "reference); not part of DiffEditor, an extra for weak models",
+    )
     feature_levels: tuple[int, ...] = Field(
         (1, 2), min_length=1, description="decoder up_blocks whose outputs are guidance features"
     )
@@ -145,7 +155,8 @@ def spec_union(registry=None):
         raise SpecError("no tasks are registered; is diffeditor installed with its tasks?")
     if len(models) == 1:
         return TypeAdapter(models[0])
-    return TypeAdapter(Annotated[tuple(models), Field(discriminator="task")])
+    union = functools.reduce(operator.or_, models)  # Model1 | Model2 | ...
+    return TypeAdapter(Annotated[union, Field(discriminator="task")])
 
 
 def json_schema(registry=None) -> dict:

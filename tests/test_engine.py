@@ -120,7 +120,7 @@ def test_memory_bank_policies():
     keep[..., :32, :] = 1  # top half of the source
     refm = torch.zeros(1, 1, 64, 64)
     refm[..., :, :16] = 1  # left quarter of the reference
-    bank, rec = _bank_with_entry(mode="masked", reference="reference", keep_mask=keep, reference_mask=refm)
+    bank, rec = _bank_with_entry(mode="masked", parts=[("source", keep), ("reference", refm)])
     k, _ = bank.inject("L", own_k, own_k)
     assert k.shape == (2, 32 + 16, 8)  # masks resized to the layer's 8x8 token grid
     assert torch.equal(k[0, :32], rec[0, :32])

@@ -98,8 +98,8 @@ class AppearanceTask(Task):
             energies=[EnergyTerm("edit", e_edit, spec.w_edit, "edit"),
                       EnergyTerm("content", content_energy(m_base_f), spec.w_content, "content")],
             sde_mask=m_base_l,
-            attention=AttentionPolicy(mode="masked", window=MEMORY_WINDOW, reference="reference",
-                                      keep_mask=1 - m_base, reference_mask=m_rep),
+            attention=AttentionPolicy(mode="masked", window=MEMORY_WINDOW,
+                                      parts=[("source", 1 - m_base), ("reference", m_rep)]),
             masks={"object": m_base, "reference_object": m_rep},
             image_prompt_source="reference",
         )

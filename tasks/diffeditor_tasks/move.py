@@ -152,11 +152,12 @@ class MoveTask(Task):
 
         def surgery(zt):
             z = zt["source"]
+            moved = warp(z)  # sample the object before the vacated area is touched
             if spec.vacated_init == "background" and m_bg_l.sum() > 0:
                 bg = (z * m_bg_l).sum((-2, -1), keepdim=True) / m_bg_l.sum()
                 z = m_vac_l * bg + (1 - m_vac_l) * z
             m = m_dst_l.to(z)
-            return m * warp(z) + (1 - m) * z
+            return m * moved + (1 - m) * z
 
         return EditPlan(
             images={"source": images["source"]},

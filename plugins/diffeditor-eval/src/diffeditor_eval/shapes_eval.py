@@ -47,7 +47,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     },
 }
 
-COLOUR_THRESHOLD = 50.0
+COLOUR_THRESHOLD = 70.0
 EDGE_DILATION = 4
 
 _EDITOR = None

@@ -1,0 +1,190 @@
+"""Composition: several edits of one image in a single sampling pass.
+
+``task: compose`` lists ``edits``, each an ordinary spec of a registered task without ``image``
+(it inherits the compose spec's ``image``, ``prompt``, ``seed``, ``steps`` and sampler settings).
+The kernel then combines the edits' plans:
+
+* energies: each edit's edit terms keep their own region (``edit:<j>``); all content terms share
+  one region, outside *every* edit's region, so no edit's content energy fights another's edit;
+  each edit keeps its own guidance strength (its ``energy_scale * guidance_k`` relative to the
+  compose spec's);
+* masks, SDE regions and reference images are united (reference images are renamed per edit);
+* initial-latent surgeries are applied in order;
+* memory bank: if any edit mixes in a reference image (``masked``), the bank mixes the source
+  outside every reference-driven object with each reference object; otherwise ``concat`` if any
+  edit uses it, else ``replace``; its window is the union of the edits' windows.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, PrivateAttr, ValidationInfo, model_validator
+
+from diffeditor.errors import SpecError
+from diffeditor.hookspecs import hookimpl
+from diffeditor.interfaces import AttentionPolicy, EditPlan, EnergyTerm, Geometry, Task
+from diffeditor.schedule import Window
+from diffeditor.specs import EditSpec
+
+from . import __version__
+
+INHERITED = ("image", "prompt", "seed", "steps", "resolution")
+
+
+class ComposeSpec(EditSpec):
+    """Several edits of one image in one sampling pass."""
+
+    task: Literal["compose"] = "compose"
+    edits: list[dict[str, Any]] = Field(
+        min_length=1, description="the edits: specs of registered tasks, without 'image'"
+    )
+    energy_scale: float = Field(1000.0, ge=0.0, le=1e5, description="lambda of the combined guidance")
+    guidance_k: float = Field(0.04, ge=0.0, le=10.0, description="k of the combined guidance")
+    _specs: list[EditSpec] = PrivateAttr(default_factory=list)
+
+    @model_validator(mode="after")
+    def _validate_edits(self, info: ValidationInfo) -> "ComposeSpec":
+        from diffeditor.plugins import get_registry
+
+        reg = get_registry()
+        specs = []
+        for j, raw in enumerate(self.edits):
+            if not isinstance(raw, dict) or "task" not in raw:
+                raise ValueError(f"edits[{j}] must be a mapping with a 'task' field")
+            if raw["task"] in ("compose", "face"):
+                raise ValueError(f"edits[{j}]: task {raw['task']!r} cannot be composed")
+            if raw["task"] not in reg.tasks:
+                raise ValueError(f"edits[{j}]: unknown task {raw['task']!r}")
+            data = {k: v for k, v in raw.items()}
+            for key in INHERITED:
+                if key in data and key != "prompt":
+                    raise ValueError(f"edits[{j}].{key}: set it on the compose spec, not per edit")
+                data.setdefault(key, getattr(self, key))
+            try:
+                specs.append(reg.tasks[raw["task"]].spec_model.model_validate(data, context=info.context))
+            except Exception as exc:  # re-raised with the edit's index in front
+                from pydantic import ValidationError
+
+                if isinstance(exc, ValidationError):
+                    first = exc.errors()[0]
+                    loc = ".".join(str(x) for x in first["loc"])
+                    msg = first["msg"].removeprefix("Value error, ")
+                    raise ValueError(f"edits[{j}].{loc}: {msg}") from None
+                raise
+        self._specs = specs
+        return self
+
+    @property
+    def sub_specs(self) -> list[EditSpec]:
+        return self._specs
+
+
+def _rename(name: str, j: int) -> str:
+    return name if name == "source" else f"{name}:{j}"
+
+
+def _wrap(fn, j: int, names: list[str]):
+    def wrapped(cur, refs):
+        return fn(cur, {n: refs[_rename(n, j)] for n in names})
+
+    return wrapped
+
+
+class ComposeTask(Task):
+    name = "compose"
+    version = __version__
+    description = "several edits of one image in a single sampling pass"
+    spec_model = ComposeSpec
+
+    def _tasks(self, spec: ComposeSpec):
+        from diffeditor.plugins import get_registry
+
+        reg = get_registry()
+        return [(reg.task(s.task), s) for s in spec.sub_specs]
+
+    def images(self, spec: ComposeSpec):
+        out = {"source": spec.image}
+        for j, (task, sub) in enumerate(self._tasks(spec)):
+            for name, path in task.images(sub).items():
+                out[_rename(name, j)] = path
+        return out
+
+    def check(self, spec: ComposeSpec, input_hw) -> None:
+        for j, (task, sub) in enumerate(self._tasks(spec)):
+            try:
+                task.check(sub, input_hw)
+            except SpecError as exc:
+                raise SpecError(str(exc), f"edits[{j}]") from None
+
+    def plan(self, spec: ComposeSpec, images, geom: Geometry) -> EditPlan:
+        plans: list[EditPlan] = []
+        for j, (task, sub) in enumerate(self._tasks(spec)):
+            own = {n: images[_rename(n, j)] for n in task.images(sub)}
+            plans.append(task.plan(sub, own, geom))
+        lh = geom.latent_hw
+        union = torch.zeros(1, 1, *lh)
+        regions: dict[str, torch.Tensor] = {}
+        energies: list[EnergyTerm] = []
+        base = max(spec.energy_scale * spec.guidance_k, 1e-12)
+        for j, (p, (_, sub)) in enumerate(zip(plans, self._tasks(spec))):
+            gain = sub.energy_scale * sub.guidance_k / base
+            names = list(p.images)
+            for term in p.energies:
+                region = f"edit:{j}" if term.region == "edit" else term.region
+                energies.append(EnergyTerm(f"{term.name}:{j}", _wrap(term.fn, j, names),
+                                           term.weight * gain, region))
+            edit = p.regions.get("edit", torch.zeros(1, 1, *lh))
+            regions[f"edit:{j}"] = edit
+            union = torch.clamp(union + edit, max=1)
+        regions["content"] = 1 - union
+        regions["global"] = torch.ones(1, 1, *lh)
+        sde = torch.zeros(1, 1, *lh)
+        for p in plans:
+            sde = torch.clamp(sde + (p.sde_mask if p.sde_mask is not None else torch.ones(1, 1, *lh)), max=1)
+
+        def surgery(zt):
+            z = zt["source"]
+            for j, p in enumerate(plans):
+                if p.surgery is not None:
+                    z = p.surgery({n: (z if n == "source" else zt[_rename(n, j)]) for n in p.images})
+            return z
+
+        masks = {f"{k}:{j}": v for j, p in enumerate(plans) for k, v in p.masks.items()}
+        return EditPlan(
+            images=dict(images),
+            prompts={"source": spec.prompt, **{
+                _rename(n, j): p.prompts.get(n, "") for j, p in enumerate(plans) for n in p.images if n != "source"}},
+            regions=regions,
+            energies=energies,
+            sde_mask=sde,
+            attention=self._attention(plans, geom),
+            surgery=surgery,
+            masks=masks,
+            info={f"edit:{j}": p.info for j, p in enumerate(plans)},
+            image_prompt_source=next((n for n in images if n != "source"), "source"),
+        )
+
+    @staticmethod
+    def _attention(plans: list[EditPlan], geom: Geometry) -> AttentionPolicy:
+        modes = [p.attention.mode for p in plans]
+        window = Window(start=min(p.attention.window.start for p in plans),
+                        stop=max(p.attention.window.stop for p in plans))
+        if "masked" in modes:
+            keep = torch.ones(1, 1, *geom.work_hw)
+            refs = []
+            for j, p in enumerate(plans):
+                for name, mask in p.attention.parts:
+                    if name == "source":
+                        keep = keep * mask
+                    else:
+                        refs.append((_rename(name, j), mask))
+            return AttentionPolicy(mode="masked", window=window, parts=[("source", keep), *refs])
+        mode = "concat" if "concat" in modes else ("replace" if "replace" in modes else "off")
+        return AttentionPolicy(mode=mode, window=window)
+
+
+@hookimpl
+def register_tasks(register):
+    register(ComposeTask())
