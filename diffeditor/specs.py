@@ -238,7 +238,8 @@ def parse_spec(
             continue
         data.setdefault(field, value)
     _TAGS.update(reg.tasks)
-    ctx = {"base_dir": Path(base_dir) if base_dir is not None else Path.cwd()}
+    ctx = {"base_dir": Path(base_dir) if base_dir is not None else Path.cwd(),
+           "defaults": dict(defaults or {})}
     try:
         return model.model_validate(data, context=ctx)
     except ValidationError as err:

@@ -33,3 +33,17 @@ def editor(shapes_model):
 
     _quiet_libraries()
     return Editor.from_pretrained(str(shapes_model), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def editor_shapes():
+    """The installed ``shapes`` model with its registered defaults (skips if not installed)."""
+    from diffeditor.plugins import get_registry
+
+    if "shapes" not in get_registry().models:
+        pytest.skip("diffeditor-shapes is not installed")
+    from diffeditor import Editor
+    from diffeditor.cli import _quiet_libraries
+
+    _quiet_libraries()
+    return Editor.from_pretrained("shapes", device="cpu", dtype="float32")

@@ -527,11 +527,11 @@ def test_a_new_benchmark_is_one_function(monkeypatch):
     monkeypatch.setattr(plugin, "EVAL_COMMANDS", list(plugin.EVAL_COMMANDS))
 
     @plugin.eval_command
-    def add_shapes(benchmarks):
-        benchmarks.add_parser("shapes").set_defaults(func=lambda args: 0)
+    def add_toy(benchmarks):
+        benchmarks.add_parser("toy").set_defaults(func=lambda args: 0)
 
-    args = _cli().parse_args(["eval", "shapes"])
-    assert args.benchmark == "shapes" and args.func(args) == 0
+    args = _cli().parse_args(["eval", "toy"])
+    assert args.benchmark == "toy" and args.func(args) == 0
     assert _cli().parse_args(["eval", "dragbench", "b", "--edited", "e"]).benchmark == "dragbench"
 
 

@@ -58,6 +58,10 @@ class ComposeSpec(EditSpec):
             if raw["task"] not in reg.tasks:
                 raise ValueError(f"edits[{j}]: unknown task {raw['task']!r}")
             data = {k: v for k, v in raw.items()}
+            for key, value in ((info.context or {}).get("defaults") or {}).items():
+                field = key.split(".", 1)[1] if key.startswith(f"{raw['task']}.") else key
+                if "." not in field and field in reg.tasks[raw["task"]].spec_model.model_fields:
+                    data.setdefault(field, value)
             for key in INHERITED:
                 if key in data and key != "prompt":
                     raise ValueError(f"edits[{j}].{key}: set it on the compose spec, not per edit")

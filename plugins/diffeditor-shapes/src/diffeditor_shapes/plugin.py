@@ -9,6 +9,19 @@ from . import MODEL_DIR
 
 MODEL_NAME = "shapes"
 
+#: Defaults measured on this model with ``diffeditor eval shapes`` (see the project README's
+#: quality section): the reference's CFG 4-5 makes this small model mix up colours of
+#: two-object prompts, and DDIM paths from an edited initial latent drift on it, so the
+#: background is pinned to the inversion trajectory and the vacated area starts from the
+#: background latent. SD 1.5 keeps the reference's defaults.
+SHAPES_DEFAULTS = {
+    "resolution": 128,
+    "guidance_scale": 1.5,
+    "background_blend": 1.0,
+    "move.vacated_init": "background",
+    "resize.vacated_init": "background",
+}
+
 
 def model_entry() -> ModelEntry:
     """The :class:`~diffeditor.models.ModelEntry` of the packaged model."""
@@ -19,7 +32,7 @@ def model_entry() -> ModelEntry:
             "shapes-ldm: a small trained SD-1.5-layout latent diffusion model of 128x128 "
             "procedural shapes scenes (CPU-fast; for tests, demos and ground-truth benchmarks)"
         ),
-        defaults={"resolution": 128},
+        defaults=SHAPES_DEFAULTS,
     )
 
 
