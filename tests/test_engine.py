@@ -160,4 +160,28 @@ def test_time_travel_counts_no_wasted_rollback(editor, tmp_path):
     assert n["unet_forward"] == 6 + 6 + 2 + 2
     # one reference-feature pass per guided step (cached across repeats) + one with grad per pass
     assert n["unet_partial"] == 2 + (1 + 3)
-    assert n["unet_backward"] == 2 * (1 + 3)  # edit and content regions
+    assert n["region_gradients"] == 2 * (1 + 3)  # edit and content regions, one gradient each
+    assert n["unet_backward"] == 1 + 3  # ... from one batched backward pass per guided pass
+
+
+def test_batched_region_gradients_equal_one_pass_per_region(editor, tmp_path):
+    """The fast path (one batched backward) gives the same edit as one backward per region."""
+    from PIL import Image
+
+    img = np.full((128, 128, 3), 128, np.uint8)
+    img[40:80, 20:60] = (220, 40, 40)
+    Image.fromarray(img).save(tmp_path / "i.png")
+    m = np.zeros((128, 128), np.uint8)
+    m[40:80, 20:60] = 255
+    Image.fromarray(m).save(tmp_path / "m.png")
+    spec = {"task": "move", "image": "i.png", "mask": "m.png", "offset": [30, 0], "steps": 8,
+            "prompt": "fast-path"}
+    eng = editor.engine
+    eng.batched_region_grads = True
+    fast = editor.edit(spec, base_dir=tmp_path).latent
+    eng.batched_region_grads = False
+    try:
+        plain = editor.edit(spec, base_dir=tmp_path).latent
+    finally:
+        eng.batched_region_grads = True
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)

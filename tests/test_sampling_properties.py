@@ -334,6 +334,7 @@ def _engine() -> Engine:
     eng = Engine.__new__(Engine)
     eng.counters = Counters()
     eng.features = _features
+    eng.batched_region_grads = False  # one backward per region; the batched path is compared below
     return eng
 
 
@@ -422,5 +423,9 @@ def test_global_guidance_is_one_gradient_everywhere(seed, kind, w_edit, w_conten
     # regional and global differ unless the mask is trivial
     regional = eng.guidance(z, t, None, ref, _plan(m, terms), _spec("regional", 300.0))
     assert eng.counters.unet_backward - before == 3  # one backward per region
+    eng.batched_region_grads = True
+    batched = eng.guidance(z, t, None, ref, _plan(m, terms), _spec("regional", 300.0))
+    assert eng.counters.unet_backward - before == 4  # both regions from one batched backward
+    close(batched, regional, atol=1e-6 * float(regional.abs().max()) + 1e-7, rtol=1e-6)
     if kind not in ("zeros", "ones"):
         assert not torch.allclose(regional, got)
