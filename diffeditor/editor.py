@@ -96,18 +96,22 @@ class Editor:
     @classmethod
     def from_pretrained(
         cls, model: str | None = None, device: str | None = None, dtype: str | None = None,
-        cache_size: int = 4,
+        cache_size: int = 4, image_prompt: dict[str, str] | None = None,
     ) -> "Editor":
-        """Load a registered model name (``shapes``), a local folder or a hub id."""
+        """Load a registered model name (``shapes``), a local folder or a hub id.
+
+        ``image_prompt`` = ``{"weights": "ip_sd15_64.bin", "encoder": "image_encoder/"}``
+        attaches the paper's image prompt (a registered model may name its own).
+        """
         location, entry = resolve_model(model)
         pipe = load_pipeline(location, device, dtype)
         editor = cls(Engine(pipe, model_id=str(model or location), cache_size=cache_size), entry,
                      model or location)
-        editor._attach_image_prompt()
+        editor._attach_image_prompt(image_prompt)
         return editor
 
-    def _attach_image_prompt(self) -> None:
-        info = self.entry.image_prompt if self.entry else None
+    def _attach_image_prompt(self, info: dict[str, str] | None = None) -> None:
+        info = info or (self.entry.image_prompt if self.entry else None)
         if not info:
             return
         from .image_prompt import ImagePromptRuntime

@@ -50,6 +50,8 @@ from diffusers.models.attention_processor import (
 from diffusers.models.embeddings import IPAdapterPlusImageProjection, MultiIPAdapterImageProjection
 from PIL import Image
 
+from .errors import DiffEditorError
+
 __all__ = [
     "DEFAULT_NUM_TOKENS",
     "IMAGE_PROMPT_SIZE",
@@ -108,7 +110,7 @@ _PROJECTION_PREFIXES = ("encoder_hid_proj.", "text_encoder_hid_proj.")
 ImageInput = Image.Image | Sequence[Image.Image] | torch.Tensor
 
 
-class ImagePromptError(ValueError):
+class ImagePromptError(DiffEditorError, ValueError):
     """A problem with the image-prompt weights, encoder or UNet.
 
     The message names the offending file, key or shape and says what to do about it.

@@ -57,9 +57,9 @@ class FaceTask(Task):
         return {"source": spec.image, "reference": spec.reference}
 
     def plan(self, spec: FaceSpec, images, geom: Geometry) -> EditPlan:
-        from .landmarks import LandmarkError, detect_landmarks
-
         from diffeditor.imageio import load_image
+
+        from .landmarks import LandmarkError, detect_landmarks
 
         # detect on the input images at their own size, then scale to the working image
         points = {}
