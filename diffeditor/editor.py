@@ -97,15 +97,21 @@ class Editor:
     def from_pretrained(
         cls, model: str | None = None, device: str | None = None, dtype: str | None = None,
         cache_size: int = 4, image_prompt: dict[str, str] | None = None,
+        cache_dir: str | Path | None = None,
     ) -> "Editor":
         """Load a registered model name (``shapes``), a local folder or a hub id.
 
         ``image_prompt`` = ``{"weights": "ip_sd15_64.bin", "encoder": "image_encoder/"}``
         attaches the paper's image prompt (a registered model may name its own).
+        ``cache_dir`` keeps inversions on disk too (default: ``$DIFFEDITOR_CACHE_DIR`` if set).
         """
+        import os
+
+        cache_dir = cache_dir or os.environ.get("DIFFEDITOR_CACHE_DIR") or None
         location, entry = resolve_model(model)
         pipe = load_pipeline(location, device, dtype)
-        editor = cls(Engine(pipe, model_id=str(model or location), cache_size=cache_size), entry,
+        editor = cls(Engine(pipe, model_id=str(model or location), cache_size=cache_size,
+                            cache_dir=cache_dir), entry,
                      model or location)
         editor._attach_image_prompt(image_prompt)
         return editor

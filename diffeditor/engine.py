@@ -13,6 +13,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -68,23 +69,76 @@ class EditOutput:
 
 
 class InversionCache:
-    """A small LRU cache of inversions keyed by content (images, prompts, steps, model)."""
+    """An LRU cache of inversions keyed by content (images, prompts, steps, model), bounded in
+    memory, optionally backed by a folder (``.pt`` files read with ``weights_only=True``)."""
 
-    def __init__(self, max_items: int = 4):
+    def __init__(self, max_items: int = 4, folder: str | Path | None = None):
         self.max_items = max_items
+        self.folder = Path(folder) if folder is not None else None
         self._items: OrderedDict[str, Inversion] = OrderedDict()
 
     def get(self, key: str) -> Inversion | None:
         item = self._items.get(key)
+        if item is None and self.folder is not None:
+            item = self._load(key)
+            if item is not None:
+                self._remember(key, item)
         if item is not None:
             self._items.move_to_end(key)
         return item
 
     def put(self, key: str, value: Inversion) -> None:
+        self._remember(key, value)
+        if self.folder is not None:
+            self._save(key, value)
+
+    def _remember(self, key: str, value: Inversion) -> None:
         self._items[key] = value
         self._items.move_to_end(key)
         while len(self._items) > self.max_items:
             self._items.popitem(last=False)
+
+    def _path(self, key: str) -> Path:
+        return self.folder / f"inversion-{key[:32]}.pt"
+
+    def _save(self, key: str, inv: Inversion) -> None:
+        import os
+        import tempfile
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        data = {
+            "key": key,
+            "latents": {n: [z.cpu() for z in zs] for n, zs in inv.latents.items()},
+            "bank": {f"{step}|{layer}": [k.cpu(), v.cpu()] for (step, layer), (k, v) in inv.bank.store.items()},
+            "image_index": dict(inv.bank.image_index),
+            "latent_hw": list(inv.bank.latent_hw),
+            "seconds": inv.seconds,
+        }
+        fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save(data, tmp)
+            os.replace(tmp, self._path(key))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def _load(self, key: str) -> Inversion | None:
+        path = self._path(key)
+        if not path.is_file():
+            return None
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a damaged cache file is ignored, not fatal
+            log.warning("ignoring unreadable inversion cache file %s: %s", path, exc)
+            return None
+        if data.get("key") != key:
+            return None
+        bank = MemoryBank(image_index=dict(data["image_index"]), latent_hw=tuple(data["latent_hw"]))
+        for name, (k, v) in data["bank"].items():
+            step, layer = name.split("|", 1)
+            bank.store[(int(step), layer)] = (k, v)
+        return Inversion(data["latents"], bank, float(data["seconds"]))
 
     def __len__(self) -> int:
         return len(self._items)
@@ -93,7 +147,7 @@ class InversionCache:
 class Engine:
     """The shared sampler around a diffusers SD 1.x pipeline's components."""
 
-    def __init__(self, pipe, model_id: str = "", cache_size: int = 4):
+    def __init__(self, pipe, model_id: str = "", cache_size: int = 4, cache_dir: str | Path | None = None):
         self.unet = pipe.unet
         self.vae = pipe.vae
         self.text_encoder = pipe.text_encoder
@@ -101,7 +155,7 @@ class Engine:
         self.scheduler = pipe.scheduler
         self.model_id = model_id
         self.image_prompt = None  # an ImagePromptEncoder, when the model has image-prompt weights
-        self.cache = InversionCache(cache_size)
+        self.cache = InversionCache(cache_size, cache_dir)
         self.counters = Counters()
         # all regions' gradients in one (vmapped) backward pass: fewer kernel launches on a GPU;
         # on a CPU one pass per region measured faster (see README, Speed)
@@ -199,6 +253,9 @@ class Engine:
         key = self.inversion_key(plan, grid.num_steps)
         hit = self.cache.get(key)
         if hit is not None:
+            if any(k.device != self.device for k, _ in hit.bank.store.values()):
+                hit.bank.store = {s: (k.to(self.device), v.to(self.device)) for s, (k, v) in hit.bank.store.items()}
+                hit.latents = {n: [z.to(self.device) for z in zs] for n, zs in hit.latents.items()}
             return hit, True
         start = time.perf_counter()
         names = list(plan.images)

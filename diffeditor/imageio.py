@@ -132,5 +132,7 @@ def check_writable(path: str | os.PathLike, force: bool = False) -> None:
     probe = folder
     while not probe.exists():
         probe = probe.parent
+    if not probe.is_dir():
+        raise OutputError(f"output folder {folder} cannot be created: {probe} is a file")
     if not os.access(probe, os.W_OK):
         raise OutputError(f"output folder {folder} is not writable; choose another --out")

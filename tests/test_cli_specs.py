@@ -197,3 +197,10 @@ def test_unwritable_output_folder(scene, capsys, tmp_path):
 def test_missing_spec_file(capsys, tmp_path):
     code, _, err = _run_cli(capsys, "edit", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "o.png"))
     assert code != 0 and "spec file not found" in err
+
+
+def test_output_folder_under_a_file(scene, capsys, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" / "o.png"
+    code, _, err = _run_cli(capsys, "edit", str(_spec(scene)), "--model", str(scene), "--out", str(out))
+    assert code != 0 and "is a file" in err and len(err.strip().splitlines()) == 1

@@ -185,3 +185,29 @@ def test_batched_region_gradients_equal_one_pass_per_region(editor, tmp_path):
     finally:
         eng.batched_region_grads = True
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_inversion_cache_on_disk_round_trip(editor, scene, tmp_path):
+    from diffeditor.engine import InversionCache
+
+    eng = editor.engine
+    plan = EditPlan(images={"source": scene}, prompts={"source": "disk-cache"}, regions={}, energies=[],
+                    sde_mask=None, attention=AttentionPolicy())
+    grid = DDIMTimesteps.from_scheduler(eng.scheduler, 4)
+    saved = eng.cache
+    try:
+        eng.cache = InversionCache(1, tmp_path / "cache")
+        inv, cached = eng.invert(plan, grid)
+        assert not cached and len(list((tmp_path / "cache").glob("*.pt"))) == 1
+        eng.cache = InversionCache(1, tmp_path / "cache")  # a new process: empty memory
+        again, cached = eng.invert(plan, grid)
+        assert cached
+        for a, b in zip(inv.latents["source"], again.latents["source"]):
+            assert torch.equal(a, b)
+        assert again.bank.store.keys() == inv.bank.store.keys()
+        (next((tmp_path / "cache").glob("*.pt"))).write_bytes(b"damaged")
+        eng.cache = InversionCache(1, tmp_path / "cache")
+        _, cached = eng.invert(plan, grid)
+        assert not cached  # a damaged file is ignored and rewritten
+    finally:
+        eng.cache = saved
