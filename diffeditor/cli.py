@@ -65,6 +65,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
                    help="keep inversions on disk here and reuse them across runs (default: $DIFFEDITOR_CACHE_DIR)")
+    p.add_argument("--vae-tiling", action="store_true",
+                   help="encode/decode in tiles and slices (less GPU memory for large images)")
     p.add_argument("--image-prompt-weights", metavar="FILE", default=None,
                    help="image-prompt weights (ip_sd15_64.bin layout) to attach")
     p.add_argument("--image-prompt-encoder", metavar="DIR", default=None,
@@ -182,7 +184,7 @@ def _run(specs, outputs, args) -> int:
             raise DiffEditorError("give both --image-prompt-weights and --image-prompt-encoder")
         ip = {"weights": args.image_prompt_weights, "encoder": args.image_prompt_encoder}
     editor = Editor.from_pretrained(args.model, device=args.device, dtype=args.dtype, image_prompt=ip,
-                                    cache_dir=args.cache_dir)
+                                    cache_dir=args.cache_dir, vae_tiling=args.vae_tiling)
     progress = _progress_factory(args.quiet)
     for spec, out in zip(specs, outputs):
         result = editor.edit(spec, progress=progress)

@@ -97,13 +97,14 @@ class Editor:
     def from_pretrained(
         cls, model: str | None = None, device: str | None = None, dtype: str | None = None,
         cache_size: int = 4, image_prompt: dict[str, str] | None = None,
-        cache_dir: str | Path | None = None,
+        cache_dir: str | Path | None = None, vae_tiling: bool = False,
     ) -> "Editor":
         """Load a registered model name (``shapes``), a local folder or a hub id.
 
         ``image_prompt`` = ``{"weights": "ip_sd15_64.bin", "encoder": "image_encoder/"}``
         attaches the paper's image prompt (a registered model may name its own).
         ``cache_dir`` keeps inversions on disk too (default: ``$DIFFEDITOR_CACHE_DIR`` if set).
+        ``vae_tiling`` encodes and decodes in tiles and slices (large images on small GPUs).
         """
         import os
 
@@ -114,6 +115,9 @@ class Editor:
                             cache_dir=cache_dir), entry,
                      model or location)
         editor._attach_image_prompt(image_prompt)
+        if vae_tiling:
+            pipe.vae.enable_tiling()
+            pipe.vae.enable_slicing()
         return editor
 
     def _attach_image_prompt(self, info: dict[str, str] | None = None) -> None:

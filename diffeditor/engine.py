@@ -380,12 +380,13 @@ class Engine:
         if sde_mask is not None:
             sde_mask = sde_mask.to(self.device)
         eta_in, eta_out = spec.sde_strength, spec.sde_strength_outside
-        keep = None  # where the latent is pinned to the inversion trajectory
-        blend_steps = int(round(spec.background_blend * n))
-        if blend_steps > 0 and plan.sde_mask is not None:
+        pins = [(p.mask.to(self.device, torch.float32), p.target, int(round(p.until * n)))
+                for p in plan.pins if p.until > 0]
+        if spec.background_blend > 0 and plan.sde_mask is not None:
             from .geometry import dilate
 
             keep = (1 - dilate(plan.sde_mask.to(self.device), 1)).to(torch.float32)
+            pins.insert(0, (keep, lambda zs: zs["source"], int(round(spec.background_blend * n))))
         gen = torch.Generator("cpu").manual_seed(spec.seed)
         bar = progress(n, "editing") if progress else None
         t1 = time.perf_counter()
@@ -401,10 +402,13 @@ class Engine:
                     bank.step = i
                     bank.mode = "inject" if (i in sched.memory_bank and policy.mode != "off") else "off"
                     self._set_image_prompt(spec.image_prompt_scale if i in sched.image_prompt else 0.0)
-                    eps_u, eps_c = self.eps(torch.cat([z, z]), t, context, [False, True]).chunk(2)
+                    if spec.guidance_scale == 1.0:  # CFG at scale 1 is the conditional branch
+                        eps = self.eps(z, t, cond, [True])
+                    else:
+                        eps_u, eps_c = self.eps(torch.cat([z, z]), t, context, [False, True]).chunk(2)
+                        eps = combine_cfg(eps_u, eps_c, spec.guidance_scale)
                     bank.mode = "off"
                     self._set_image_prompt(0.0)
-                    eps = combine_cfg(eps_u, eps_c, spec.guidance_scale)
                     # 2. regional gradient guidance (enters through x0 only)
                     eps_hat = eps
                     if guided:
@@ -426,8 +430,10 @@ class Engine:
                     if u < passes - 1:
                         z = self._rollback(z_prev, i, grid, cond)
                 z = z_prev
-                if keep is not None and i < blend_steps:
-                    z = keep * inv.latents["source"][n - i - 1].to(z) + (1 - keep) * z
+                for mask, target, until in pins:
+                    if i < until:
+                        zs = {k: v[n - i - 1].to(z) for k, v in inv.latents.items()}
+                        z = mask * target(zs) + (1 - mask) * z
                 if bar is not None:
                     bar.update(1)
         if bar is not None:

@@ -104,6 +104,17 @@ class Geometry:
         return self.vae_scale if grid == "latent" else self.vae_scale / self.feature_scale
 
 
+@dataclass
+class Pin:
+    """Pin part of the latent to (a function of) the inversion trajectory early in the run:
+    after each step ``i < until * N``, ``z = mask * target(z_inv) + (1 - mask) * z`` where
+    ``z_inv`` are the inverted latents (by image name) at the new step's noise level."""
+
+    mask: Tensor  # (1, 1, h, w) latent resolution
+    target: Callable[[dict[str, Tensor]], Tensor]
+    until: float
+
+
 Surgery = Callable[[dict[str, Tensor]], Tensor]
 """``surgery(z_T by image name) -> z_T``: the initial latent of editing."""
 
@@ -125,6 +136,7 @@ class EditPlan:
         masks: image-resolution masks the task used, by name, for reporting.
         info: anything else worth reporting (scaled offsets, clipped points...).
         image_prompt_source: which image feeds the image prompt (when the model has one).
+        pins: parts of the latent held to the inversion trajectory early in the run.
     """
 
     images: dict[str, Tensor]
@@ -137,6 +149,7 @@ class EditPlan:
     masks: dict[str, Tensor] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     image_prompt_source: str = "source"
+    pins: list[Pin] = field(default_factory=list)
 
 
 class Task(abc.ABC):

@@ -186,3 +186,30 @@ def test_demo_writes_its_outputs(tmp_path, shapes_registered, capsys):
         assert (tmp_path / f"{name}.png").is_file()
     out = capsys.readouterr().out
     assert "side_by_side" in out
+
+
+def test_eval_shapes_scores_and_reproduces(tmp_path, shapes_registered, capsys):
+    """`diffeditor eval shapes` prints its table, writes JSON, and reruns give the same numbers."""
+    args = ["eval", "shapes", "--task", "move", "--task", "appearance", "--cases", "1", "--steps", "6",
+            "--ablation", "full", "--ablation", "no_time_travel"]
+    assert main([*args, "--json", str(tmp_path / "a.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| full | move |" in out and "| no_time_travel | appearance |" in out
+    assert main([*args, "--json", str(tmp_path / "b.json")]) == 0
+    a = json.loads((tmp_path / "a.json").read_text())
+    b = json.loads((tmp_path / "b.json").read_text())
+    keys = ("iou", "centroid_error_px", "colour_error", "psnr_outside_db", "land", "vae_psnr_outside_db")
+    for ra, rb in zip(a["cases"], b["cases"]):
+        assert {k: ra[k] for k in keys} == {k: rb[k] for k in keys}
+    assert set(a["summary"]) == {"full", "no_time_travel"}
+    assert 0 <= a["summary"]["full"]["move"]["iou"] <= 1
+
+
+def test_score_case_on_the_true_result_is_perfect():
+    from diffeditor_eval.shapes_eval import score_case
+    from diffeditor_shapes.scenes import make_case
+
+    for task in ("move", "drag", "paste", "appearance", "resize"):
+        case = make_case(task, 5)
+        s = score_case(case, case.result)
+        assert s["land"] == 1.0 and s["iou"] > 0.95 and s["centroid_error_px"] < 1.0, (task, s)

@@ -23,7 +23,7 @@ from pydantic import Field
 
 from diffeditor.geometry import mask_centroid, similarity_warp
 from diffeditor.hookspecs import hookimpl
-from diffeditor.interfaces import AttentionPolicy, EditPlan, EnergyTerm, Geometry, Task
+from diffeditor.interfaces import AttentionPolicy, EditPlan, EnergyTerm, Geometry, Pin, Task
 from diffeditor.schedule import Window
 from diffeditor.specs import EditSpec, path_validators
 
@@ -67,6 +67,12 @@ class MoveSpec(EditSpec):
         "keep",
         description="initial latent of the vacated area: 'keep' the inverted object latent (the "
         "reference; guidance must remove it) or fill it with the mean background latent",
+    )
+
+    object_blend: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="fraction of the run (from the start) during which the destination is held "
+        "to the moved inversion trajectory; 0 = off (the reference)",
     )
 
     resolve_paths, check_paths = path_validators("mask", "inpaint_mask")
@@ -168,6 +174,7 @@ class MoveTask(Task):
             attention=AttentionPolicy(mode="replace", window=Window(start=0.1, stop=1.0)),
             surgery=surgery,
             masks={"object": m_src, "destination": m_dst_img},
+            pins=[Pin(m_dst_l, lambda zs: warp(zs["source"]), spec.object_blend)],
             info={"centroid": center, "offset_work_px": offset, "scale": s,
                   "target_centroid": (center[0] + offset[0], center[1] + offset[1])},
         )

@@ -16,10 +16,14 @@ MODEL_NAME = "shapes"
 #: background latent. SD 1.5 keeps the reference's defaults.
 SHAPES_DEFAULTS = {
     "resolution": 128,
-    "guidance_scale": 1.5,
+    "guidance_scale": 1.0,
     "background_blend": 1.0,
     "move.vacated_init": "background",
     "resize.vacated_init": "background",
+    "move.energy_scale": 1000.0,
+    "resize.energy_scale": 1000.0,
+    "move.object_blend": 0.5,
+    "resize.object_blend": 0.5,
 }
 
 
