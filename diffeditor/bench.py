@@ -103,7 +103,8 @@ def run_bench(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cases = _scene(res, Path(tmp))
         data = dict(cases[args.task], steps=args.steps, resolution=res, prompt="a big red circle on a gray background")
-        spec = parse_spec(data, base_dir=tmp, defaults=editor.defaults())
+        defaults = {} if args.reference_settings else editor.defaults()
+        spec = parse_spec(data, base_dir=tmp, defaults=defaults)
         eng.cache = type(eng.cache)(eng.cache.max_items)
         # warm-up (one short edit) so one-time costs are not counted
         editor.edit(spec.model_copy(update={"steps": 2}))
@@ -131,6 +132,8 @@ def run_bench(args) -> dict:
         "resolution": res,
         "task": args.task,
         "steps": args.steps,
+        "settings": "reference" if args.reference_settings else "model defaults",
+        "guidance_scale": spec.guidance_scale,
         "seconds_per_edit": round(first, 3),
         "seconds_per_reedit": round(again, 3),
         "plain_generation_seconds": round(plain, 3),
@@ -155,6 +158,8 @@ def add_bench_command(subparsers) -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--random-sd15", action="store_true", help="SD 1.5's architecture with random weights")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder for --random-sd15")
+    p.add_argument("--reference-settings", action="store_true",
+                   help="the reference's task defaults (CFG 4, ...) instead of the model's registered ones")
 
     def handler(args) -> int:
         from .cli import _quiet_libraries

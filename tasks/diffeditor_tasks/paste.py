@@ -13,7 +13,7 @@ from pydantic import Field
 
 from diffeditor.geometry import mask_centroid, similarity_warp
 from diffeditor.hookspecs import hookimpl
-from diffeditor.interfaces import AttentionPolicy, EditPlan, EnergyTerm, Geometry, Task
+from diffeditor.interfaces import AttentionPolicy, EditPlan, EnergyTerm, Geometry, Pin, Task
 from diffeditor.specs import EditSpec, path_validators
 
 from . import __version__
@@ -39,6 +39,12 @@ class PasteSpec(EditSpec):
     guidance_k: float = Field(0.04, ge=0.0, le=10.0, description="k (reference 4e-2)")
     w_edit: float = Field(4.0, ge=0.0, le=100.0, description="weight of the paste energy")
     w_content: float = Field(6.0, ge=0.0, le=100.0, description="weight of the content energy")
+
+    object_blend: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="fraction of the run (from the start) during which the destination is held "
+        "to the reference's moved inversion trajectory; 0 = off (the reference)",
+    )
 
     resolve_paths, check_paths = path_validators("reference", "reference_mask")
 
@@ -99,6 +105,7 @@ class PasteTask(Task):
             surgery=surgery,
             masks={"destination": m_dst, "reference_object": m_ref},
             info={"centroid_in_reference": center, "offset_work_px": offset},
+            pins=[Pin(m_dst_l, lambda zs: warp(zs["reference"]), spec.object_blend)],
             image_prompt_source="reference",
         )
 

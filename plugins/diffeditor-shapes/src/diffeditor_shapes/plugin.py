@@ -24,6 +24,7 @@ SHAPES_DEFAULTS = {
     "resize.energy_scale": 1000.0,
     "move.object_blend": 0.5,
     "resize.object_blend": 0.5,
+    "paste.object_blend": 0.5,
 }
 
 
