@@ -4,12 +4,13 @@ cases), ``nox -s lint`` (ruff)."""
 import nox
 
 nox.options.sessions = ["lint", "tests"]
-INSTALL = ["-e", ".[test,face]", "./plugins/diffeditor-shapes", "./plugins/diffeditor-eval"]
+PLUGINS = ["./plugins/diffeditor-shapes", "./plugins/diffeditor-eval"]
 
 
 def _install(session: nox.Session) -> None:
     session.install("torch==2.13.0")  # the CPU wheel; drop the pin on GPU machines
-    session.install(*INSTALL)
+    session.install("-e", ".[test,face]")
+    session.install(*PLUGINS)  # after the kernel: they depend on the installed diffeditor
 
 
 @nox.session
