@@ -60,6 +60,8 @@ class ComposeSpec(EditSpec):
             data = {k: v for k, v in raw.items()}
             for key, value in ((info.context or {}).get("defaults") or {}).items():
                 field = key.split(".", 1)[1] if key.startswith(f"{raw['task']}.") else key
+                if field in INHERITED:
+                    continue  # the compose spec's own value is inherited below
                 if "." not in field and field in reg.tasks[raw["task"]].spec_model.model_fields:
                     data.setdefault(field, value)
             for key in INHERITED:
