@@ -17,15 +17,19 @@ from .errors import OutputError, SpecError
 
 def load_image(path: str | os.PathLike, field: str = "image") -> Image.Image:
     """Open an image fully (truncated files fail here, not later) and convert it to RGB."""
+    return _open(path, field, "RGB", "image", "a PNG or JPEG file")
+
+
+def _open(path, field: str, mode: str, what: str, hint: str) -> Image.Image:
     p = Path(path)
     if not p.is_file():
         raise SpecError(f"file not found: {p}", field)
     try:
         with Image.open(p) as im:
-            im.load()
-            return im.convert("RGB")
+            im.load()  # decode fully: a truncated file fails here
+            return im.convert(mode)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise SpecError(f"cannot read image {p} ({exc}); give a PNG or JPEG file", field) from None
+        raise SpecError(f"cannot read {what} {p} ({exc}); give {hint}", field) from None
 
 
 def image_size(path: str | os.PathLike, field: str = "image") -> tuple[int, int]:
@@ -39,14 +43,7 @@ def load_mask(
 ) -> np.ndarray:
     """A binary mask (white = selected) as a bool array; checks its size and that it's non-empty."""
     p = Path(path)
-    if not p.is_file():
-        raise SpecError(f"file not found: {p}", field)
-    try:
-        with Image.open(p) as im:
-            im.load()
-            arr = np.asarray(im.convert("L"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise SpecError(f"cannot read mask {p} ({exc}); give a PNG file", field) from None
+    arr = np.asarray(_open(p, field, "L", "mask", "a PNG file"))
     if expect_hw is not None and arr.shape != tuple(expect_hw):
         raise SpecError(
             f"mask {p.name} is {arr.shape[1]}x{arr.shape[0]} but the image is "

@@ -55,6 +55,18 @@ def test_inversion_returns_every_latent_and_records_the_bank(editor, scene):
     assert cached and again is inv
 
 
+def _write_disc_scene(folder) -> None:
+    """A red square on gray (``i.png``) and its mask (``m.png``), 128x128."""
+    from PIL import Image
+
+    img = np.full((128, 128, 3), 128, np.uint8)
+    img[40:80, 20:60] = (220, 40, 40)
+    Image.fromarray(img).save(folder / "i.png")
+    m = np.zeros((128, 128), np.uint8)
+    m[40:80, 20:60] = 255
+    Image.fromarray(m).save(folder / "m.png")
+
+
 def _unet_out(eng, z, t, ctx):
     with torch.no_grad():
         return eng.unet(z, t, encoder_hidden_states=ctx).sample.clone()
@@ -62,8 +74,6 @@ def _unet_out(eng, z, t, ctx):
 
 def test_unet_is_bit_identical_after_an_edit(editor, tmp_path):
     """All patches (memory bank, feature hooks) are undone: same outputs, same processors."""
-    from PIL import Image
-
     eng = editor.engine
     gen = torch.Generator().manual_seed(0)
     z = torch.randn(1, 4, 16, 16, generator=gen)
@@ -71,12 +81,7 @@ def test_unet_is_bit_identical_after_an_edit(editor, tmp_path):
     procs = dict(eng.unet.attn_processors)
     hooks = sum(len(m._forward_hooks) for m in eng.unet.modules())
     before = _unet_out(eng, z, 500, ctx)
-    img = np.full((128, 128, 3), 128, np.uint8)
-    img[40:80, 20:60] = (220, 40, 40)
-    Image.fromarray(img).save(tmp_path / "i.png")
-    m = np.zeros((128, 128), np.uint8)
-    m[40:80, 20:60] = 255
-    Image.fromarray(m).save(tmp_path / "m.png")
+    _write_disc_scene(tmp_path)
     editor.edit({"task": "move", "image": "i.png", "mask": "m.png", "offset": [30, 0], "steps": 4,
                  "schedule": {"guidance": [{"start": 0, "stop": 1}], "time_travel": {"steps": [2]}}},
                 base_dir=tmp_path)
@@ -143,14 +148,7 @@ def test_memory_bank_patch_restores_processors(editor):
 
 def test_time_travel_counts_no_wasted_rollback(editor, tmp_path):
     """Guidance at 2 steps, time travel at one of them with U=3: 2 rollbacks, not 3."""
-    from PIL import Image
-
-    img = np.full((128, 128, 3), 128, np.uint8)
-    img[40:80, 20:60] = (220, 40, 40)
-    Image.fromarray(img).save(tmp_path / "i.png")
-    m = np.zeros((128, 128), np.uint8)
-    m[40:80, 20:60] = 255
-    Image.fromarray(m).save(tmp_path / "m.png")
+    _write_disc_scene(tmp_path)
     res = editor.edit({"task": "move", "image": "i.png", "mask": "m.png", "offset": [30, 0], "steps": 6,
                        "prompt": "tt-count",
                        "schedule": {"guidance": [{"steps": [1, 3]}], "time_travel": {"steps": [3]},
@@ -168,14 +166,7 @@ def test_time_travel_counts_no_wasted_rollback(editor, tmp_path):
 
 def test_batched_region_gradients_equal_one_pass_per_region(editor, tmp_path):
     """The fast path (one batched backward) gives the same edit as one backward per region."""
-    from PIL import Image
-
-    img = np.full((128, 128, 3), 128, np.uint8)
-    img[40:80, 20:60] = (220, 40, 40)
-    Image.fromarray(img).save(tmp_path / "i.png")
-    m = np.zeros((128, 128), np.uint8)
-    m[40:80, 20:60] = 255
-    Image.fromarray(m).save(tmp_path / "m.png")
+    _write_disc_scene(tmp_path)
     spec = {"task": "move", "image": "i.png", "mask": "m.png", "offset": [30, 0], "steps": 8,
             "prompt": "fast-path"}
     eng = editor.engine
@@ -217,14 +208,7 @@ def test_inversion_cache_on_disk_round_trip(editor, scene, tmp_path):
 
 def test_cfg_scale_one_skips_the_unconditional_branch(editor, tmp_path):
     """guidance_scale 1 gives eps_u + 1*(eps_c - eps_u) = eps_c: one batch-1 call, same edit."""
-    from PIL import Image
-
-    img = np.full((128, 128, 3), 128, np.uint8)
-    img[40:80, 20:60] = (220, 40, 40)
-    Image.fromarray(img).save(tmp_path / "i.png")
-    m = np.zeros((128, 128), np.uint8)
-    m[40:80, 20:60] = 255
-    Image.fromarray(m).save(tmp_path / "m.png")
+    _write_disc_scene(tmp_path)
     spec = {"task": "move", "image": "i.png", "mask": "m.png", "offset": [30, 0], "steps": 6,
             "prompt": "cfg-one", "guidance_scale": 1.0}
     fast = editor.edit(spec, base_dir=tmp_path).latent
