@@ -136,9 +136,9 @@ def cmd_schema(args) -> int:
 
     text = json.dumps(json_schema(), indent=2)
     if args.out:
-        from .imageio import _atomic
+        from .imageio import atomic_write
 
-        _atomic(args.out, lambda fh: fh.write(text.encode() + b"\n"), force=True)
+        atomic_write(args.out, lambda fh: fh.write(text.encode() + b"\n"), force=True)
     else:
         print(text)
     return 0

@@ -102,10 +102,8 @@ class InversionCache:
         return self.folder / f"inversion-{key[:32]}.pt"
 
     def _save(self, key: str, inv: Inversion) -> None:
-        import os
-        import tempfile
+        from .imageio import atomic_write
 
-        self.folder.mkdir(parents=True, exist_ok=True)
         data = {
             "key": key,
             "latents": {n: [z.cpu() for z in zs] for n, zs in inv.latents.items()},
@@ -114,14 +112,7 @@ class InversionCache:
             "latent_hw": list(inv.bank.latent_hw),
             "seconds": inv.seconds,
         }
-        fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(data, tmp)
-            os.replace(tmp, self._path(key))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(self._path(key), lambda fh: torch.save(data, fh), force=True)
 
     def _load(self, key: str) -> Inversion | None:
         path = self._path(key)
@@ -430,9 +421,10 @@ class Engine:
                     if u < passes - 1:
                         z = self._rollback(z_prev, i, grid, cond)
                 z = z_prev
-                for mask, target, until in pins:
-                    if i < until:
-                        zs = {k: v[n - i - 1].to(z) for k, v in inv.latents.items()}
+                active = [(mask, target) for mask, target, until in pins if i < until]
+                if active:
+                    zs = {k: v[n - i - 1].to(z) for k, v in inv.latents.items()}
+                    for mask, target in active:
                         z = mask * target(zs) + (1 - mask) * z
                 if bar is not None:
                     bar.update(1)

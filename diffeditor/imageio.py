@@ -80,7 +80,9 @@ def to_pil(x: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr.permute(1, 2, 0).numpy())
 
 
-def _atomic(path: Path, write, force: bool) -> None:
+def atomic_write(path: Path, write, force: bool) -> None:
+    """Write through ``write(fh)`` to a temporary file beside ``path``, then rename it into place;
+    refuses to overwrite an existing file without ``force``."""
     path = Path(path)
     if path.exists() and not force:
         raise OutputError(f"{path} exists; pass --force to overwrite it or choose another --out")
@@ -109,14 +111,14 @@ def save_image(image: Image.Image, path: str | os.PathLike, force: bool = False)
     fmt = Image.registered_extensions().get(path.suffix.lower())
     if fmt is None:
         raise OutputError(f"unknown image type {path.suffix!r} for {path}; use .png or .jpg")
-    _atomic(path, lambda fh: image.save(fh, format=fmt), force)
+    atomic_write(path, lambda fh: image.save(fh, format=fmt), force)
     return path
 
 
 def save_json(data: Any, path: str | os.PathLike, force: bool = False) -> Path:
     """Write JSON atomically; refuses to overwrite without force."""
     text = json.dumps(data, indent=2, default=str).encode()
-    _atomic(Path(path), lambda fh: fh.write(text), force)
+    atomic_write(Path(path), lambda fh: fh.write(text), force)
     return Path(path)
 
 

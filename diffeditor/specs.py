@@ -123,12 +123,6 @@ class EditSpec(BaseModel):
         }
 
 
-def path_field(description: str, optional: bool = False):
-    """A spec field holding a file path (relative to the spec file). Use with
-    :func:`path_validators` on the subclass."""
-    return Field(None if optional else ..., description=description)
-
-
 def path_validators(*names: str):
     """Validators that resolve the named path fields against the spec file and check they exist.
 
@@ -140,7 +134,6 @@ def path_validators(*names: str):
     )
 
 
-Point = Annotated[tuple[float, float], Field(description="[x, y] in input-image pixels")]
 
 
 # -- the union ---------------------------------------------------------------------------------
@@ -172,10 +165,6 @@ def format_validation_error(err: ValidationError, source: str = "spec") -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"] if not str(x).startswith("function-after"))
-        # drop the union tag from the location ("move.offset" -> "offset")
-        parts = loc.split(".", 1)
-        if len(parts) == 2 and e.get("type") != "union_tag_invalid":
-            loc = parts[1] if parts[0] in _TAGS else loc
         msg = e["msg"]
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
@@ -183,7 +172,20 @@ def format_validation_error(err: ValidationError, source: str = "spec") -> str:
     return f"{source}: " + "; ".join(lines)
 
 
-_TAGS: set[str] = set()
+
+def apply_model_defaults(
+    data: dict, task: str, model: type[EditSpec], defaults: dict | None, skip=()
+) -> None:
+    """Fill fields ``data`` leaves out from a model's registered defaults (in place).
+
+    A key ``"<task>.<field>"`` applies to that task only; keys naming fields the task's spec
+    model does not have, or listed in ``skip``, are ignored.
+    """
+    for key, value in (defaults or {}).items():
+        field = key.split(".", 1)[1] if key.startswith(f"{task}.") else key
+        if "." in field or field in skip or field not in model.model_fields:
+            continue
+        data.setdefault(field, value)
 
 
 def read_spec_file(path: str | Path) -> dict:
@@ -232,12 +234,7 @@ def parse_spec(
             f"{source}: task: unknown task {task!r}; registered tasks: {', '.join(sorted(reg.tasks))}"
         )
     model = reg.tasks[task].spec_model
-    for key, value in (defaults or {}).items():
-        field = key.split(".", 1)[1] if key.startswith(f"{task}.") else key
-        if "." in field or field not in model.model_fields:
-            continue
-        data.setdefault(field, value)
-    _TAGS.update(reg.tasks)
+    apply_model_defaults(data, task, model, defaults)
     ctx = {"base_dir": Path(base_dir) if base_dir is not None else Path.cwd(),
            "defaults": dict(defaults or {})}
     try:

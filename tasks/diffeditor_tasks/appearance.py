@@ -20,7 +20,7 @@ from diffeditor.schedule import Window
 from diffeditor.specs import EditSpec, path_validators
 
 from . import __version__
-from .base import check_mask_file, grid_mask, work_mask
+from .base import check_mask_file, grid_mask, reference_work_mask, work_mask
 from .energies import cosine_map, inverse_energy, masked_mean, mean_feature, sim01
 
 MEMORY_WINDOW = Window(start=0.0, stop=0.72)  # reference: i <= 35 of 50
@@ -73,12 +73,8 @@ class AppearanceTask(Task):
         check_mask_file(spec.reference_mask, "reference_mask", image_size(spec.reference, "reference"))
 
     def plan(self, spec: AppearanceSpec, images, geom: Geometry) -> EditPlan:
-        from diffeditor.imageio import image_size
-
         m_base = work_mask(spec.mask, "mask", geom)
-        ref_geom = Geometry(image_size(spec.reference, "reference"), geom.work_hw, geom.vae_scale,
-                            geom.feature_scale)
-        m_rep = work_mask(spec.reference_mask, "reference_mask", ref_geom)
+        m_rep = reference_work_mask(spec, geom)
         fh, lh = geom.feature_hw, geom.latent_hw
         m_base_f, m_rep_f = grid_mask(m_base, fh), grid_mask(m_rep, fh)
         m_base_l = grid_mask(m_base, lh)

@@ -20,6 +20,16 @@ def work_mask(path: Path, field: str, geom: Geometry) -> Tensor:
     return mask_tensor(m, geom.work_hw)
 
 
+def reference_work_mask(spec, geom: Geometry) -> Tensor:
+    """``spec.reference_mask`` (checked against ``spec.reference``'s own size) at the working
+    size: the reference image is resized to the edited image's working size."""
+    from diffeditor.imageio import image_size
+
+    ref_geom = Geometry(image_size(spec.reference, "reference"), geom.work_hw, geom.vae_scale,
+                        geom.feature_scale)
+    return work_mask(spec.reference_mask, "reference_mask", ref_geom)
+
+
 def grid_mask(mask: Tensor, hw: tuple[int, int]) -> Tensor:
     """A working-resolution mask on a coarser grid: cells at least half covered; if that
     leaves nothing (a tiny mask), any covered cell."""

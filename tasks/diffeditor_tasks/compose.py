@@ -26,7 +26,7 @@ from diffeditor.errors import SpecError
 from diffeditor.hookspecs import hookimpl
 from diffeditor.interfaces import AttentionPolicy, EditPlan, EnergyTerm, Geometry, Task
 from diffeditor.schedule import Window
-from diffeditor.specs import EditSpec
+from diffeditor.specs import EditSpec, apply_model_defaults
 
 from . import __version__
 
@@ -58,12 +58,9 @@ class ComposeSpec(EditSpec):
             if raw["task"] not in reg.tasks:
                 raise ValueError(f"edits[{j}]: unknown task {raw['task']!r}")
             data = {k: v for k, v in raw.items()}
-            for key, value in ((info.context or {}).get("defaults") or {}).items():
-                field = key.split(".", 1)[1] if key.startswith(f"{raw['task']}.") else key
-                if field in INHERITED:
-                    continue  # the compose spec's own value is inherited below
-                if "." not in field and field in reg.tasks[raw["task"]].spec_model.model_fields:
-                    data.setdefault(field, value)
+            # the model's defaults, except the fields inherited from the compose spec below
+            apply_model_defaults(data, raw["task"], reg.tasks[raw["task"]].spec_model,
+                                 (info.context or {}).get("defaults"), skip=INHERITED)
             for key in INHERITED:
                 if key in data and key != "prompt":
                     raise ValueError(f"edits[{j}].{key}: set it on the compose spec, not per edit")

@@ -18,7 +18,7 @@ from diffeditor.specs import EditSpec, path_validators
 
 from . import __version__
 from .appearance import MEMORY_WINDOW, content_energy
-from .base import check_mask_file, grid_mask, scale_offset, work_mask
+from .base import check_mask_file, grid_mask, reference_work_mask, scale_offset
 from .energies import cosine_map, inverse_energy, masked_mean, sim01
 
 
@@ -64,11 +64,7 @@ class PasteTask(Task):
         check_mask_file(spec.reference_mask, "reference_mask", image_size(spec.reference, "reference"))
 
     def plan(self, spec: PasteSpec, images, geom: Geometry) -> EditPlan:
-        from diffeditor.imageio import image_size
-
-        ref_geom = Geometry(image_size(spec.reference, "reference"), geom.work_hw, geom.vae_scale,
-                            geom.feature_scale)
-        m_ref = work_mask(spec.reference_mask, "reference_mask", ref_geom)
+        m_ref = reference_work_mask(spec, geom)
         center = mask_centroid(m_ref, geom.work_hw)
         offset = scale_offset(spec.offset, geom)
 
