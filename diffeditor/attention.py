@@ -47,6 +47,9 @@ class MemoryBank:
     latent_hw: tuple[int, int] = (0, 0)
     image_index: dict[str, int] = field(default_factory=dict)  # image name -> batch row
     store: dict[tuple[int, str], tuple[Tensor, Tensor]] = field(default_factory=dict)
+    # with ``mode == "inject"``: only the first ``inject_rows`` rows of a batch attend to the
+    # bank; the rest attend to their own K/V (a reference-feature pass batched with the CFG pair)
+    inject_rows: int | None = None
     _mask_cache: dict[tuple[str, int], Tensor] = field(default_factory=dict)
 
     # -- recording ---------------------------------------------------------------------------
@@ -103,13 +106,38 @@ class MemoryBank:
         return mk, mv
 
 
-class BankAttnProcessor:
-    """Self-attention with memory-bank recording/injection, using PyTorch SDPA."""
+def attend(attn, q: Tensor, k: Tensor, v: Tensor, query_chunk: int | None = None) -> Tensor:
+    """Multi-head SDPA on ``(B, T, C)`` projections; ``query_chunk`` bounds the attention
+    matrix to ``chunk x keys`` per head (attention slicing, for small GPUs)."""
+    heads = attn.heads
+    q, k, v = (rearrange(x, "b t (h d) -> b h t d", h=heads) for x in (q, k, v))
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    if query_chunk is None or query_chunk >= q.shape[2]:
+        out = F.scaled_dot_product_attention(q, k, v)
+    else:
+        out = torch.cat([F.scaled_dot_product_attention(qc, k, v)
+                         for qc in q.split(query_chunk, dim=2)], dim=2)
+    return rearrange(out, "b h t d -> b t (h d)")
 
-    def __init__(self, name: str, bank: MemoryBank):
+
+class BankAttnProcessor:
+    """Self-attention with memory-bank recording/injection, using PyTorch SDPA.
+
+    Without a bank (``bank=None``) it is plain self-attention; ``query_chunk`` slices the
+    queries (attention slicing) in either case.
+    """
+
+    def __init__(self, name: str, bank: MemoryBank | None, query_chunk: int | None = None):
         self.name = name
         self.bank = bank
+        self.query_chunk = query_chunk
 
+    # per-step Python state (the bank's step, mode and store): kept out of torch.compile's
+    # graphs, which would otherwise recompile at every step
+    @torch.compiler.disable
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  temb=None, *args, **kwargs):
         residual = hidden_states
@@ -126,18 +154,19 @@ class BankAttnProcessor:
         k = attn.to_k(context)
         v = attn.to_v(context)
         bank = self.bank
-        if bank.mode == "record":
+        chunk = self.query_chunk
+        if bank is not None and bank.mode == "record":
             bank.record(self.name, k, v)
-        elif bank.mode == "inject":
-            k, v = bank.inject(self.name, k, v)
-        heads = attn.heads
-        q, k, v = (rearrange(x, "b t (h d) -> b h t d", h=heads) for x in (q, k, v))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
-        out = F.scaled_dot_product_attention(q, k, v)
-        out = rearrange(out, "b h t d -> b t (h d)").to(q.dtype)
+        if bank is not None and bank.mode == "inject":
+            n = bank.inject_rows
+            if n is None or n >= q.shape[0]:
+                out = attend(attn, q, *bank.inject(self.name, k, v), chunk)
+            else:  # rows past n are a bank-free pass batched along
+                out = torch.cat([attend(attn, q[:n], *bank.inject(self.name, k[:n], v[:n]), chunk),
+                                 attend(attn, q[n:], k[n:], v[n:], chunk)])
+        else:
+            out = attend(attn, q, k, v, chunk)
+        out = out.to(q.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if four_d:
             out = rearrange(out, "b (h w) c -> b c h w", h=h, w=w)
@@ -158,9 +187,40 @@ def memory_bank_patch(unet, bank: MemoryBank) -> Iterator[MemoryBank]:
     for proc_name in bank_layer_names(unet):
         mod = modules[proc_name[: -len(".processor")]]
         saved[proc_name] = (mod, mod.processor)
-        mod.set_processor(BankAttnProcessor(proc_name, bank))
+        # keep the layer's attention slicing, if any
+        mod.set_processor(BankAttnProcessor(proc_name, bank, getattr(mod.processor, "query_chunk", None)))
     try:
         yield bank
     finally:
         for mod, proc in saved.values():
             mod.set_processor(proc)
+
+
+def self_attention_layers(module) -> list[tuple[str, object]]:
+    """``(name, Attention)`` of every self-attention layer (``attn1``) of a UNet."""
+    return [(name, mod) for name, mod in module.named_modules()
+            if hasattr(mod, "set_processor") and name.endswith(".attn1")]
+
+
+def set_attention_slicing(unet, query_chunk: int | None) -> int:
+    """Attention slicing for small GPUs: self-attention computed ``query_chunk`` queries at a
+    time (``None`` turns it off). Cross-attention keeps its processors (77 text keys and the
+    image prompt's tokens make small matrices). Returns the number of layers changed."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    if query_chunk is not None and query_chunk < 1:
+        raise ValueError(f"attention slice must be a positive number of queries, got {query_chunk}")
+    changed = 0
+    for name, mod in self_attention_layers(unet):
+        proc = mod.processor
+        if isinstance(proc, BankAttnProcessor):
+            if proc.bank is None and query_chunk is None:
+                mod.set_processor(AttnProcessor2_0())
+            else:
+                proc.query_chunk = query_chunk
+        elif query_chunk is not None:
+            mod.set_processor(BankAttnProcessor(name + ".processor", None, query_chunk))
+        else:
+            continue
+        changed += 1
+    return changed

@@ -82,12 +82,19 @@ def random_sd15(device: str, dtype: str, tokenizer_folder: str | None = None):
     return pipe
 
 
-def run_bench(args) -> dict:
-    import torch
+def _peak_rss_gib() -> float | None:
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round((kib if platform.system() != "Darwin" else kib / 1024) / 2**20, 3)
 
+
+def load_bench_editor(args):
+    """The editor the benchmark times, with the fast-path switches of ``args`` applied."""
     from .editor import Editor
     from .engine import Engine
-    from .specs import parse_spec
 
     if args.random_sd15:
         pipe = random_sd15(args.device, args.dtype, args.tokenizer)
@@ -95,35 +102,71 @@ def run_bench(args) -> dict:
     else:
         editor = Editor.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     eng = editor.engine
-    res = args.resolution or editor.default_resolution()
+    eng.set_memory_options(args.attention_slice, args.vae_slicing)
+    if args.no_merge:
+        eng.merge_reference_pass = False
+    if args.region_grads != "auto":
+        eng.batched_region_grads = args.region_grads == "batched"
+    if args.compile:
+        eng.compile(args.compile)
+    return editor
+
+
+def run_bench(args, editor=None, resolution: int | None = None) -> dict:
+    """Time one task's edit (fresh inversion), a re-edit (cached inversion) and a plain CFG
+    generation, ``args.repeats`` times each, interleaved; report the medians."""
+    import statistics
+
+    import torch
+
+    from .specs import parse_spec
+
+    editor = editor or load_bench_editor(args)
+    eng = editor.engine
+    res = resolution or (args.resolution[0] if args.resolution else None) or editor.default_resolution()
     dev = eng.device
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
+    prompt = "a big red circle on a gray background"
+
+    def timed(fn):
+        sync()
+        t0 = time.perf_counter()
+        out = fn()
+        sync()
+        return time.perf_counter() - t0, out
+
     with tempfile.TemporaryDirectory() as tmp:
         cases = _scene(res, Path(tmp))
-        data = dict(cases[args.task], steps=args.steps, resolution=res, prompt="a big red circle on a gray background")
+        data = dict(cases[args.task], steps=args.steps, resolution=res, prompt=prompt)
         defaults = {} if args.reference_settings else editor.defaults()
         spec = parse_spec(data, base_dir=tmp, defaults=defaults)
+
+        def plain():
+            return eng.generate(prompt, steps=args.steps, guidance_scale=7.5, hw=(res, res))
+
+        # warm-up: one-time costs (allocator, kernels; with --compile every shape it meets)
+        # are not counted
         eng.cache = type(eng.cache)(eng.cache.max_items)
-        # warm-up (one short edit) so one-time costs are not counted
-        editor.edit(spec.model_copy(update={"steps": 2}))
-        sync()
-        c0 = eng.counters.as_dict()
-        t0 = time.perf_counter()
-        r1 = editor.edit(spec)
-        sync()
-        first = time.perf_counter() - t0
-        c1 = eng.counters.as_dict()
-        t0 = time.perf_counter()
-        r2 = editor.edit(spec)
-        sync()
-        again = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        eng.generate("a big red circle on a gray background", steps=args.steps, guidance_scale=7.5,
-                     hw=(res, res))
-        sync()
-        plain = time.perf_counter() - t0
+        if args.compile:
+            editor.edit(spec)
+            editor.edit(spec)
+            plain()
+        else:
+            editor.edit(spec.model_copy(update={"steps": 2}))
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        firsts, agains, plains = [], [], []
+        for _ in range(max(1, args.repeats)):
+            eng.cache = type(eng.cache)(eng.cache.max_items)  # a new image: invert again
+            c0 = eng.counters.as_dict()
+            t, r1 = timed(lambda: editor.edit(spec))
+            firsts.append(t)
+            c1 = eng.counters.as_dict()
+            t, r2 = timed(lambda: editor.edit(spec))
+            agains.append(t)
+            t, _ = timed(plain)
+            plains.append(t)
+    first, again, base = (statistics.median(x) for x in (firsts, agains, plains))
     counts = {k: c1[k] - c0[k] for k in c1}
     return {
         "device": str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
@@ -134,17 +177,28 @@ def run_bench(args) -> dict:
         "steps": args.steps,
         "settings": "reference" if args.reference_settings else "model defaults",
         "guidance_scale": spec.guidance_scale,
+        "repeats": len(firsts),
         "seconds_per_edit": round(first, 3),
         "seconds_per_reedit": round(again, 3),
-        "plain_generation_seconds": round(plain, 3),
-        "ratio": round(first / plain, 3),
-        "ratio_reedit": round(again / plain, 3),
+        "plain_generation_seconds": round(base, 3),
+        "ratio": round(first / base, 3),
+        "ratio_reedit": round(again / base, 3),
+        "seconds_per_edit_all": [round(x, 3) for x in firsts],
+        "plain_generation_seconds_all": [round(x, 3) for x in plains],
+        "phases_s": {k: round(v, 3) for k, v in r1.metadata["timings_s"].items() if k != "wall"},
         "peak_memory_gib": round(torch.cuda.max_memory_allocated(dev) / 2**30, 3) if dev.type == "cuda" else None,
+        "peak_rss_gib": _peak_rss_gib(),
         "memory_bank_mib": round(r1.metadata["memory_bank_bytes"] / 2**20, 2),
         "unet_forward": counts["unet_forward"],
         "unet_partial_forward": counts["unet_partial"],
         "unet_backward": counts["unet_backward"],
+        "merged_reference_passes": counts["merged_reference"],
         "reedit_inversion_cached": r2.metadata["inversion_cached"],
+        "fast_path": {
+            **eng.options,
+            "merge_reference_pass": eng.merge_reference_pass,
+            "batched_region_grads": eng.batched_region_grads,
+        },
     }
 
 
@@ -154,18 +208,32 @@ def add_bench_command(subparsers) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--task", default="drag", choices=["move", "resize", "drag", "appearance", "paste"])
-    p.add_argument("--resolution", type=int, default=None, help="square working size (default: the model's)")
+    p.add_argument("--resolution", type=int, nargs="+", default=None, metavar="PX",
+                   help="square working size (default: the model's); several give one line each")
     p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of each; medians are reported")
     p.add_argument("--random-sd15", action="store_true", help="SD 1.5's architecture with random weights")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder for --random-sd15")
     p.add_argument("--reference-settings", action="store_true",
                    help="the reference's task defaults (CFG 4, ...) instead of the model's registered ones")
+    fast = p.add_argument_group("fast path (defaults: all on where measured faster)")
+    fast.add_argument("--compile", default=None, choices=["default", "reduce-overhead", "max-autotune"],
+                      help="torch.compile the UNet (reduce-overhead = CUDA graphs); warm-up compiles every shape")
+    fast.add_argument("--attention-slice", type=int, default=None, metavar="N",
+                      help="self-attention N queries at a time (memory)")
+    fast.add_argument("--vae-slicing", action="store_true", help="VAE one image at a time (memory)")
+    fast.add_argument("--no-merge", action="store_true",
+                      help="run the reference-feature pass on its own instead of inside the CFG call")
+    fast.add_argument("--region-grads", choices=["auto", "batched", "per-region"], default="auto",
+                      help="one batched backward for all regions, or one per region (auto: batched on GPU)")
 
     def handler(args) -> int:
         from .cli import _quiet_libraries
 
         _quiet_libraries()
-        print(json.dumps(run_bench(args)))
+        editor = load_bench_editor(args)
+        for res in args.resolution or [None]:
+            print(json.dumps(run_bench(args, editor, res)), flush=True)
         return 0
 
     p.set_defaults(func=handler)

@@ -67,6 +67,11 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="keep inversions on disk here and reuse them across runs (default: $DIFFEDITOR_CACHE_DIR)")
     p.add_argument("--vae-tiling", action="store_true",
                    help="encode/decode in tiles and slices (less GPU memory for large images)")
+    p.add_argument("--vae-slicing", action="store_true", help="VAE one image of a batch at a time (less memory)")
+    p.add_argument("--attention-slice", type=int, default=None, metavar="N",
+                   help="self-attention N queries at a time (less memory on small GPUs; same result)")
+    p.add_argument("--compile", default=None, choices=["default", "reduce-overhead", "max-autotune"],
+                   help="torch.compile the UNet (reduce-overhead = CUDA graphs); pays off over a batch of specs")
     p.add_argument("--image-prompt-weights", metavar="FILE", default=None,
                    help="image-prompt weights (ip_sd15_64.bin layout) to attach")
     p.add_argument("--image-prompt-encoder", metavar="DIR", default=None,
@@ -184,7 +189,9 @@ def _run(specs, outputs, args) -> int:
             raise DiffEditorError("give both --image-prompt-weights and --image-prompt-encoder")
         ip = {"weights": args.image_prompt_weights, "encoder": args.image_prompt_encoder}
     editor = Editor.from_pretrained(args.model, device=args.device, dtype=args.dtype, image_prompt=ip,
-                                    cache_dir=args.cache_dir, vae_tiling=args.vae_tiling)
+                                    cache_dir=args.cache_dir, vae_tiling=args.vae_tiling,
+                                    vae_slicing=args.vae_slicing, attention_slice=args.attention_slice,
+                                    compile=args.compile)
     progress = _progress_factory(args.quiet)
     for spec, out in zip(specs, outputs):
         result = editor.edit(spec, progress=progress)

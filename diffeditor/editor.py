@@ -98,13 +98,18 @@ class Editor:
         cls, model: str | None = None, device: str | None = None, dtype: str | None = None,
         cache_size: int = 4, image_prompt: dict[str, str] | None = None,
         cache_dir: str | Path | None = None, vae_tiling: bool = False,
+        attention_slice: int | None = None, vae_slicing: bool = False, compile: str | None = None,
     ) -> "Editor":
         """Load a registered model name (``shapes``), a local folder or a hub id.
 
         ``image_prompt`` = ``{"weights": "ip_sd15_64.bin", "encoder": "image_encoder/"}``
         attaches the paper's image prompt (a registered model may name its own).
         ``cache_dir`` keeps inversions on disk too (default: ``$DIFFEDITOR_CACHE_DIR`` if set).
-        ``vae_tiling`` encodes and decodes in tiles and slices (large images on small GPUs).
+        ``vae_tiling`` encodes and decodes in tiles and slices (large images on small GPUs);
+        ``vae_slicing`` one image of a batch at a time; ``attention_slice`` = N computes
+        self-attention N queries at a time. ``compile`` (``"default"``, ``"reduce-overhead"``
+        for CUDA graphs, ``"max-autotune"``) compiles the UNet's stateless blocks with
+        ``torch.compile`` (see :meth:`Engine.compile`).
         """
         import os
 
@@ -115,9 +120,9 @@ class Editor:
                             cache_dir=cache_dir), entry,
                      model or location)
         editor._attach_image_prompt(image_prompt)
-        if vae_tiling:
-            pipe.vae.enable_tiling()
-            pipe.vae.enable_slicing()
+        editor.engine.set_memory_options(attention_slice, vae_slicing, vae_tiling)
+        if compile:
+            editor.engine.compile(compile)
         return editor
 
     def _attach_image_prompt(self, info: dict[str, str] | None = None) -> None:
@@ -188,6 +193,7 @@ class Editor:
             "inversion_cached": out.inversion_cached,
             "memory_bank_bytes": out.bank_bytes,
             "network_evaluations": out.counters,
+            "options": dict(self.engine.options),
             "plan": {k: v for k, v in plan.info.items()},
         }
         return EditResult(image=image, spec=spec, masks=masks, metadata=meta, latent=out.latent)

@@ -228,7 +228,7 @@ def test_score_case_on_the_true_result_is_perfect():
 
 def test_bench_prints_one_json_line(shapes_registered, capsys):
     code = main(["bench", "--model", "shapes", "--device", "cpu", "--task", "drag", "--steps", "6",
-                 "--reference-settings"])
+                 "--reference-settings", "--repeats", "1"])
     assert code == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip()]
     assert len(lines) == 1
@@ -239,3 +239,17 @@ def test_bench_prints_one_json_line(shapes_registered, capsys):
         assert key in row, key
     assert row["task"] == "drag" and row["resolution"] == 128 and row["reedit_inversion_cached"]
     assert row["guidance_scale"] == 4.0 and row["unet_forward"] > 6
+    assert row["repeats"] == 1 and row["merged_reference_passes"] > 0 and row["peak_rss_gib"] > 0
+    assert row["fast_path"]["merge_reference_pass"] and row["fast_path"]["compile"] is None
+
+
+def test_bench_switches_and_several_resolutions(shapes_registered, capsys):
+    code = main(["bench", "--model", "shapes", "--device", "cpu", "--task", "move", "--steps", "4",
+                 "--repeats", "1", "--resolution", "128", "64", "--no-merge", "--attention-slice", "16",
+                 "--region-grads", "batched"])
+    assert code == 0
+    rows = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.strip()]
+    assert [r["resolution"] for r in rows] == [128, 64]
+    for r in rows:
+        assert r["merged_reference_passes"] == 0 and r["unet_partial_forward"] > 0
+        assert r["fast_path"]["attention_slice"] == 16 and r["fast_path"]["batched_region_grads"]

@@ -156,8 +156,11 @@ def test_time_travel_counts_no_wasted_rollback(editor, tmp_path):
     n = res.metadata["network_evaluations"]
     # 6 inversion + 6 CFG + 2 extra CFG passes + 2 rollbacks
     assert n["unet_forward"] == 6 + 6 + 2 + 2
-    # one reference-feature pass per guided step (cached across repeats) + one with grad per pass
-    assert n["unet_partial"] == 2 + (1 + 3)
+    # one reference-feature pass per guided step (cached across repeats; batched into that
+    # step's CFG call by default) + one with grad per pass
+    merged = 2 if editor.engine.merge_reference_pass else 0
+    assert n["merged_reference"] == merged
+    assert n["unet_partial"] == (2 - merged) + (1 + 3)
     assert n["region_gradients"] == 2 * (1 + 3)  # edit and content regions, one gradient each
     # one batched backward pass per guided pass (GPU default) or one per region (CPU default)
     per_pass = 1 if editor.engine.batched_region_grads else 2
