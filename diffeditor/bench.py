@@ -183,6 +183,9 @@ def run_bench(args, editor=None, resolution: int | None = None) -> dict:
         "plain_generation_seconds": round(base, 3),
         "ratio": round(first / base, 3),
         "ratio_reedit": round(again / base, 3),
+        # each repeat's edit over its own plain generation: the run-to-run noise of the machine
+        "ratio_range": [round(min(f / b for f, b in zip(firsts, plains)), 3),
+                        round(max(f / b for f, b in zip(firsts, plains)), 3)],
         "seconds_per_edit_all": [round(x, 3) for x in firsts],
         "plain_generation_seconds_all": [round(x, 3) for x in plains],
         "phases_s": {k: round(v, 3) for k, v in r1.metadata["timings_s"].items() if k != "wall"},

@@ -153,7 +153,7 @@ class Engine:
         self.counters = Counters()
         # all regions' gradients in one (vmapped) backward pass: fewer kernel launches on a GPU;
         # on a CPU one pass per region measured faster (see README, Speed)
-        self.batched_region_grads = self.unet.device.type == "cuda"
+        self.batched_region_grads = self.device.type == "cuda"
         # the reference-feature pass batched into the CFG call of the same step (exact; one
         # call fewer per guided step; measured faster on CPU too)
         self.merge_reference_pass = True
@@ -206,13 +206,15 @@ class Engine:
         self.options["compile"] = mode if backend == "inductor" else f"{mode} ({backend})"
 
     # -- properties ----------------------------------------------------------------------------
+    # read from the first parameter: diffusers' ``ModelMixin.device`` walks every submodule
+    # (for offloading hooks), which cost ~15% of a CPU edit when asked per step
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        return next(self.unet.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.unet.dtype
+        return next(self.unet.parameters()).dtype
 
     @property
     def vae_scale(self) -> int:

@@ -38,7 +38,7 @@ def _run(unet, z, t, context, levels, unet_kwargs, rows: slice | None):
         handles.append(unet.up_blocks[level].register_forward_hook(make_hook(level)))
     result = None
     try:
-        result = unet(z.to(unet.dtype), t, encoder_hidden_states=context, return_dict=False,
+        result = unet(z.to(next(unet.parameters()).dtype), t, encoder_hidden_states=context, return_dict=False,
                       **(unet_kwargs or {}))[0]
     except _StopForward:
         pass

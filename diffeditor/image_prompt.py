@@ -993,7 +993,8 @@ class ImagePromptRuntime:
         """``added_cond_kwargs`` for a batch: conditional tokens where ``cond_rows`` is true."""
         rows = cond_rows if cond_rows is not None else [True] * batch
         embeds = torch.cat([self.cond if c else self.uncond for c in rows])
-        return {"image_embeds": [embeds.to(self.unet.device, self.unet.dtype)]}
+        weight = next(self.unet.parameters())  # (diffusers' .device/.dtype walk every module)
+        return {"image_embeds": [embeds.to(weight.device, weight.dtype)]}
 
     def set_scale(self, gamma: float) -> None:
         set_image_prompt_scale(self.unet, gamma)
