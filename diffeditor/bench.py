@@ -205,6 +205,68 @@ def run_bench(args, editor=None, resolution: int | None = None) -> dict:
     }
 
 
+SWITCHES = {
+    # name: (what "on" sets, what "off" sets), applied to the engine
+    "merge": (lambda e: setattr(e, "merge_reference_pass", True),
+              lambda e: setattr(e, "merge_reference_pass", False)),
+    "region-grads": (lambda e: setattr(e, "batched_region_grads", True),
+                     lambda e: setattr(e, "batched_region_grads", False)),
+    "attention-slice": (lambda e: e.set_memory_options(attention_slice=256),
+                        lambda e: e.set_memory_options()),
+}
+
+
+def run_ablation(args, editor, switch: str, resolution: int | None = None) -> dict:
+    """One fast-path switch on and off in the same process: re-edits (cached inversion)
+    alternated ``args.repeats`` times, so slow drifts of the machine hit both sides alike."""
+    import statistics
+
+    import torch
+
+    from .specs import parse_spec
+
+    eng = editor.engine
+    on, off = SWITCHES[switch]
+    res = resolution or editor.default_resolution()
+    dev = eng.device
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    keep = (eng.merge_reference_pass, eng.batched_region_grads, dict(eng.options))
+    times: dict[str, list[float]] = {"on": [], "off": []}
+    peak: dict[str, float | None] = {"on": None, "off": None}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = dict(_scene(res, Path(tmp))[args.task], steps=args.steps, resolution=res,
+                    prompt="a big red circle on a gray background")
+        spec = parse_spec(data, base_dir=tmp, defaults={} if args.reference_settings else editor.defaults())
+        try:
+            editor.edit(spec)  # inversion (cached from here on) and warm-up
+            for _ in range(max(1, args.repeats)):
+                for side, apply in (("on", on), ("off", off)):
+                    apply(eng)
+                    if dev.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(dev)
+                    sync()
+                    t0 = time.perf_counter()
+                    editor.edit(spec)
+                    sync()
+                    times[side].append(time.perf_counter() - t0)
+                    if dev.type == "cuda":
+                        peak[side] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 3)
+        finally:
+            eng.merge_reference_pass, eng.batched_region_grads = keep[0], keep[1]
+            eng.set_memory_options(keep[2]["attention_slice"], keep[2]["vae_slicing"], keep[2]["vae_tiling"])
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "switch": switch, "device": str(dev), "dtype": str(eng.dtype).replace("torch.", ""),
+        "resolution": res, "task": args.task, "steps": args.steps,
+        "settings": "reference" if args.reference_settings else "model defaults",
+        "repeats": len(times["on"]),
+        "seconds_per_reedit_on": round(med["on"], 3), "seconds_per_reedit_off": round(med["off"], 3),
+        "speedup": round(med["off"] / med["on"], 3),
+        "on_all": [round(x, 3) for x in times["on"]], "off_all": [round(x, 3) for x in times["off"]],
+        "peak_memory_gib_on": peak["on"], "peak_memory_gib_off": peak["off"],
+    }
+
+
 def add_bench_command(subparsers) -> None:
     p = subparsers.add_parser("bench", help="time an edit against a plain generation (one JSON line)")
     p.add_argument("--model", default=None, metavar="NAME|ID|PATH")
@@ -227,6 +289,9 @@ def add_bench_command(subparsers) -> None:
     fast.add_argument("--vae-slicing", action="store_true", help="VAE one image at a time (memory)")
     fast.add_argument("--no-merge", action="store_true",
                       help="run the reference-feature pass on its own instead of inside the CFG call")
+    fast.add_argument("--ablate", nargs="+", choices=sorted(SWITCHES), default=None, metavar="SWITCH",
+                      help="instead: time re-edits with each switch on and off, alternated "
+                      f"(one JSON line per switch; {', '.join(sorted(SWITCHES))})")
     fast.add_argument("--region-grads", choices=["auto", "batched", "per-region"], default="auto",
                       help="one batched backward for all regions, or one per region (auto: batched on GPU)")
 
@@ -236,7 +301,11 @@ def add_bench_command(subparsers) -> None:
         _quiet_libraries()
         editor = load_bench_editor(args)
         for res in args.resolution or [None]:
-            print(json.dumps(run_bench(args, editor, res)), flush=True)
+            if args.ablate:
+                for switch in args.ablate:
+                    print(json.dumps(run_ablation(args, editor, switch, res)), flush=True)
+            else:
+                print(json.dumps(run_bench(args, editor, res)), flush=True)
         return 0
 
     p.set_defaults(func=handler)

@@ -253,3 +253,13 @@ def test_bench_switches_and_several_resolutions(shapes_registered, capsys):
     for r in rows:
         assert r["merged_reference_passes"] == 0 and r["unet_partial_forward"] > 0
         assert r["fast_path"]["attention_slice"] == 16 and r["fast_path"]["batched_region_grads"]
+
+
+def test_bench_ablation_alternates_a_switch(shapes_registered, capsys):
+    code = main(["bench", "--model", "shapes", "--device", "cpu", "--task", "drag", "--steps", "3",
+                 "--repeats", "1", "--ablate", "merge", "region-grads"])
+    assert code == 0
+    rows = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.strip()]
+    assert [r["switch"] for r in rows] == ["merge", "region-grads"]
+    for r in rows:
+        assert r["seconds_per_reedit_on"] > 0 and r["seconds_per_reedit_off"] > 0 and r["speedup"] > 0
