@@ -37,6 +37,33 @@ ProgressFactory = Callable[[int, str], Any]
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+def _cudagraph_modes(mode: str) -> set[str]:
+    return {"cudagraphs"} if mode in ("reduce-overhead", "max-autotune") else set()
+
+
+class _OwnedOutputs:
+    """A CUDA-graph-compiled UNet whose outputs the caller owns: each call starts a new
+    cudagraph step and copies what it returns (and, through ``clone_features``, what the
+    feature hooks captured), since a replay overwrites the graph's output buffers."""
+
+    clone_features = True
+
+    def __init__(self, compiled):
+        self._compiled = compiled
+
+    def __call__(self, *args, **kwargs):
+        torch.compiler.cudagraph_mark_step_begin()
+        out = self._compiled(*args, **kwargs)
+        return tuple(o.clone() if isinstance(o, Tensor) else o for o in out)
+
+    def __getattr__(self, name):
+        return getattr(self._compiled, name)
+
+
+class _BatchedGradsUnsupported(Exception):
+    """The backend cannot batch the regions' backward passes (seen with compiled UNets)."""
+
+
 @dataclass
 class Counters:
     """UNet work done, for the benchmark and tests."""
@@ -187,11 +214,16 @@ class Engine:
         ``"max-autotune"``; ``None`` or ``"off"`` goes back to eager. Shapes are static: each
         batch size and resolution compiles once (the first edit pays for it). The memory
         bank's processors run eagerly between compiled regions (they read per-step state), so
-        the bank never triggers recompiles. Results match eager to float tolerance (test).
+        the bank never triggers recompiles. With CUDA graphs every call starts a new cudagraph
+        step and its outputs are copied out of the graph's buffers. Results match eager to
+        float tolerance (test, on a CPU backend; no GPU has run this path yet). Region
+        gradients come one backward pass per region (vmap does not batch through compiled
+        backward graphs).
         """
         if mode in (None, "off", "none"):
             self.net = self.unet
             self.options["compile"] = None
+            self.batched_region_grads = self.device.type == "cuda"
             return
         if mode not in COMPILE_MODES:
             raise ValueError(f"compile mode {mode!r} is not one of {', '.join(COMPILE_MODES)}")
@@ -201,8 +233,15 @@ class Engine:
         # variants: batch sizes x grad/no-grad x bank patched or not x image-prompt on/off
         cfg.recompile_limit = max(cfg.recompile_limit, 64)
         cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 1024)
-        kwargs = {} if mode == "default" else {"mode": mode}
-        self.net = torch.compile(self.unet, backend=backend, dynamic=False, **kwargs)
+        # one backward per region runs twice through one graph (retain_graph), which compiled
+        # backward functions allow only without donated buffers
+        import torch._functorch.config
+
+        torch._functorch.config.donated_buffer = False
+        self.batched_region_grads = False
+        kwargs = {} if mode == "default" or backend != "inductor" else {"mode": mode}
+        compiled = torch.compile(self.unet, backend=backend, dynamic=False, **kwargs)
+        self.net = _OwnedOutputs(compiled) if "cudagraphs" in _cudagraph_modes(mode) else compiled
         self.options["compile"] = mode if backend == "inductor" else f"{mode} ({backend})"
 
     # -- properties ----------------------------------------------------------------------------
@@ -355,15 +394,22 @@ class Engine:
             for term in terms:
                 groups.setdefault(term.region, []).append(term)
             regions = plan.regions
-        with torch.enable_grad():
-            zg = z.detach().requires_grad_(True)
-            cur = self.features(zg, t, context, spec.feature_levels, spec.feature_scale)
-            names = list(groups)
-            energies = torch.stack([
-                spec.energy_scale * sum(term.weight * term.fn(cur, ref_feats).float() for term in groups[r]).sum()
-                for r in names
-            ])
-            grads = self._region_grads(energies, zg)
+        names = list(groups)
+        for _attempt in range(2):
+            with torch.enable_grad():
+                zg = z.detach().requires_grad_(True)
+                cur = self.features(zg, t, context, spec.feature_levels, spec.feature_scale)
+                energies = torch.stack([
+                    spec.energy_scale * sum(term.weight * term.fn(cur, ref_feats).float()
+                                            for term in groups[r]).sum()
+                    for r in names
+                ])
+                try:
+                    grads = self._region_grads(energies, zg)
+                    break
+                except _BatchedGradsUnsupported:
+                    # a failed batched backward may have freed the graph: build it again
+                    continue
         correction = torch.zeros_like(z)
         for region, grad in zip(names, grads):
             correction = correction + regions[region].to(z) * grad.float()
@@ -380,9 +426,10 @@ class Engine:
                                            dtype=energies.dtype), is_grads_batched=True)
                 self.counters.unet_backward += 1
                 return list(g.unbind(0))
-            except RuntimeError as exc:  # pragma: no cover - depends on the backend's vmap rules
+            except RuntimeError as exc:  # depends on the backend's vmap rules (compiled graphs)
                 log.info("batched region gradients unavailable (%s); using one pass per region", exc)
                 self.batched_region_grads = False
+                raise _BatchedGradsUnsupported from exc
         out = []
         for j in range(k):
             (g,) = torch.autograd.grad(energies[j], z, retain_graph=j < k - 1)

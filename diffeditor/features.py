@@ -45,6 +45,8 @@ def _run(unet, z, t, context, levels, unet_kwargs, rows: slice | None):
     finally:
         for h in handles:
             h.remove()
+    if getattr(unet, "clone_features", False):  # CUDA-graph buffers are reused by the next replay
+        captured = {lv: f.clone() for lv, f in captured.items()}
     if len(captured) != len(levels):
         missing = sorted(set(levels) - set(captured))
         raise RuntimeError(f"decoder levels {missing} produced no output")

@@ -173,13 +173,15 @@ def test_batched_region_gradients_equal_one_pass_per_region(editor, tmp_path):
     spec = {"task": "move", "image": "i.png", "mask": "m.png", "offset": [30, 0], "steps": 8,
             "prompt": "fast-path"}
     eng = editor.engine
-    eng.batched_region_grads = True
-    fast = editor.edit(spec, base_dir=tmp_path).latent
-    eng.batched_region_grads = False
+    default = eng.batched_region_grads
     try:
+        eng.batched_region_grads = True
+        fast = editor.edit(spec, base_dir=tmp_path).latent
+        assert eng.batched_region_grads  # the batched pass ran: no fallback
+        eng.batched_region_grads = False
         plain = editor.edit(spec, base_dir=tmp_path).latent
     finally:
-        eng.batched_region_grads = True
+        eng.batched_region_grads = default
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
 
 
