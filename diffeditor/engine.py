@@ -292,8 +292,10 @@ class Engine:
             return {}
         return {"added_cond_kwargs": self.image_prompt.added_cond_kwargs(batch, cond_rows)}
 
+    @torch.no_grad()
     def eps(self, z: Tensor, t: Tensor, context: Tensor, cond_rows: list[bool] | None = None) -> Tensor:
-        """Noise prediction in float32 for a batch."""
+        """Noise prediction in float32 for a batch (never differentiated: guidance enters
+        through :meth:`features`)."""
         self.counters.unet_forward += 1
         out = self.net(
             z.to(self.dtype), t, encoder_hidden_states=context, return_dict=False,
