@@ -35,10 +35,7 @@ log = logging.getLogger(__name__)
 
 ProgressFactory = Callable[[int, str], Any]
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
-def _cudagraph_modes(mode: str) -> set[str]:
-    return {"cudagraphs"} if mode in ("reduce-overhead", "max-autotune") else set()
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs
 
 
 class _OwnedOutputs:
@@ -241,7 +238,7 @@ class Engine:
         self.batched_region_grads = False
         kwargs = {} if mode == "default" or backend != "inductor" else {"mode": mode}
         compiled = torch.compile(self.unet, backend=backend, dynamic=False, **kwargs)
-        self.net = _OwnedOutputs(compiled) if "cudagraphs" in _cudagraph_modes(mode) else compiled
+        self.net = _OwnedOutputs(compiled) if mode in CUDAGRAPH_MODES else compiled
         self.options["compile"] = mode if backend == "inductor" else f"{mode} ({backend})"
 
     # -- properties ----------------------------------------------------------------------------
