@@ -50,11 +50,21 @@ class MemoryBank:
     # with ``mode == "inject"``: only the first ``inject_rows`` rows of a batch attend to the
     # bank; the rest attend to their own K/V (a reference-feature pass batched with the CFG pair)
     inject_rows: int | None = None
+    # denoising steps whose K/V are kept while recording (``None``: all): the steps outside the
+    # memory-bank window are never injected, so their K/V would only hold memory
+    record_steps: frozenset[int] | None = None
     _mask_cache: dict[tuple[str, int], Tensor] = field(default_factory=dict)
 
     # -- recording ---------------------------------------------------------------------------
     def record(self, layer: str, k: Tensor, v: Tensor) -> None:
-        self.store[(self.step, layer)] = (k.detach(), v.detach())
+        if self.record_steps is None or self.step in self.record_steps:
+            self.store[(self.step, layer)] = (k.detach(), v.detach())
+
+    def covers(self, steps: frozenset[int] | None) -> bool:
+        """Whether the recording holds every step of ``steps`` (``None``: all steps)."""
+        if self.record_steps is None:
+            return True
+        return steps is not None and steps <= self.record_steps
 
     def nbytes(self) -> int:
         """Memory held by the bank."""

@@ -136,6 +136,7 @@ class InversionCache:
             "bank": {f"{step}|{layer}": [k.cpu(), v.cpu()] for (step, layer), (k, v) in inv.bank.store.items()},
             "image_index": dict(inv.bank.image_index),
             "latent_hw": list(inv.bank.latent_hw),
+            "record_steps": None if inv.bank.record_steps is None else sorted(inv.bank.record_steps),
             "seconds": inv.seconds,
         }
         atomic_write(self._path(key), lambda fh: torch.save(data, fh), force=True)
@@ -151,7 +152,9 @@ class InversionCache:
             return None
         if data.get("key") != key:
             return None
-        bank = MemoryBank(image_index=dict(data["image_index"]), latent_hw=tuple(data["latent_hw"]))
+        steps = data.get("record_steps")
+        bank = MemoryBank(image_index=dict(data["image_index"]), latent_hw=tuple(data["latent_hw"]),
+                          record_steps=None if steps is None else frozenset(int(x) for x in steps))
         for name, (k, v) in data["bank"].items():
             step, layer = name.split("|", 1)
             bank.store[(int(step), layer)] = (k, v)
@@ -324,14 +327,22 @@ class Engine:
         return h.hexdigest()
 
     @torch.no_grad()
-    def invert(self, plan: EditPlan, grid: DDIMTimesteps, progress=None) -> tuple[Inversion, bool]:
-        """DDIM-invert every image of the plan together, recording the memory bank.
+    def invert(self, plan: EditPlan, grid: DDIMTimesteps, progress=None,
+               bank_steps: frozenset[int] | None = None) -> tuple[Inversion, bool]:
+        """DDIM-invert every image of the plan together, recording the memory bank for the
+        denoising steps ``bank_steps`` (``None``: all).
 
         Conditioning: each image's own text prompt, no CFG, no image prompt (as the reference).
-        Results are cached by content; returns ``(inversion, was_cached)``.
+        Results are cached by content; a cached inversion serves when its bank holds the steps
+        asked for (else the images are inverted again, recording both sets). Returns
+        ``(inversion, was_cached)``.
         """
         key = self.inversion_key(plan, grid.num_steps)
         hit = self.cache.get(key)
+        if hit is not None and not hit.bank.covers(bank_steps):
+            # invert again, keeping the cached steps too (the union serves both kinds of edit)
+            bank_steps = None if bank_steps is None else bank_steps | hit.bank.record_steps
+            hit = None
         if hit is not None:
             if any(k.device != self.device for k, _ in hit.bank.store.values()):
                 hit.bank.store = {s: (k.to(self.device), v.to(self.device)) for s, (k, v) in hit.bank.store.items()}
@@ -342,7 +353,8 @@ class Engine:
         x = torch.cat([plan.images[n] for n in names])
         z0 = self.encode_image(x).to(self.device)
         context = self.encode_text([plan.prompts.get(n, "") for n in names])
-        bank = MemoryBank(mode="record", image_index={n: i for i, n in enumerate(names)})
+        bank = MemoryBank(mode="record", image_index={n: i for i, n in enumerate(names)},
+                          record_steps=None if bank_steps is None else frozenset(bank_steps))
         bank.latent_hw = tuple(z0.shape[-2:])
         self._set_image_prompt(0.0)
         bar = progress(grid.num_steps, "inversion") if progress else None
@@ -445,12 +457,14 @@ class Engine:
         grid = DDIMTimesteps.from_scheduler(self.scheduler, spec.steps)
         sched = Schedule.resolve(spec.schedule, spec.steps, plan.attention.window)
         guided_steps = sched.guidance if (spec.energy_scale > 0 and plan.energies) else frozenset()
-        inv, cached = self.invert(plan, grid, progress)
-        timings["inversion"] = 0.0 if cached else inv.seconds
-        bank = inv.bank
         policy = plan.attention
         if spec.memory_bank not in ("task",):
             policy = type(policy)(**{**policy.__dict__, "mode": spec.memory_bank})
+        # the bank keeps only the steps it will inject at
+        bank_steps = frozenset() if policy.mode == "off" else sched.memory_bank
+        inv, cached = self.invert(plan, grid, progress, bank_steps)
+        timings["inversion"] = 0.0 if cached else inv.seconds
+        bank = inv.bank
         bank.policy = policy
         bank._mask_cache.clear()
 
@@ -596,7 +610,7 @@ class Engine:
         plan = EditPlan(images={"source": image}, prompts={"source": prompt}, regions={},
                         energies=[], sde_mask=None, attention=AttentionPolicy(mode="off"))
         grid = DDIMTimesteps.from_scheduler(self.scheduler, steps)
-        inv, _ = self.invert(plan, grid)
+        inv, _ = self.invert(plan, grid, bank_steps=frozenset())
         z = inv.latents["source"][-1].to(self.device)
         cond = self.encode_text([prompt])
         context = torch.cat([self.encode_text([""]), cond])

@@ -230,3 +230,55 @@ def test_cfg_scale_one_skips_the_unconditional_branch(editor, tmp_path):
     spec2 = dict(spec, guidance_scale=1.0 + 1e-9)
     slow = editor.edit(spec2, base_dir=tmp_path).latent
     torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
+
+
+def test_bank_records_only_the_steps_asked_for_and_the_cache_widens(editor, scene, tmp_path):
+    from diffeditor.engine import InversionCache
+
+    eng = editor.engine
+    plan = EditPlan(images={"source": scene}, prompts={"source": "bank-steps"}, regions={}, energies=[],
+                    sde_mask=None, attention=AttentionPolicy())
+    grid = DDIMTimesteps.from_scheduler(eng.scheduler, 6)
+    saved = eng.cache
+    try:
+        eng.cache = InversionCache(2, tmp_path / "cache")
+        inv, cached = eng.invert(plan, grid, bank_steps=frozenset({2, 3}))
+        assert not cached and {s for s, _ in inv.bank.store} == {2, 3}
+        inv2, cached = eng.invert(plan, grid, bank_steps=frozenset({3, 4}))  # step 4 is missing
+        assert not cached and {s for s, _ in inv2.bank.store} == {2, 3, 4}
+        for a, b in zip(inv.latents["source"], inv2.latents["source"]):
+            assert torch.equal(a, b)  # the same inversion, more of its bank kept
+        _, cached = eng.invert(plan, grid, bank_steps=frozenset({2}))
+        assert cached
+        eng.cache = InversionCache(2, tmp_path / "cache")  # a new process: from disk
+        again, cached = eng.invert(plan, grid, bank_steps=frozenset({4}))
+        assert cached and again.bank.record_steps == frozenset({2, 3, 4})
+        full, cached = eng.invert(plan, grid)  # all steps
+        assert not cached and {s for s, _ in full.bank.store} == set(range(6))
+    finally:
+        eng.cache = saved
+
+
+def test_edit_with_the_window_only_bank_matches_a_full_bank(editor, tmp_path):
+    """Steps outside the memory-bank window are never injected: recording them changes
+    nothing but memory."""
+    from diffeditor.engine import InversionCache
+    from diffeditor.sampling import DDIMTimesteps as Grid
+
+    _write_disc_scene(tmp_path)
+    spec = editor.parse({"task": "move", "image": "i.png", "mask": "m.png", "offset": [30, 0],
+                         "steps": 10, "prompt": "window-bank"}, base_dir=tmp_path)
+    eng = editor.engine
+    saved = eng.cache
+    try:
+        eng.cache = InversionCache(2)
+        lean = editor.edit(spec)
+        eng.cache = InversionCache(2)
+        _, plan, _ = editor.prepare(spec)
+        eng.invert(plan, Grid.from_scheduler(eng.scheduler, 10))  # every step recorded
+        full = editor.edit(spec)
+        assert full.metadata["inversion_cached"]
+    finally:
+        eng.cache = saved
+    assert lean.metadata["memory_bank_bytes"] < full.metadata["memory_bank_bytes"]
+    torch.testing.assert_close(lean.latent, full.latent, atol=1e-6, rtol=1e-6)
