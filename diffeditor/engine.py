@@ -57,6 +57,11 @@ class _OwnedOutputs:
         return getattr(self._compiled, name)
 
 
+def _by_image(feats: Features, names) -> dict[str, Features]:
+    """Split a batched feature pass into one single-row feature set per image name."""
+    return {n: {lv: f[j : j + 1] for lv, f in feats.items()} for j, n in enumerate(names)}
+
+
 class _BatchedGradsUnsupported(Exception):
     """The backend cannot batch the regions' backward passes (seen with compiled UNets)."""
 
@@ -303,6 +308,21 @@ class Engine:
         )[0]
         return out.float()
 
+    @staticmethod
+    def _cfg_rows(z: Tensor, cond: Tensor, context: Tensor, scale: float) -> tuple[Tensor, Tensor, list[bool]]:
+        """The batch, contexts and conditional rows of a CFG call; at scale 1 CFG is the
+        conditional branch alone."""
+        return (torch.cat([z, z]), context, [False, True]) if scale != 1.0 else (z, cond, [True])
+
+    @staticmethod
+    def _cfg_combine(out: Tensor, scale: float) -> Tensor:
+        return combine_cfg(*out.chunk(2), scale) if scale != 1.0 else out
+
+    def cfg_eps(self, z: Tensor, t: Tensor, cond: Tensor, context: Tensor, scale: float) -> Tensor:
+        """Classifier-free-guided noise prediction (``context`` = ``[uncond, cond]``)."""
+        zz, ctx, rows = self._cfg_rows(z, cond, context, scale)
+        return self._cfg_combine(self.eps(zz, t, ctx, rows), scale)
+
     def features(self, z: Tensor, t: Tensor, context: Tensor, levels, scale) -> Features:
         self.counters.unet_partial += 1
         return decoder_features(
@@ -344,9 +364,12 @@ class Engine:
             bank_steps = None if bank_steps is None else bank_steps | hit.bank.record_steps
             hit = None
         if hit is not None:
-            if any(k.device != self.device for k, _ in hit.bank.store.values()):
-                hit.bank.store = {s: (k.to(self.device), v.to(self.device)) for s, (k, v) in hit.bank.store.items()}
-                hit.latents = {n: [z.to(self.device) for z in zs] for n, zs in hit.latents.items()}
+            dev = self.device
+            # loaded from disk (CPU): latents and bank move together; the latents are always
+            # there, the bank may be empty
+            if next(iter(hit.latents.values()))[0].device != dev:
+                hit.bank.store = {s: (k.to(dev), v.to(dev)) for s, (k, v) in hit.bank.store.items()}
+                hit.latents = {n: [z.to(dev) for z in zs] for n, zs in hit.latents.items()}
             return hit, True
         start = time.perf_counter()
         names = list(plan.images)
@@ -505,20 +528,16 @@ class Engine:
                     bank.mode = "inject" if (i in sched.memory_bank and policy.mode != "off") else "off"
                     gamma = spec.image_prompt_scale if i in sched.image_prompt else 0.0
                     self._set_image_prompt(gamma)
-                    cfg = spec.guidance_scale != 1.0  # CFG at scale 1 is the conditional branch
-                    zz, ctx, rows = (torch.cat([z, z]), context, [False, True]) if cfg else (z, cond, [True])
                     if guided and ref_feats is None and self.merge_reference_pass and (
                             gamma == 0 or self.image_prompt is None):
                         # the reference-feature pass rides in the same UNet call (exact: rows
                         # are independent; the bank skips its rows, the image prompt is off)
+                        zz, ctx, rows = self._cfg_rows(z, cond, context, spec.guidance_scale)
                         out, ref_feats = self._eps_with_references(
                             zz, ctx, rows, inv, ref_names, ref_contexts, i, t, spec, bank)
+                        eps = self._cfg_combine(out, spec.guidance_scale)
                     else:
-                        out = self.eps(zz, t, ctx, rows)
-                    if cfg:
-                        eps = combine_cfg(*out.chunk(2), spec.guidance_scale)
-                    else:
-                        eps = out
+                        eps = self.cfg_eps(z, t, cond, context, spec.guidance_scale)
                     bank.mode = "off"
                     self._set_image_prompt(0.0)
                     # 2. regional gradient guidance (enters through x0 only)
@@ -585,13 +604,12 @@ class Engine:
             )
         finally:
             bank.inject_rows = None
-        return out[:k].float(), {n: {lv: f[j : j + 1] for lv, f in feats.items()} for j, n in enumerate(names)}
+        return out[:k].float(), _by_image(feats, names)
 
     @torch.no_grad()
     def _reference_features(self, inv: Inversion, names, contexts, i: int, t, spec) -> dict[str, Features]:
         zs = self._reference_latents(inv, names, i)
-        feats = self.features(zs, t, contexts, spec.feature_levels, spec.feature_scale)
-        return {k: {lv: f[j : j + 1] for lv, f in feats.items()} for j, k in enumerate(names)}
+        return _by_image(self.features(zs, t, contexts, spec.feature_levels, spec.feature_scale), names)
 
     @torch.no_grad()
     def _rollback(self, z_prev: Tensor, i: int, grid: DDIMTimesteps, cond: Tensor) -> Tensor:
@@ -616,11 +634,7 @@ class Engine:
         context = torch.cat([self.encode_text([""]), cond])
         for i in range(grid.num_steps):
             t = grid.timesteps[i].to(self.device)
-            if guidance_scale == 1.0:
-                eps = self.eps(z, t, cond, [True])
-            else:
-                eps_u, eps_c = self.eps(torch.cat([z, z]), t, context, [False, True]).chunk(2)
-                eps = combine_cfg(eps_u, eps_c, guidance_scale)
+            eps = self.cfg_eps(z, t, cond, context, guidance_scale)
             z, _ = regional_step(z, eps, grid.alphas[i], grid.alphas_prev[i])
         return self.decode(z)
 
@@ -633,9 +647,10 @@ class Engine:
         c = self.unet.config.in_channels
         z = torch.randn((1, c, hw[0] // self.vae_scale, hw[1] // self.vae_scale), generator=gen)
         z = z.to(self.device)
-        context = torch.cat([self.encode_text([""]), self.encode_text([prompt])])
+        cond = self.encode_text([prompt])
+        context = torch.cat([self.encode_text([""]), cond])
         for i in range(grid.num_steps):
             t = grid.timesteps[i].to(self.device)
-            eps_u, eps_c = self.eps(torch.cat([z, z]), t, context, [False, True]).chunk(2)
-            z, _ = regional_step(z, combine_cfg(eps_u, eps_c, guidance_scale), grid.alphas[i], grid.alphas_prev[i])
+            eps = self.cfg_eps(z, t, cond, context, guidance_scale)
+            z, _ = regional_step(z, eps, grid.alphas[i], grid.alphas_prev[i])
         return self.decode(z)
