@@ -91,6 +91,9 @@ def _peak_rss_gib() -> float | None:
     return round((kib if platform.system() != "Darwin" else kib / 1024) / 2**20, 3)
 
 
+PROMPT = "a big red circle on a gray background"
+
+
 def load_bench_editor(args):
     """The editor the benchmark times, with the fast-path switches of ``args`` applied."""
     from .editor import Editor
@@ -105,44 +108,81 @@ def load_bench_editor(args):
     eng.set_memory_options(args.attention_slice, args.vae_slicing)
     if args.no_merge:
         eng.merge_reference_pass = False
+    if args.compile:
+        eng.compile(args.compile)  # (sets its own region-gradient mode: asked-for ones go after)
     if args.region_grads != "auto":
         eng.batched_region_grads = args.region_grads == "batched"
-    if args.compile:
-        eng.compile(args.compile)
     return editor
 
 
-def run_bench(args, editor=None, resolution: int | None = None) -> dict:
+class _Clock:
+    """Wall time of a call on the engine's device (waits for the GPU), and its peak memory."""
+
+    def __init__(self, device):
+        import torch
+
+        self.cuda = torch.cuda if device.type == "cuda" else None
+        self.device = device
+
+    def reset_peak(self) -> None:
+        if self.cuda:
+            self.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_gib(self) -> float | None:
+        return round(self.cuda.max_memory_allocated(self.device) / 2**30, 3) if self.cuda else None
+
+    def time(self, fn):
+        """``(seconds, fn())``."""
+        if self.cuda:
+            self.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        out = fn()
+        if self.cuda:
+            self.cuda.synchronize(self.device)
+        return time.perf_counter() - t0, out
+
+
+def _bench_spec(args, editor, res: int, folder: Path):
+    """The benchmark's scene written to ``folder`` and the spec of ``args.task`` on it."""
+    from .specs import parse_spec
+
+    data = dict(_scene(res, folder)[args.task], steps=args.steps, resolution=res, prompt=PROMPT)
+    defaults = {} if args.reference_settings else editor.defaults()
+    return parse_spec(data, base_dir=folder, defaults=defaults)
+
+
+def _header(args, editor, res: int) -> dict:
+    """What every benchmark line starts with: the machine and the work timed."""
+    import torch
+
+    eng = editor.engine
+    dev = eng.device
+    where = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
+             else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    return {
+        "device": f"{dev} ({where})",
+        "dtype": str(eng.dtype).replace("torch.", ""),
+        "model": "random-sd15" if args.random_sd15 else editor.model,
+        "resolution": res,
+        "task": args.task,
+        "steps": args.steps,
+        "settings": "reference" if args.reference_settings else "model defaults",
+    }
+
+
+def run_bench(args, editor, resolution: int | None = None) -> dict:
     """Time one task's edit (fresh inversion), a re-edit (cached inversion) and a plain CFG
     generation, ``args.repeats`` times each, interleaved; report the medians."""
     import statistics
 
-    import torch
-
-    from .specs import parse_spec
-
-    editor = editor or load_bench_editor(args)
     eng = editor.engine
-    res = resolution or (args.resolution[0] if args.resolution else None) or editor.default_resolution()
-    dev = eng.device
-    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
-    prompt = "a big red circle on a gray background"
-
-    def timed(fn):
-        sync()
-        t0 = time.perf_counter()
-        out = fn()
-        sync()
-        return time.perf_counter() - t0, out
-
+    res = resolution or editor.default_resolution()
+    clock = _Clock(eng.device)
     with tempfile.TemporaryDirectory() as tmp:
-        cases = _scene(res, Path(tmp))
-        data = dict(cases[args.task], steps=args.steps, resolution=res, prompt=prompt)
-        defaults = {} if args.reference_settings else editor.defaults()
-        spec = parse_spec(data, base_dir=tmp, defaults=defaults)
+        spec = _bench_spec(args, editor, res, Path(tmp))
 
         def plain():
-            return eng.generate(prompt, steps=args.steps, guidance_scale=7.5, hw=(res, res))
+            return eng.generate(PROMPT, steps=args.steps, guidance_scale=7.5, hw=(res, res))
 
         # warm-up: one-time costs (allocator, kernels; with --compile every shape it meets)
         # are not counted
@@ -153,29 +193,22 @@ def run_bench(args, editor=None, resolution: int | None = None) -> dict:
             plain()
         else:
             editor.edit(spec.model_copy(update={"steps": 2}))
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
+        clock.reset_peak()
         firsts, agains, plains = [], [], []
         for _ in range(max(1, args.repeats)):
             eng.cache = type(eng.cache)(eng.cache.max_items)  # a new image: invert again
             c0 = eng.counters.as_dict()
-            t, r1 = timed(lambda: editor.edit(spec))
+            t, r1 = clock.time(lambda: editor.edit(spec))
             firsts.append(t)
             c1 = eng.counters.as_dict()
-            t, r2 = timed(lambda: editor.edit(spec))
+            t, r2 = clock.time(lambda: editor.edit(spec))
             agains.append(t)
-            t, _ = timed(plain)
+            t, _ = clock.time(plain)
             plains.append(t)
     first, again, base = (statistics.median(x) for x in (firsts, agains, plains))
     counts = {k: c1[k] - c0[k] for k in c1}
     return {
-        "device": str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
-        "dtype": str(eng.dtype).replace("torch.", ""),
-        "model": "random-sd15" if args.random_sd15 else editor.model,
-        "resolution": res,
-        "task": args.task,
-        "steps": args.steps,
-        "settings": "reference" if args.reference_settings else "model defaults",
+        **_header(args, editor, res),
         "guidance_scale": spec.guidance_scale,
         "repeats": len(firsts),
         "seconds_per_edit": round(first, 3),
@@ -189,7 +222,7 @@ def run_bench(args, editor=None, resolution: int | None = None) -> dict:
         "seconds_per_edit_all": [round(x, 3) for x in firsts],
         "plain_generation_seconds_all": [round(x, 3) for x in plains],
         "phases_s": {k: round(v, 3) for k, v in r1.metadata["timings_s"].items() if k != "wall"},
-        "peak_memory_gib": round(torch.cuda.max_memory_allocated(dev) / 2**30, 3) if dev.type == "cuda" else None,
+        "peak_memory_gib": clock.peak_gib(),
         "peak_rss_gib": _peak_rss_gib(),
         "memory_bank_mib": round(r1.metadata["memory_bank_bytes"] / 2**20, 2),
         "unet_forward": counts["unet_forward"],
@@ -221,44 +254,31 @@ def run_ablation(args, editor, switch: str, resolution: int | None = None) -> di
     alternated ``args.repeats`` times, so slow drifts of the machine hit both sides alike."""
     import statistics
 
-    import torch
-
-    from .specs import parse_spec
-
     eng = editor.engine
     on, off = SWITCHES[switch]
     res = resolution or editor.default_resolution()
-    dev = eng.device
-    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    clock = _Clock(eng.device)
     keep = (eng.merge_reference_pass, eng.batched_region_grads, dict(eng.options))
     times: dict[str, list[float]] = {"on": [], "off": []}
     peak: dict[str, float | None] = {"on": None, "off": None}
     with tempfile.TemporaryDirectory() as tmp:
-        data = dict(_scene(res, Path(tmp))[args.task], steps=args.steps, resolution=res,
-                    prompt="a big red circle on a gray background")
-        spec = parse_spec(data, base_dir=tmp, defaults={} if args.reference_settings else editor.defaults())
+        spec = _bench_spec(args, editor, res, Path(tmp))
         try:
             editor.edit(spec)  # inversion (cached from here on) and warm-up
             for _ in range(max(1, args.repeats)):
                 for side, apply in (("on", on), ("off", off)):
                     apply(eng)
-                    if dev.type == "cuda":
-                        torch.cuda.reset_peak_memory_stats(dev)
-                    sync()
-                    t0 = time.perf_counter()
-                    editor.edit(spec)
-                    sync()
-                    times[side].append(time.perf_counter() - t0)
-                    if dev.type == "cuda":
-                        peak[side] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 3)
+                    clock.reset_peak()
+                    t, _ = clock.time(lambda: editor.edit(spec))
+                    times[side].append(t)
+                    peak[side] = clock.peak_gib()
         finally:
             eng.merge_reference_pass, eng.batched_region_grads = keep[0], keep[1]
             eng.set_memory_options(keep[2]["attention_slice"], keep[2]["vae_slicing"], keep[2]["vae_tiling"])
     med = {k: statistics.median(v) for k, v in times.items()}
     return {
-        "switch": switch, "device": str(dev), "dtype": str(eng.dtype).replace("torch.", ""),
-        "resolution": res, "task": args.task, "steps": args.steps,
-        "settings": "reference" if args.reference_settings else "model defaults",
+        "switch": switch,
+        **_header(args, editor, res),
         "repeats": len(times["on"]),
         "seconds_per_reedit_on": round(med["on"], 3), "seconds_per_reedit_off": round(med["off"], 3),
         "speedup": round(med["off"] / med["on"], 3),
