@@ -5,13 +5,31 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES_MODEL = Path(
     os.environ.get("DIFFEDITOR_SHAPES_MODEL", REPO.parent / "shared" / "models" / "shapes-ldm")
 )
 SHARED = Path(os.environ.get("DIFFEDITOR_SHARED", REPO.parent / "shared"))
+
+
+def write_disc_scene(folder: Path, editable: bool = False) -> Path:
+    """A red square on gray (``i.png``) and its mask (``m.png``), 128x128; with ``editable``
+    also a wide editable region around it (``e.png``, for drags). Returns ``folder``."""
+    img = np.full((128, 128, 3), 128, np.uint8)
+    img[40:80, 20:60] = (220, 40, 40)
+    Image.fromarray(img).save(folder / "i.png")
+    m = np.zeros((128, 128), np.uint8)
+    m[40:80, 20:60] = 255
+    Image.fromarray(m).save(folder / "m.png")
+    if editable:
+        e = np.zeros((128, 128), np.uint8)
+        e[20:100, 10:120] = 255
+        Image.fromarray(e).save(folder / "e.png")
+    return folder
 
 
 def shapes_model_or_skip() -> Path:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import write_disc_scene
 
 from diffeditor.attention import MemoryBank, bank_layer_names, memory_bank_patch
 from diffeditor.features import decoder_features
@@ -37,8 +38,7 @@ def test_inversion_reconstruction_matches_vae_roundtrip(editor, scene):
 
 def test_inversion_returns_every_latent_and_records_the_bank(editor, scene):
     eng = editor.engine
-    plan = EditPlan(images={"source": scene}, prompts={"source": PROMPT}, regions={}, energies=[],
-                    sde_mask=None, attention=AttentionPolicy())
+    plan = _source_plan(scene, PROMPT)
     grid = DDIMTimesteps.from_scheduler(eng.scheduler, 10)
     eng.cache = type(eng.cache)(2)
     inv, cached = eng.invert(plan, grid)
@@ -55,16 +55,10 @@ def test_inversion_returns_every_latent_and_records_the_bank(editor, scene):
     assert cached and again is inv
 
 
-def _write_disc_scene(folder) -> None:
-    """A red square on gray (``i.png``) and its mask (``m.png``), 128x128."""
-    from PIL import Image
-
-    img = np.full((128, 128, 3), 128, np.uint8)
-    img[40:80, 20:60] = (220, 40, 40)
-    Image.fromarray(img).save(folder / "i.png")
-    m = np.zeros((128, 128), np.uint8)
-    m[40:80, 20:60] = 255
-    Image.fromarray(m).save(folder / "m.png")
+def _source_plan(scene, prompt: str) -> EditPlan:
+    """A plan with the scene as its only image: enough for inversion."""
+    return EditPlan(images={"source": scene}, prompts={"source": prompt}, regions={}, energies=[],
+                    sde_mask=None, attention=AttentionPolicy())
 
 
 def _unet_out(eng, z, t, ctx):
@@ -81,7 +75,7 @@ def test_unet_is_bit_identical_after_an_edit(editor, tmp_path):
     procs = dict(eng.unet.attn_processors)
     hooks = sum(len(m._forward_hooks) for m in eng.unet.modules())
     before = _unet_out(eng, z, 500, ctx)
-    _write_disc_scene(tmp_path)
+    write_disc_scene(tmp_path)
     editor.edit({"task": "move", "image": "i.png", "mask": "m.png", "offset": [30, 0], "steps": 4,
                  "schedule": {"guidance": [{"start": 0, "stop": 1}], "time_travel": {"steps": [2]}}},
                 base_dir=tmp_path)
@@ -148,7 +142,7 @@ def test_memory_bank_patch_restores_processors(editor):
 
 def test_time_travel_counts_no_wasted_rollback(editor, tmp_path):
     """Guidance at 2 steps, time travel at one of them with U=3: 2 rollbacks, not 3."""
-    _write_disc_scene(tmp_path)
+    write_disc_scene(tmp_path)
     res = editor.edit({"task": "move", "image": "i.png", "mask": "m.png", "offset": [30, 0], "steps": 6,
                        "prompt": "tt-count",
                        "schedule": {"guidance": [{"steps": [1, 3]}], "time_travel": {"steps": [3]},
@@ -169,7 +163,7 @@ def test_time_travel_counts_no_wasted_rollback(editor, tmp_path):
 
 def test_batched_region_gradients_equal_one_pass_per_region(editor, tmp_path):
     """The fast path (one batched backward) gives the same edit as one backward per region."""
-    _write_disc_scene(tmp_path)
+    write_disc_scene(tmp_path)
     spec = {"task": "move", "image": "i.png", "mask": "m.png", "offset": [30, 0], "steps": 8,
             "prompt": "fast-path"}
     eng = editor.engine
@@ -189,8 +183,7 @@ def test_inversion_cache_on_disk_round_trip(editor, scene, tmp_path):
     from diffeditor.engine import InversionCache
 
     eng = editor.engine
-    plan = EditPlan(images={"source": scene}, prompts={"source": "disk-cache"}, regions={}, energies=[],
-                    sde_mask=None, attention=AttentionPolicy())
+    plan = _source_plan(scene, "disk-cache")
     grid = DDIMTimesteps.from_scheduler(eng.scheduler, 4)
     saved = eng.cache
     try:
@@ -213,7 +206,7 @@ def test_inversion_cache_on_disk_round_trip(editor, scene, tmp_path):
 
 def test_cfg_scale_one_skips_the_unconditional_branch(editor, tmp_path):
     """guidance_scale 1 gives eps_u + 1*(eps_c - eps_u) = eps_c: one batch-1 call, same edit."""
-    _write_disc_scene(tmp_path)
+    write_disc_scene(tmp_path)
     spec = {"task": "move", "image": "i.png", "mask": "m.png", "offset": [30, 0], "steps": 6,
             "prompt": "cfg-one", "guidance_scale": 1.0}
     fast = editor.edit(spec, base_dir=tmp_path).latent
@@ -236,8 +229,7 @@ def test_bank_records_only_the_steps_asked_for_and_the_cache_widens(editor, scen
     from diffeditor.engine import InversionCache
 
     eng = editor.engine
-    plan = EditPlan(images={"source": scene}, prompts={"source": "bank-steps"}, regions={}, energies=[],
-                    sde_mask=None, attention=AttentionPolicy())
+    plan = _source_plan(scene, "bank-steps")
     grid = DDIMTimesteps.from_scheduler(eng.scheduler, 6)
     saved = eng.cache
     try:
@@ -265,7 +257,7 @@ def test_edit_with_the_window_only_bank_matches_a_full_bank(editor, tmp_path):
     from diffeditor.engine import InversionCache
     from diffeditor.sampling import DDIMTimesteps as Grid
 
-    _write_disc_scene(tmp_path)
+    write_disc_scene(tmp_path)
     spec = editor.parse({"task": "move", "image": "i.png", "mask": "m.png", "offset": [30, 0],
                          "steps": 10, "prompt": "window-bank"}, base_dir=tmp_path)
     eng = editor.engine

@@ -8,10 +8,9 @@ steps and the guidance gradients can amplify them a little over the run.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from conftest import write_disc_scene
 
 from diffeditor.attention import BankAttnProcessor, set_attention_slicing
 
@@ -20,17 +19,7 @@ TOL = {"atol": 5e-4, "rtol": 5e-4}
 
 @pytest.fixture(scope="module")
 def scene_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("fast-path")
-    img = np.full((128, 128, 3), 128, np.uint8)
-    img[40:80, 20:60] = (220, 40, 40)
-    Image.fromarray(img).save(d / "i.png")
-    m = np.zeros((128, 128), np.uint8)
-    m[40:80, 20:60] = 255
-    Image.fromarray(m).save(d / "m.png")
-    e = np.zeros((128, 128), np.uint8)
-    e[20:100, 10:120] = 255
-    Image.fromarray(e).save(d / "e.png")
-    return d
+    return write_disc_scene(tmp_path_factory.mktemp("fast-path"), editable=True)
 
 
 # one spec per memory-bank policy: replace (move), concat (drag), masked with two images (paste)
