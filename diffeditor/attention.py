@@ -26,11 +26,11 @@ BankMode = Literal["off", "record", "inject"]
 def bank_layer_names(unet) -> list[str]:
     """Self-attention (``attn1``) processors inside the decoder's cross-attention up-blocks
     (9 layers in SD 1.5)."""
-    return [
-        name
-        for name in unet.attn_processors
-        if name.startswith("up_blocks.") and ".attn1." in name
-    ]
+    return [name + ".processor" for name, _ in _decoder_self_attention(unet)]
+
+
+def _decoder_self_attention(unet) -> list[tuple[str, object]]:
+    return [(name, mod) for name, mod in self_attention_layers(unet) if name.startswith("up_blocks.")]
 
 
 @dataclass
@@ -192,17 +192,16 @@ def memory_bank_patch(unet, bank: MemoryBank) -> Iterator[MemoryBank]:
     Processors are swapped per module, so other patches (the image prompt's cross-attention
     processors, which also add entries to ``unet.attn_processors``) are left alone.
     """
-    modules = {name: mod for name, mod in unet.named_modules() if hasattr(mod, "set_processor")}
-    saved = {}
-    for proc_name in bank_layer_names(unet):
-        mod = modules[proc_name[: -len(".processor")]]
-        saved[proc_name] = (mod, mod.processor)
+    saved = []
+    for name, mod in _decoder_self_attention(unet):
+        saved.append((mod, mod.processor))
         # keep the layer's attention slicing, if any
-        mod.set_processor(BankAttnProcessor(proc_name, bank, getattr(mod.processor, "query_chunk", None)))
+        mod.set_processor(BankAttnProcessor(name + ".processor", bank,
+                                            getattr(mod.processor, "query_chunk", None)))
     try:
         yield bank
     finally:
-        for mod, proc in saved.values():
+        for mod, proc in saved:
             mod.set_processor(proc)
 
 
