@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from diffeditor.cli import main
@@ -263,3 +264,17 @@ def test_bench_ablation_alternates_a_switch(shapes_registered, capsys):
     assert [r["switch"] for r in rows] == ["merge", "region-grads"]
     for r in rows:
         assert r["seconds_per_reedit_on"] > 0 and r["seconds_per_reedit_off"] > 0 and r["speedup"] > 0
+
+
+def test_compose_of_one_edit_is_that_edit(editor_shapes, tmp_path):
+    """A compose spec holding one move gives the move alone, pins included (the shapes
+    model's defaults hold the moved object to the warped inversion early in the run)."""
+    from conftest import write_disc_scene
+
+    write_disc_scene(tmp_path)
+    base = {"image": "i.png", "steps": 8, "prompt": "compose-one"}
+    move = {"task": "move", "mask": "m.png", "offset": [30, 0]}
+    alone = editor_shapes.edit({**base, **move}, base_dir=tmp_path)
+    assert alone.metadata["spec"]["object_blend"] > 0  # a pinned edit
+    composed = editor_shapes.edit({**base, "task": "compose", "edits": [move]}, base_dir=tmp_path)
+    torch.testing.assert_close(composed.latent, alone.latent, atol=1e-6, rtol=1e-6)

@@ -9,7 +9,7 @@ The kernel then combines the edits' plans:
   each edit keeps its own guidance strength (its ``energy_scale * guidance_k`` relative to the
   compose spec's);
 * masks, SDE regions and reference images are united (reference images are renamed per edit);
-* initial-latent surgeries are applied in order;
+* initial-latent surgeries are applied in order, and every edit's pins are kept;
 * memory bank: if any edit mixes in a reference image (``masked``), the bank mixes the source
   outside every reference-driven object with each reference object; otherwise ``concat`` if any
   edit uses it, else ``replace``; its window is the union of the edits' windows.
@@ -24,7 +24,7 @@ from pydantic import Field, PrivateAttr, ValidationInfo, model_validator
 
 from diffeditor.errors import SpecError
 from diffeditor.hookspecs import hookimpl
-from diffeditor.interfaces import AttentionPolicy, EditPlan, EnergyTerm, Geometry, Task
+from diffeditor.interfaces import AttentionPolicy, EditPlan, EnergyTerm, Geometry, Pin, Task
 from diffeditor.schedule import Window
 from diffeditor.specs import EditSpec, apply_model_defaults
 
@@ -88,11 +88,25 @@ def _rename(name: str, j: int) -> str:
     return name if name == "source" else f"{name}:{j}"
 
 
+def _own(by_name: dict, j: int, names: list[str]) -> dict:
+    """Edit ``j``'s view of a by-image-name mapping of the composed plan (renamed images)."""
+    return {n: by_name[_rename(n, j)] for n in names}
+
+
 def _wrap(fn, j: int, names: list[str]):
+    """An energy of edit ``j`` reading the composed plan's reference features."""
     def wrapped(cur, refs):
-        return fn(cur, {n: refs[_rename(n, j)] for n in names})
+        return fn(cur, _own(refs, j, names))
 
     return wrapped
+
+
+def _renamed_target(target, j: int, names: list[str]):
+    """A pin target of edit ``j`` reading the composed plan's inverted latents."""
+    def renamed(zs):
+        return target(_own(zs, j, names))
+
+    return renamed
 
 
 class ComposeTask(Task):
@@ -124,7 +138,7 @@ class ComposeTask(Task):
     def plan(self, spec: ComposeSpec, images, geom: Geometry) -> EditPlan:
         plans: list[EditPlan] = []
         for j, (task, sub) in enumerate(self._tasks(spec)):
-            own = {n: images[_rename(n, j)] for n in task.images(sub)}
+            own = _own(images, j, list(task.images(sub)))
             plans.append(task.plan(sub, own, geom))
         lh = geom.latent_hw
         union = torch.zeros(1, 1, *lh)
@@ -155,6 +169,8 @@ class ComposeTask(Task):
             return z
 
         masks = {f"{k}:{j}": v for j, p in enumerate(plans) for k, v in p.masks.items()}
+        pins = [Pin(pin.mask, _renamed_target(pin.target, j, list(p.images)), pin.until)
+                for j, p in enumerate(plans) for pin in p.pins]
         return EditPlan(
             images=dict(images),
             prompts={"source": spec.prompt, **{
@@ -165,6 +181,7 @@ class ComposeTask(Task):
             attention=self._attention(plans, geom),
             surgery=surgery,
             masks=masks,
+            pins=pins,
             info={f"edit:{j}": p.info for j, p in enumerate(plans)},
             image_prompt_source=next((n for n in images if n != "source"), "source"),
         )
