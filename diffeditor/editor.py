@@ -108,8 +108,8 @@ class Editor:
         ``vae_tiling`` encodes and decodes in tiles and slices (large images on small GPUs);
         ``vae_slicing`` one image of a batch at a time; ``attention_slice`` = N computes
         self-attention N queries at a time. ``compile`` (``"default"``, ``"reduce-overhead"``
-        for CUDA graphs, ``"max-autotune"``) compiles the UNet's stateless blocks with
-        ``torch.compile`` (see :meth:`Engine.compile`).
+        for CUDA graphs, ``"max-autotune"``) compiles the UNet with ``torch.compile``
+        (see :meth:`Engine.compile`).
         """
         import os
 
