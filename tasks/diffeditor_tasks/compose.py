@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, PrivateAttr, ValidationInfo, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, ValidationInfo, model_validator
 
 from diffeditor.errors import SpecError
 from diffeditor.hookspecs import hookimpl
@@ -57,7 +57,7 @@ class ComposeSpec(EditSpec):
                 raise ValueError(f"edits[{j}]: task {raw['task']!r} cannot be composed")
             if raw["task"] not in reg.tasks:
                 raise ValueError(f"edits[{j}]: unknown task {raw['task']!r}")
-            data = {k: v for k, v in raw.items()}
+            data = dict(raw)
             # the model's defaults, except the fields inherited from the compose spec below
             apply_model_defaults(data, raw["task"], reg.tasks[raw["task"]].spec_model,
                                  (info.context or {}).get("defaults"), skip=INHERITED)
@@ -67,15 +67,11 @@ class ComposeSpec(EditSpec):
                 data.setdefault(key, getattr(self, key))
             try:
                 specs.append(reg.tasks[raw["task"]].spec_model.model_validate(data, context=info.context))
-            except Exception as exc:  # re-raised with the edit's index in front
-                from pydantic import ValidationError
-
-                if isinstance(exc, ValidationError):
-                    first = exc.errors()[0]
-                    loc = ".".join(str(x) for x in first["loc"])
-                    msg = first["msg"].removeprefix("Value error, ")
-                    raise ValueError(f"edits[{j}].{loc}: {msg}") from None
-                raise
+            except ValidationError as exc:  # re-raised with the edit's index in front
+                first = exc.errors()[0]
+                loc = ".".join(str(x) for x in first["loc"])
+                msg = first["msg"].removeprefix("Value error, ")
+                raise ValueError(f"edits[{j}].{loc}: {msg}") from None
         self._specs = specs
         return self
 
