@@ -105,6 +105,13 @@ def test_reference_without_mask(scene):
         parse_spec({"task": "paste", "image": "image.png", "reference": "image.png"}, base_dir=scene)
 
 
+def test_compose_names_the_failing_edit(scene):
+    edits = [{"task": "move", "mask": "mask.png", "offset": [1, 0]},
+             {"task": "move", "mask": "mask.png", "offset": [1, 2, 3]}]
+    with pytest.raises(SpecError, match=r"edits\[1\]\.offset: .*at most 2 items"):
+        parse_spec({"task": "compose", "image": "image.png", "prompt": "x", "edits": edits}, base_dir=scene)
+
+
 def test_paths_are_relative_to_the_spec_file(scene, tmp_path, monkeypatch):
     spec = _spec(scene)
     monkeypatch.chdir(tmp_path)
