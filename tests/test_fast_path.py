@@ -33,9 +33,35 @@ SPECS = {
 }
 
 
-def _edit(editor, name, scene_dir):
-    spec = dict(SPECS[name], prompt=f"fast-path {name}")
+def _edit(editor, name, scene_dir, **fields):
+    spec = dict(SPECS[name], prompt=f"fast-path {name}", **fields)
     return editor.edit(spec, base_dir=scene_dir)
+
+
+# Measured on the 2-core CPU (float32, 8 steps), max |latent difference| from the default run:
+#   spec        energy_scale 0   guidance_k 0   memory_bank off
+#   drag-cfg1   1.005            0.745          0.147
+#   move-cfg4   2.165            2.140          1.301
+#   paste-cfg4  1.577            1.800          1.278
+# i.e. 290x to 4300x TOL's atol. energy_scale 0 drops guidance and its time travel; guidance_k 0
+# keeps every pass (time travel included) and drops only the energy gradient, so a fast path
+# that lost the gradient, the reference features behind it or the memory bank (what the merged
+# reference pass and attention slicing touch) could not pass at TOL.
+SENSITIVITY = 100 * TOL["atol"]
+SWITCHES = ({"energy_scale": 0.0}, {"guidance_k": 0.0}, {"memory_bank": "off"})
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_tolerance_is_far_below_the_effect_of_guidance_and_the_memory_bank(editor, scene_dir, name):
+    """The comparisons in this file can fail: switching guidance or the memory bank off moves
+    the final latent by far more than TOL, so a fast path that lost either would be caught."""
+    default = _edit(editor, name, scene_dir).latent
+    for fields in SWITCHES:
+        off = _edit(editor, name, scene_dir, **fields).latent
+        diff = float((off - default).abs().max())
+        assert diff > SENSITIVITY, (
+            f"{name} with {fields}: the final latent moved by only {diff:.2e} (needs > "
+            f"{SENSITIVITY:.0e}); the fast-path tolerance would not notice this mechanism missing")
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
