@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .attention import MemoryBank, memory_bank_patch, set_attention_slicing
+from .errors import SpecError
 from .features import decoder_features, output_and_features
 from .interfaces import EditPlan, Features
 from .sampling import (
@@ -483,6 +484,8 @@ class Engine:
         policy = plan.attention
         if spec.memory_bank not in ("task",):
             policy = type(policy)(**{**policy.__dict__, "mode": spec.memory_bank})
+        if policy.mode == "masked" and not policy.parts:  # specs refuse this before any model loads
+            raise SpecError("the plan names no parts to mix: use another policy", "memory_bank")
         # the bank keeps only the steps it will inject at
         bank_steps = frozenset() if policy.mode == "off" else sched.memory_bank
         inv, cached = self.invert(plan, grid, progress, bank_steps)
@@ -614,8 +617,9 @@ class Engine:
     @torch.no_grad()
     def _rollback(self, z_prev: Tensor, i: int, grid: DDIMTimesteps, cond: Tensor) -> Tensor:
         """One deterministic DDIM-inversion step from t_prev back to t_i (conditional prompt,
-        no CFG, memory bank and image prompt off)."""
-        eps = self.eps(z_prev, grid.timesteps[i].to(self.device), cond, [True])
+        no CFG, memory bank and image prompt off). As the method (reference §5), ε is
+        evaluated where z_prev sits: ε_θ(z_{t-Δ}, t-Δ), the lower timestep."""
+        eps = self.eps(z_prev, grid.timesteps_prev[i].to(self.device), cond, [True])
         return ddim_invert_step(z_prev, eps, grid.alphas_prev[i], grid.alphas[i])
 
     @torch.no_grad()

@@ -30,12 +30,14 @@ class DDIMTimesteps:
     """The discrete DDIM grid of one run: timesteps (most noisy first) and their ᾱ values.
 
     ``alphas[i]`` is ᾱ at ``timesteps[i]``; ``alphas_prev[i]`` is ᾱ at the timestep that step
-    ``i`` denoises to (``final_alpha_cumprod`` after the last step).
+    ``i`` denoises to, ``timesteps_prev[i]`` (``final_alpha_cumprod`` after the last step, whose
+    ``timesteps_prev`` is clamped to 0).
     """
 
     timesteps: Tensor  # (N,) long, descending
     alphas: Tensor  # (N,) float64
     alphas_prev: Tensor  # (N,) float64
+    timesteps_prev: Tensor  # (N,) long: t - Δ, the timestep step i denoises to (>= 0)
 
     @property
     def num_steps(self) -> int:
@@ -51,7 +53,7 @@ class DDIMTimesteps:
         ratio = scheduler.config.num_train_timesteps // num_steps
         prev = ts - ratio
         a_prev = torch.where(prev >= 0, ac[prev.clamp(min=0)], final)
-        return cls(ts, ac[ts], a_prev)
+        return cls(ts, ac[ts], a_prev, prev.clamp(min=0))
 
 
 def sde_sigma(eta: float | Tensor, a_t: Tensor, a_prev: Tensor) -> Tensor:

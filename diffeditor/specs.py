@@ -11,7 +11,7 @@ import functools
 import json
 import operator
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -88,7 +88,9 @@ class EditSpec(BaseModel):
         0.1, ge=0.0, le=1.0, description="gamma: weight of the image-prompt cross-attention"
     )
     memory_bank: Literal["task", "replace", "concat", "masked", "off"] = Field(
-        "task", description="memory-bank attention policy; 'task' = the task's own"
+        "task",
+        description="memory-bank attention policy; 'task' = the task's own; 'masked' only for "
+        "tasks that name the parts to mix (appearance, paste)",
     )
     background_blend: float = Field(
         0.0,
@@ -106,6 +108,10 @@ class EditSpec(BaseModel):
     )
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec, description="step windows")
 
+    #: whether the task's plan names memory-bank parts (the images and masks that
+    #: ``memory_bank: masked`` mixes); a task spec that does sets this to True
+    bank_parts: ClassVar[bool] = False
+
     resolve_image_path = field_validator("image", mode="before")(_resolve)
     check_image_path = field_validator("image", mode="after")(_must_exist)
 
@@ -115,6 +121,17 @@ class EditSpec(BaseModel):
         if any(lv < 0 or lv > 3 for lv in v):
             raise ValueError("feature levels are up_blocks indices 0..3")
         return tuple(sorted(set(v)))
+
+    @field_validator("memory_bank")
+    @classmethod
+    def _masked_needs_parts(cls, v: str) -> str:
+        if v == "masked" and not cls.bank_parts:
+            task = cls.model_fields["task"].default
+            raise ValueError(
+                f"'masked' mixes the parts a task names (the source outside the object, the "
+                f"reference object) and task {task!r} names none: use 'task', 'replace', "
+                f"'concat' or 'off'")
+        return v
 
     def input_paths(self) -> dict[str, Path]:
         """Every file the spec refers to, by field name."""
@@ -168,7 +185,8 @@ def format_validation_error(err: ValidationError, source: str = "spec") -> str:
         msg = e["msg"]
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
-        lines.append(f"{loc or '(top level)'}: {msg}")
+        # a whole-spec check (a model validator) names its own fields in its message
+        lines.append(f"{loc}: {msg}" if loc else msg)
     return f"{source}: " + "; ".join(lines)
 
 

@@ -58,6 +58,7 @@ def _run_cli(capsys, *argv) -> tuple[int, str, str]:
         ({"steps": 1.5}, "steps", "integer"),
         ({"task": "teleport"}, "task", "unknown task"),
         ({"schedule": {"sde": {"start": 0.5, "stop": 0.1}}}, "schedule.sde", "must not exceed"),
+        ({"memory_bank": "masked"}, "memory_bank", "task 'move' names none"),
     ],
 )
 def test_malformed_spec_one_clear_line(scene, capsys, tmp_path, fields, field_name, words):
@@ -110,6 +111,28 @@ def test_compose_names_the_failing_edit(scene):
              {"task": "move", "mask": "mask.png", "offset": [1, 2, 3]}]
     with pytest.raises(SpecError, match=r"edits\[1\]\.offset: .*at most 2 items"):
         parse_spec({"task": "compose", "image": "image.png", "prompt": "x", "edits": edits}, base_dir=scene)
+
+
+def test_masked_memory_bank_only_where_a_task_names_parts(scene):
+    """``memory_bank: masked`` on a task that names no parts would inject nothing: refused at
+    parse time (before any model loads), per task and inside compose."""
+    ref = {"reference": "image.png", "reference_mask": "mask.png", "memory_bank": "masked"}
+    for task in ("paste", "appearance"):
+        extra = {"mask": "mask.png"} if task == "appearance" else {}
+        assert parse_spec({"task": task, "image": "image.png", **ref, **extra}, base_dir=scene)
+    move = {"task": "move", "mask": "mask.png", "offset": [1, 0]}
+    for bad, where in [({"task": "drag", "image": "image.png", "mask": "mask.png", "handles": [[1, 1]],
+                         "targets": [[2, 2]], "memory_bank": "masked"}, "memory_bank"),
+                       ({"task": "compose", "image": "image.png", "memory_bank": "masked",
+                         "edits": [move]}, "memory_bank"),
+                       ({"task": "compose", "image": "image.png",
+                         "edits": [{**move, "memory_bank": "masked"}]}, r"edits\[0\]\.memory_bank")]:
+        with pytest.raises(SpecError, match=rf"{where}: 'masked' mixes the parts"):
+            parse_spec(bad, base_dir=scene)
+    paste = {"task": "paste", **ref}
+    paste.pop("memory_bank")
+    assert parse_spec({"task": "compose", "image": "image.png", "memory_bank": "masked",
+                       "edits": [move, paste]}, base_dir=scene).memory_bank == "masked"
 
 
 def test_paths_are_relative_to_the_spec_file(scene, tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ image alone (64 tokens through the image projections), and the text path sees on
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -44,6 +44,7 @@ class AppearanceSpec(EditSpec):
     """Replace the appearance of an object with that of a reference object."""
 
     task: Literal["appearance"] = "appearance"
+    bank_parts: ClassVar[bool] = True  # the source outside the object, the reference object
     mask: Path = Field(description="the object to change (white), same size as the image")
     reference: Path = Field(description="the image holding the reference object")
     reference_mask: Path = Field(description="the reference object (white), reference's size")

@@ -17,7 +17,7 @@ The kernel then combines the edits' plans:
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, PrivateAttr, ValidationError, ValidationInfo, model_validator
@@ -37,6 +37,7 @@ class ComposeSpec(EditSpec):
     """Several edits of one image in one sampling pass."""
 
     task: Literal["compose"] = "compose"
+    bank_parts: ClassVar[bool] = True  # when an edit names parts: checked with the edits
     edits: list[dict[str, Any]] = Field(
         min_length=1, description="the edits: specs of registered tasks, without 'image'"
     )
@@ -72,6 +73,10 @@ class ComposeSpec(EditSpec):
                 loc = ".".join(str(x) for x in first["loc"])
                 msg = first["msg"].removeprefix("Value error, ")
                 raise ValueError(f"edits[{j}].{loc}: {msg}") from None
+        if self.memory_bank == "masked" and not any(sp.bank_parts for sp in specs):
+            raise ValueError("memory_bank: 'masked' mixes the parts an edit names (appearance, "
+                             "paste) and none of these edits names any: use 'task', 'replace', "
+                             "'concat' or 'off'")
         self._specs = specs
         return self
 

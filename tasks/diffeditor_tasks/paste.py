@@ -7,7 +7,7 @@ transform moves the mask, the reference features and the reference's initial lat
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
@@ -26,6 +26,7 @@ class PasteSpec(EditSpec):
     """Paste an object from a reference image."""
 
     task: Literal["paste"] = "paste"
+    bank_parts: ClassVar[bool] = True  # the source outside the object, the reference object
     reference: Path = Field(description="the image holding the object to paste")
     reference_mask: Path = Field(description="the object to paste (white), reference's size")
     offset: tuple[float, float] = Field(

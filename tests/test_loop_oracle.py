@@ -1,0 +1,269 @@
+"""The sampling loop's wiring against an exact oracle (``loop_oracle.py``).
+
+The real :class:`~diffeditor.engine.Engine` runs real task plans (move, drag, paste,
+appearance, compose) with an analytic UNet whose every call is recorded, and the real VAE, text
+encoder and DDIM scheduler of the shapes model. Two kinds of checks:
+
+* the final latent equals an independent transcription of the method (method reference §1.6,
+  §5) to float tolerance, for every memory-bank policy, CFG on and off, the reference pass
+  merged into the CFG call or not, batched or per-region gradients;
+* per call: which steps get guidance, SDE and time travel, which timestep, context, image-prompt
+  weight and memory-bank state each UNet call saw, which inverted latent the reference features
+  read, and the rollback's timestep.
+
+Everything runs at 64 px (an 8x8 latent) with 10 steps: a few seconds in all.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from loop_oracle import UNCOND_IP, analytic_engine, reference_edit
+from PIL import Image
+
+from diffeditor.editor import Editor
+
+N = 10
+ATOL = 1e-4  # float32 arithmetic in another order (measured <= 2.5e-5); mechanisms move >= 5e-3
+SCHEDULE = {
+    "guidance": [{"steps": [0, 1, 2, 4, 6]}],
+    "sde": {"steps": [2, 3]},
+    "time_travel": {"steps": [4, 6]},
+    "time_travel_repeats": 3,
+    "image_prompt": {"steps": [1, 2, 3]},
+}
+COMMON = {"steps": N, "resolution": 64, "seed": 7, "schedule": SCHEDULE, "sde_strength": 0.4,
+          "sde_strength_outside": 0.2, "image_prompt_scale": 0.3, "prompt": "a red square"}
+# energy scales: the analytic features are of order 1 (SD 1.5's are of order 100), so lambda is
+# chosen per task for a guidance term k*grad of about 0.3 against an eps of about 1: strong enough
+# to move the result, mild enough that float32 rounding is not amplified past ATOL
+SPECS = {
+    "move": {"task": "move", "image": "i.png", "mask": "m.png", "offset": [16, 8],
+             "guidance_scale": 4.0, "energy_scale": 25.0, "background_blend": 0.3, "object_blend": 0.2},
+    "drag": {"task": "drag", "image": "i.png", "mask": "e.png", "handles": [[20, 28]],
+             "targets": [[36, 30]], "guidance_scale": 4.0, "energy_scale": 200.0},
+    "paste": {"task": "paste", "image": "i.png", "reference": "r.png", "reference_mask": "rm.png",
+              "offset": [-12, 10], "guidance_scale": 1.0, "reference_prompt": "a green disc",
+              "energy_scale": 50.0},
+    "appearance": {"task": "appearance", "image": "i.png", "mask": "m.png", "reference": "r.png",
+                   "reference_mask": "rm.png", "guidance_scale": 3.0,
+                   "reference_prompt": "a green disc", "energy_scale": 20.0},
+    "compose": {"task": "compose", "image": "i.png", "guidance_scale": 2.0, "energy_scale": 10.0, "edits": [
+        {"task": "move", "mask": "m.png", "offset": [10, 0], "energy_scale": 5.0},
+        {"task": "paste", "reference": "r.png", "reference_mask": "rm.png", "offset": [0, 12],
+         "energy_scale": 15.0}]},
+}
+
+
+def _write_scenes(folder):
+    img = np.full((64, 64, 3), 110, np.uint8)
+    img[:, :, 2] = np.linspace(60, 200, 64).astype(np.uint8)[None]  # a gradient: no flat regions
+    img[20:36, 12:28] = (220, 40, 40)
+    Image.fromarray(img).save(folder / "i.png")
+    m = np.zeros((64, 64), np.uint8)
+    m[20:36, 12:28] = 255
+    Image.fromarray(m).save(folder / "m.png")
+    e = np.zeros((64, 64), np.uint8)
+    e[8:56, 4:60] = 255
+    Image.fromarray(e).save(folder / "e.png")
+    ref = np.full((64, 64, 3), 230, np.uint8)
+    yy, xx = np.mgrid[:64, :64]
+    disc = (yy - 40) ** 2 + (xx - 40) ** 2 < 10**2
+    ref[disc] = (40, 200, 60)
+    Image.fromarray(ref).save(folder / "r.png")
+    Image.fromarray(disc.astype(np.uint8) * 255).save(folder / "rm.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    return _write_scenes(tmp_path_factory.mktemp("oracle"))
+
+
+@pytest.fixture(scope="module")
+def oracle(editor):
+    """An editor whose engine runs the analytic UNet."""
+    return Editor(analytic_engine(editor.engine), model="analytic")
+
+
+def _run(oracle, scenes, name, **over):
+    """The engine's edit and its recorded UNet calls: ``(output, inversion calls, edit calls,
+    spec, plan)``."""
+    spec = oracle.parse({**COMMON, **SPECS[name], **over}, base_dir=scenes)
+    _, plan, _ = oracle.prepare(spec)
+    eng = oracle.engine
+    eng.cache = type(eng.cache)(4)  # every run inverts: its calls are in the log
+    eng.unet.calls.clear()
+    out = eng.edit(plan, spec)
+    calls = list(eng.unet.calls)
+    inv_calls = [c for c in calls if c.bank_mode == "record"]
+    return out, calls[: len(inv_calls)], calls[len(inv_calls):], spec, plan
+
+
+def _grid(eng):
+    sch = eng.scheduler
+    sch.set_timesteps(N)
+    return [int(t) for t in sch.timesteps], sch.config.num_train_timesteps // N
+
+
+def _cbar(eng, prompt):
+    return eng.unet.summary(eng.encode_text([prompt])).item()
+
+
+# -- the exact oracle ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+@pytest.mark.parametrize("merge", [True, False], ids=["merged", "separate"])
+def test_edit_equals_the_transcribed_method(oracle, scenes, name, merge):
+    eng = oracle.engine
+    eng.merge_reference_pass = merge
+    try:
+        out, *_, spec, plan = _run(oracle, scenes, name)
+    finally:
+        eng.merge_reference_pass = True
+    ref = reference_edit(eng, plan, spec)
+    assert any(r["guided"] for r in ref.log) and any(r["sde"] for r in ref.log)
+    torch.testing.assert_close(out.latent, ref.latent, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["batched-grads", "per-region-grads"])
+def test_region_gradients_either_way_equal_the_oracle(oracle, scenes, batched):
+    eng = oracle.engine
+    saved = eng.batched_region_grads
+    eng.batched_region_grads = batched
+    try:
+        out, _, calls, spec, plan = _run(oracle, scenes, "move")
+        assert eng.batched_region_grads == batched  # no silent fallback
+    finally:
+        eng.batched_region_grads = saved
+    torch.testing.assert_close(out.latent, reference_edit(eng, plan, spec).latent, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("switch", [
+    {"energy_scale": 0.0}, {"guidance_k": 0.02}, {"memory_bank": "off"}, {"image_prompt_scale": 0.0},
+    {"sde_strength": 0.0, "sde_strength_outside": 0.0}, {"schedule": {**SCHEDULE, "time_travel_repeats": 1}},
+    {"guidance_scale": 1.5}, {"background_blend": 0.0}, {"object_blend": 0.0}, {"seed": 8},
+], ids=lambda d: next(iter(d)) if "schedule" not in d else "time_travel_repeats")
+def test_the_oracle_sees_every_mechanism(oracle, scenes, switch):
+    """Each mechanism moves the result far beyond the tolerance: an engine that dropped or
+    mis-scaled it would fail the oracle comparison above."""
+    _, *_, spec, plan = _run(oracle, scenes, "move")
+    _, *_, spec2, plan2 = _run(oracle, scenes, "move", **switch)
+    eng = oracle.engine
+    a = reference_edit(eng, plan, spec).latent
+    b = reference_edit(eng, plan2, spec2).latent
+    assert (a - b).abs().max() > 50 * ATOL, switch
+
+
+# -- per-call wiring ----------------------------------------------------------------------------
+
+def test_inversion_calls_each_step_once_recording_the_bank(oracle, scenes):
+    out, inv_calls, _, spec, plan = _run(oracle, scenes, "paste")
+    eng = oracle.engine
+    ts, _ = _grid(eng)
+    assert len(inv_calls) == N
+    # inverting from z_0 upwards: denoising step N-1 first, step 0 last; both images in one batch
+    assert [c.t for c in inv_calls] == ts[::-1]
+    assert [c.bank_step for c in inv_calls] == list(range(N - 1, -1, -1))
+    ctx = torch.tensor([_cbar(eng, plan.prompts[k]) for k in plan.images])
+    for c in inv_calls:
+        assert c.z.shape[0] == 2 and not c.grad and c.gamma == 0.0
+        torch.testing.assert_close(c.ctx, ctx)  # each image with its own prompt, no CFG
+    ref = reference_edit(eng, plan, spec)
+    for k, name in enumerate(plan.images):
+        for j, c in enumerate(inv_calls):  # the latent fed at each inversion step
+            torch.testing.assert_close(c.z[k : k + 1], ref.inverted[name][j], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name,cfg", [("move", 4.0), ("paste", 1.0), ("appearance", 3.0)])
+@pytest.mark.parametrize("merge", [True, False], ids=["merged", "separate"])
+def test_every_call_of_the_edit(oracle, scenes, name, cfg, merge):
+    eng = oracle.engine
+    eng.merge_reference_pass = merge
+    try:
+        out, _, calls, spec, plan = _run(oracle, scenes, name, guidance_scale=cfg)
+    finally:
+        eng.merge_reference_pass = True
+    ts, ratio = _grid(eng)
+    ref = reference_edit(eng, plan, spec)
+    names = list(plan.images)
+    cond, uncond = _cbar(eng, plan.prompts["source"]), _cbar(eng, "")
+    ref_ctx = [_cbar(eng, plan.prompts[k]) for k in names]
+    ip_cond = plan.images[plan.image_prompt_source].float().mean().item()
+    guided = {0, 1, 2, 4, 6}
+    bank_window = {"move": set(range(1, N)), "paste": set(range(0, 8)), "appearance": set(range(0, 8))}[name]
+    cfg_rows = [uncond, cond] if cfg != 1.0 else [cond]
+    it = iter(calls)
+    passes_seen = []
+    log = iter(ref.log)
+    for i in range(N):
+        t = ts[i]
+        passes = 3 if i in {4, 6} else 1
+        for u in range(passes):
+            r = next(log)
+            c = next(it)  # 1. the CFG call
+            rows = len(cfg_rows)
+            assert c.t == t and not c.grad, (i, u)
+            torch.testing.assert_close(c.z[:rows], r["z_in"].expand(rows, -1, -1, -1), atol=1e-4, rtol=0)
+            torch.testing.assert_close(c.ctx[:rows], torch.tensor(cfg_rows))
+            in_bank = i in bank_window
+            assert c.bank_mode == ("inject" if in_bank else "off") and (not in_bank or c.bank_step == i), (i, c.bank_mode)
+            gamma = spec.image_prompt_scale if i in {1, 2, 3} else 0.0
+            merged = merge and i in guided and u == 0 and gamma == 0.0
+            if merged:  # the reference rows ride along: features of inv[N - i], own prompts
+                assert c.z.shape[0] == rows + len(names) and c.inject_rows == rows
+                for k, nm in enumerate(names):
+                    torch.testing.assert_close(c.z[rows + k : rows + k + 1], ref.inverted[nm][N - i],
+                                               atol=ATOL, rtol=0)
+                torch.testing.assert_close(c.ctx[rows:], torch.tensor(ref_ctx))
+            else:
+                assert c.z.shape[0] == rows and c.inject_rows is None
+            assert c.gamma == gamma, (i, c.gamma)
+            assert c.ip is not None
+            torch.testing.assert_close(c.ip[:rows], torch.tensor([UNCOND_IP, ip_cond][-rows:]))
+            if i in guided:
+                if u == 0 and not merged:  # 2a. reference features, no gradient, own prompts
+                    c = next(it)
+                    assert c.out is None and not c.grad and c.t == t and c.gamma == 0.0
+                    assert c.bank_mode == "off"
+                    for k, nm in enumerate(names):
+                        torch.testing.assert_close(c.z[k : k + 1], ref.inverted[nm][N - i], atol=ATOL, rtol=0)
+                    torch.testing.assert_close(c.ctx, torch.tensor(ref_ctx))
+                c = next(it)  # 2b. the current latent's features, with gradient, conditional prompt
+                assert c.out is None and c.grad and c.t == t and c.gamma == 0.0 and c.bank_mode == "off"
+                torch.testing.assert_close(c.z, r["z_in"], atol=1e-4, rtol=0)
+                torch.testing.assert_close(c.ctx, torch.tensor([cond]))
+            if u < passes - 1:  # 4. time-travel rollback: eps at t - Δ, cond, bank and image prompt off
+                c = next(it)
+                assert c.t == t - ratio and c.z.shape[0] == 1 and not c.grad, (i, c.t)
+                assert c.bank_mode == "off" and c.gamma == 0.0
+                torch.testing.assert_close(c.ctx, torch.tensor([cond]))
+            passes_seen.append(i)
+    assert next(it, None) is None  # no other call
+    assert passes_seen == [i for i in range(N) for _ in range(3 if i in {4, 6} else 1)]
+
+
+def test_rollback_evaluates_eps_at_the_lower_timestep(oracle, scenes):
+    """Method reference §5: z_{t-Δ} goes back to z_t with ε_θ(z_{t-Δ}, t-Δ) (it used t)."""
+    _, _, calls, *_ = _run(oracle, scenes, "move")
+    ts, ratio = _grid(oracle.engine)
+    # at CFG 4 every noise prediction has two rows or more: the batch-1 full calls are rollbacks
+    rollbacks = [c.t for c in calls if c.z.shape[0] == 1 and c.out is not None]
+    assert rollbacks == [ts[4] - ratio] * 2 + [ts[6] - ratio] * 2
+
+
+def test_guidance_steps_without_energy_get_no_feature_pass(oracle, scenes):
+    _, _, calls, *_ = _run(oracle, scenes, "move", energy_scale=0.0)
+    assert not any(c.grad for c in calls) and len(calls) == N  # one CFG call per step, no travel
+
+
+def test_a_masked_bank_without_parts_is_refused_by_the_engine(oracle, scenes):
+    """Specs refuse it first; a plan built in Python that asks for it must not inject nothing."""
+    from diffeditor.errors import SpecError
+
+    spec = oracle.parse({**COMMON, **SPECS["move"]}, base_dir=scenes)
+    _, plan, _ = oracle.prepare(spec)
+    plan.attention.mode = "masked"
+    with pytest.raises(SpecError, match="memory_bank: the plan names no parts"):
+        oracle.engine.edit(plan, spec)
