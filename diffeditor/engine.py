@@ -193,6 +193,7 @@ class Engine:
         self.options: dict[str, Any] = {"attention_slice": None, "vae_slicing": False,
                                         "vae_tiling": False, "compile": None}
         self._text_cache: dict[str, Tensor] = {}
+        self._unet32 = None  # float32 copy for guidance_precision: float32 (made on first use)
         for module in (self.unet, self.vae, self.text_encoder):
             module.requires_grad_(False)
             module.eval()
@@ -324,21 +325,46 @@ class Engine:
         zz, ctx, rows = self._cfg_rows(z, cond, context, scale)
         return self._cfg_combine(self.eps(zz, t, ctx, rows), scale)
 
-    def features(self, z: Tensor, t: Tensor, context: Tensor, levels, scale) -> Features:
+    def features(self, z: Tensor, t: Tensor, context: Tensor, levels, scale, net=None) -> Features:
         self.counters.unet_partial += 1
-        return decoder_features(
-            self.net, z, t, context, tuple(levels), scale,
-            self._unet_kwargs(z.shape[0], [True] * z.shape[0]),
-        )
+        kwargs = self._unet_kwargs(z.shape[0], [True] * z.shape[0])
+        if net is not None:  # another precision: its inputs follow
+            dtype = next(net.parameters()).dtype
+            context = context.to(dtype)
+            if "added_cond_kwargs" in kwargs:
+                kwargs["added_cond_kwargs"] = {k: [e.to(dtype) for e in v]
+                                               for k, v in kwargs["added_cond_kwargs"].items()}
+        return decoder_features(net if net is not None else self.net, z, t, context, tuple(levels),
+                                scale, kwargs)
+
+    def _float32_net(self):
+        """A float32 copy of a half-precision UNet for the guidance pass with gradient (method
+        reference §10.2 item 9: the release backpropagates through fp16); ``None`` when the
+        UNet is float32 already. Made once, outside any patch, with the image prompt off; it
+        costs a float32 copy of the UNet's weights (about 3.4 GB for SD 1.5)."""
+        if self.dtype == torch.float32:
+            return None
+        if self._unet32 is None:
+            import copy
+
+            self._unet32 = copy.deepcopy(self.unet).float()
+            from .image_prompt import has_image_prompt, set_image_prompt_scale
+
+            if has_image_prompt(self._unet32):
+                set_image_prompt_scale(self._unet32, 0.0)
+        return self._unet32
 
     def _set_image_prompt(self, gamma: float) -> None:
         if self.image_prompt is not None:
             self.image_prompt.set_scale(gamma)
 
     # -- inversion -----------------------------------------------------------------------------
-    def inversion_key(self, plan: EditPlan, steps: int) -> str:
+    def inversion_key(self, plan: EditPlan, steps: int, image_prompt: tuple | None = None) -> str:
         h = hashlib.sha256()
         h.update(f"{self.model_id}|{steps}|{self.dtype}|{self.device}".encode())
+        if image_prompt is not None:  # inverted under the image prompt: another trajectory
+            gamma, ip_steps = image_prompt
+            h.update(f"|ip|{gamma}|{sorted(ip_steps)}|{plan.image_prompt_source}".encode())
         for name in plan.images:
             h.update(name.encode())
             h.update(plan.prompts.get(name, "").encode())
@@ -349,16 +375,21 @@ class Engine:
 
     @torch.no_grad()
     def invert(self, plan: EditPlan, grid: DDIMTimesteps, progress=None,
-               bank_steps: frozenset[int] | None = None) -> tuple[Inversion, bool]:
+               bank_steps: frozenset[int] | None = None,
+               image_prompt: tuple[float, frozenset[int]] | None = None) -> tuple[Inversion, bool]:
         """DDIM-invert every image of the plan together, recording the memory bank for the
         denoising steps ``bank_steps`` (``None``: all).
 
-        Conditioning: each image's own text prompt, no CFG, no image prompt (as the reference).
+        Conditioning: each image's own text prompt, no CFG, no image prompt (as the reference);
+        ``image_prompt = (gamma, steps)`` adds the current image prompt (the edit's tokens, set
+        by :meth:`edit`) with weight gamma at those denoising steps, as the paper's inversion.
         Results are cached by content; a cached inversion serves when its bank holds the steps
         asked for (else the images are inverted again, recording both sets). Returns
         ``(inversion, was_cached)``.
         """
-        key = self.inversion_key(plan, grid.num_steps)
+        if self.image_prompt is None:
+            image_prompt = None
+        key = self.inversion_key(plan, grid.num_steps, image_prompt)
         hit = self.cache.get(key)
         if hit is not None and not hit.bank.covers(bank_steps):
             # invert again, keeping the cached steps too (the union serves both kinds of edit)
@@ -385,6 +416,8 @@ class Engine:
 
         def eps_fn(z: Tensor, i: int) -> Tensor:
             bank.step = i
+            if image_prompt is not None:
+                self._set_image_prompt(image_prompt[0] if i in image_prompt[1] else 0.0)
             return self.eps(z, grid.timesteps[i].to(self.device), context, [True] * len(names))
 
         def tick(i: int, z: Tensor) -> None:
@@ -393,6 +426,7 @@ class Engine:
 
         with memory_bank_patch(self.unet, bank):
             latents = ddim_invert(z0, eps_fn, grid, tick)
+        self._set_image_prompt(0.0)
         if bar is not None:
             bar.close()
         bank.mode = "off"
@@ -413,10 +447,12 @@ class Engine:
         ref_feats: dict[str, Features],
         plan: EditPlan,
         spec,
+        net=None,
     ) -> Tensor:
         """Regional score-based guidance: ``Σ_r region_r ⊙ ∇_z(λ·Σ_{terms in r} w·E)``.
 
         One feature pass with gradient, one backward pass per region; energies in float32.
+        ``net`` runs that pass instead of the UNet (the float32 copy of :meth:`_float32_net`).
         """
         terms = [term for term in plan.energies if term.weight != 0]
         if not terms:
@@ -433,7 +469,7 @@ class Engine:
         for _attempt in range(2):
             with torch.enable_grad():
                 zg = z.detach().requires_grad_(True)
-                cur = self.features(zg, t, context, spec.feature_levels, spec.feature_scale)
+                cur = self.features(zg, t, context, spec.feature_levels, spec.feature_scale, net)
                 energies = torch.stack([
                     spec.energy_scale * sum(term.weight * term.fn(cur, ref_feats).float()
                                             for term in groups[r]).sum()
@@ -488,14 +524,16 @@ class Engine:
             raise SpecError("the plan names no parts to mix: use another policy", "memory_bank")
         # the bank keeps only the steps it will inject at
         bank_steps = frozenset() if policy.mode == "off" else sched.memory_bank
-        inv, cached = self.invert(plan, grid, progress, bank_steps)
+        if self.image_prompt is not None:
+            self.image_prompt.set_image(plan.images[plan.image_prompt_source])
+        ip_inversion = (spec.image_prompt_scale, sched.image_prompt) if getattr(
+            spec, "image_prompt_inversion", False) and spec.image_prompt_scale > 0 else None
+        inv, cached = self.invert(plan, grid, progress, bank_steps, ip_inversion)
         timings["inversion"] = 0.0 if cached else inv.seconds
         bank = inv.bank
         bank.policy = policy
         bank._mask_cache.clear()
-
-        if self.image_prompt is not None:
-            self.image_prompt.set_image(plan.images[plan.image_prompt_source])
+        net32 = self._float32_net() if getattr(spec, "guidance_precision", "model") == "float32" else None
         n = grid.num_steps
         z = plan.surgery({k: v[-1] for k, v in inv.latents.items()}) if plan.surgery else inv.latents["source"][-1]
         z = z.to(self.device, torch.float32)
@@ -548,7 +586,8 @@ class Engine:
                     if guided:
                         if ref_feats is None:  # cached across time-travel repeats
                             ref_feats = self._reference_features(inv, ref_names, ref_contexts, i, t, spec)
-                        eps_hat = eps + spec.guidance_k * self.guidance(z, t, cond, ref_feats, plan, spec)
+                        eps_hat = eps + spec.guidance_k * self.guidance(z, t, cond, ref_feats, plan, spec,
+                                                                        net32)
                     # 3. regional SDE/ODE step
                     sde = i in sched.sde and (eta_in > 0 or eta_out > 0)
                     noise = None

@@ -87,6 +87,16 @@ class EditSpec(BaseModel):
     image_prompt_scale: float = Field(
         0.1, ge=0.0, le=1.0, description="gamma: weight of the image-prompt cross-attention"
     )
+    image_prompt_inversion: bool = Field(
+        False,
+        description="add the image prompt (gamma, in its window) while inverting too, as the "
+        "paper describes; the release inverts without it (models with an image prompt only)",
+    )
+    guidance_precision: Literal["model", "float32"] = Field(
+        "model",
+        description="precision of the guidance pass with gradient: the model's (the release: "
+        "fp16 on GPUs) or float32 through a float32 copy of the UNet (more memory)",
+    )
     memory_bank: Literal["task", "replace", "concat", "masked", "off"] = Field(
         "task",
         description="memory-bank attention policy; 'task' = the task's own; 'masked' only for "

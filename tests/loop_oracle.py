@@ -105,23 +105,25 @@ class AnalyticUNet(torch.nn.Module):
 
     def forward(self, sample, timestep, encoder_hidden_states, return_dict=True,
                 added_cond_kwargs=None, **_):
-        z = sample.float()
+        dtype = self.up_blocks[0].attn1.to_q.weight.dtype  # computes in its weights' dtype
+        z = sample.to(dtype)
         b = z.shape[0]
         t = float(torch.as_tensor(timestep).reshape(-1)[0])
-        cbar = self.summary(encoder_hidden_states).view(b, 1, 1, 1)
+        cbar = self.summary(encoder_hidden_states).view(b, 1, 1, 1).to(dtype)
         ip = None
         if added_cond_kwargs is not None:
-            ip = added_cond_kwargs["image_embeds"][0].float().reshape(b, -1).mean(1)
+            ip = added_cond_kwargs["image_embeds"][0].float().reshape(b, -1).mean(1).to(dtype)
         mode, step, rows = self._bank_state()
-        call = Call(z.detach().clone(), int(t), cbar.detach().flatten().clone(), z.requires_grad,
-                    mode, step, rows, float(self.ip_scale), None if ip is None else ip.clone())
+        call = Call(z.detach().float().clone(), int(t), cbar.detach().float().flatten().clone(),
+                    sample.requires_grad, mode, step, rows, float(self.ip_scale),
+                    None if ip is None else ip.float().clone())
         self.calls.append(call)
         eps = (0.3 + 0.4 * t / 1000) * z + 0.5 * cbar
         for j, block in enumerate(self.up_blocks):  # hooks may stop the pass after a block
             eps = eps + U_J[j] * block(z, t, cbar)
         if ip is not None:
             eps = eps + self.ip_scale * ip.view(b, 1, 1, 1)
-        call.out = eps.detach().clone()
+        call.out = eps.detach().float().clone()
         return (eps,) if not return_dict else SimpleNamespace(sample=eps)
 
 
@@ -144,14 +146,15 @@ class RecordingImagePrompt:
         return {"image_embeds": [vals.view(batch, 1, 1)]}
 
 
-def analytic_engine(like):
-    """An :class:`~diffeditor.engine.Engine` on the analytic UNet, with the real VAE, text
-    encoder, tokenizer and DDIM scheduler of the engine ``like``."""
+def analytic_engine(like, dtype: torch.dtype = torch.float32):
+    """An :class:`~diffeditor.engine.Engine` on the analytic UNet (weights rounded to bfloat16,
+    so that a bfloat16 engine holds exactly the same weights, then in ``dtype``), with the real
+    VAE, text encoder, tokenizer and DDIM scheduler of the engine ``like``."""
     import copy
 
     from diffeditor.engine import Engine
 
-    unet = AnalyticUNet()
+    unet = AnalyticUNet().to(torch.bfloat16).to(dtype)
     pipe = SimpleNamespace(unet=unet, vae=like.vae, text_encoder=like.text_encoder,
                            tokenizer=like.tokenizer, scheduler=copy.deepcopy(like.scheduler))
     eng = Engine(pipe, model_id="analytic")
@@ -232,6 +235,10 @@ def reference_edit(eng, plan, spec, *, guidance_rows_batched: bool = False) -> R
     prompts = {k: plan.prompts.get(k, "") for k in names}
     # 1. inversion, each image with its own prompt, no CFG, no image prompt; bank[i][name][j] =
     #    the tokens block j saw while inverting into step i's noise level
+    sc = spec.schedule
+    ip_steps = _window(sc.image_prompt, n)
+    ip_cond = plan.images[plan.image_prompt_source].float().mean().view(1)
+    ip_inv = spec.image_prompt_inversion and spec.image_prompt_scale > 0
     z = {k: eng.encode_image(plan.images[k]).float() for k in names}
     inv = {k: [z[k]] for k in names}
     bank: dict[int, dict[str, list[Tensor]]] = {}
@@ -240,19 +247,18 @@ def reference_edit(eng, plan, spec, *, guidance_rows_batched: bool = False) -> R
         t, t_low = ts[i], ts[i] - ratio
         bank[i] = {}
         for k in names:
-            e, _, toks = closed_form(unet, z[k], t, cbar_of(prompts[k]))
+            g_inv = spec.image_prompt_scale if ip_inv and i in ip_steps else 0.0
+            e, _, toks = closed_form(unet, z[k], t, cbar_of(prompts[k]), None, g_inv, ip_cond)
             bank[i][k] = toks
             a_t, a_p = alpha(t), alpha(t_low)
             z[k] = math.sqrt(a_t) * (z[k] - math.sqrt(1 - a_p) * e) / math.sqrt(a_p) + math.sqrt(1 - a_t) * e
             inv[k].append(z[k])
 
     # 2. windows
-    sc = spec.schedule
     guided = set().union(*(_window(w, n) for w in sc.guidance)) if spec.energy_scale > 0 and any(
         term.weight != 0 for term in plan.energies) else set()
     sde_steps = _window(sc.sde, n)
     tt_steps = _window(sc.time_travel, n)
-    ip_steps = _window(sc.image_prompt, n)
     mode = plan.attention.mode if spec.memory_bank == "task" else spec.memory_bank
     bank_steps = _window(sc.memory_bank or plan.attention.window, n) if mode != "off" else set()
 
@@ -277,7 +283,6 @@ def reference_edit(eng, plan, spec, *, guidance_rows_batched: bool = False) -> R
 
     # 3. the edit
     cond_c, uncond_c = cbar_of(prompts["source"]), cbar_of("")
-    ip_cond = plan.images[plan.image_prompt_source].float().mean().view(1)
     ip_uncond = torch.tensor([UNCOND_IP])
     zt = {k: inv[k][n] for k in names}
     x = plan.surgery(zt) if plan.surgery else zt["source"]

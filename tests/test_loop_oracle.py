@@ -267,3 +267,50 @@ def test_a_masked_bank_without_parts_is_refused_by_the_engine(oracle, scenes):
     plan.attention.mode = "masked"
     with pytest.raises(SpecError, match="memory_bank: the plan names no parts"):
         oracle.engine.edit(plan, spec)
+
+
+@pytest.mark.parametrize("name", ["move", "paste"])
+def test_image_prompt_during_inversion(oracle, scenes, name):
+    """``image_prompt_inversion``: the inversion adds the edit's image prompt with gamma inside
+    its window (method reference §10.2 item 8) and is cached apart from the plain inversion."""
+    out, inv_calls, _, spec, plan = _run(oracle, scenes, name, image_prompt_inversion=True)
+    ip_cond = plan.images[plan.image_prompt_source].float().mean()
+    for c in inv_calls:  # inversion goes from step N-1 down to 0
+        assert c.gamma == (0.3 if c.bank_step in {1, 2, 3} else 0.0), c.bank_step
+        torch.testing.assert_close(c.ip, ip_cond.expand(c.z.shape[0]))
+    torch.testing.assert_close(out.latent, reference_edit(oracle.engine, plan, spec).latent, atol=ATOL, rtol=0)
+    eng = oracle.engine
+    plain = eng.edit(plan, spec.model_copy(update={"image_prompt_inversion": False}))
+    assert not plain.inversion_cached  # another trajectory: not served from the cache
+    assert (plain.latent - out.latent).abs().max() > 50 * ATOL
+
+
+def test_float32_guidance_on_a_half_precision_model(oracle, scenes):
+    """``guidance_precision: float32`` backpropagates through a float32 copy of a bfloat16 UNet:
+    its guidance equals the float32 model's (same weights) where the bfloat16 pass does not."""
+    eng32 = oracle.engine
+    eng16 = analytic_engine(eng32, torch.bfloat16)
+    spec = oracle.parse({**COMMON, **SPECS["move"]}, base_dir=scenes)
+    _, plan, _ = oracle.prepare(spec)
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(1, 4, 8, 8, generator=gen)
+    t = torch.tensor(701)
+    cond = eng16.encode_text([spec.prompt])  # bfloat16: the float32 model gets the same values
+    refs = {"source": eng32.features(torch.randn(1, 4, 8, 8, generator=gen), t, cond.float(),
+                                     spec.feature_levels, spec.feature_scale)}
+    exact = eng32.guidance(z, t, cond.float(), refs, plan, spec)
+    half = eng16.guidance(z, t, cond, refs, plan, spec)
+    net32 = eng16._float32_net()
+    assert next(net32.parameters()).dtype == torch.float32 and eng16.dtype == torch.bfloat16
+    full = eng16.guidance(z, t, cond, refs, plan, spec, net32)
+    err_half = (half - exact).abs().max().item()
+    err_full = (full - exact).abs().max().item()
+    # measured: bfloat16 off by 0.13 on a guidance term of 13.9; the float32 copy by 0.0
+    assert err_full < 1e-4 * exact.abs().max().item() and err_half > 100 * err_full, (err_half, err_full)
+    # the option reaches the loop: a whole edit runs with it, the UNet stays bfloat16
+    net32.calls.clear()
+    eng16.unet.calls.clear()
+    res = eng16.edit(plan, spec.model_copy(update={"guidance_precision": "float32"}))
+    assert torch.isfinite(res.latent).all() and eng16.dtype == torch.bfloat16
+    passes = 5 + 2 * 2  # guided steps 0, 1, 2, 4, 6; steps 4 and 6 three passes each
+    assert sum(c.grad for c in net32.calls) == passes and not any(c.grad for c in eng16.unet.calls)

@@ -69,6 +69,11 @@ class MoveSpec(EditSpec):
         "reference; guidance must remove it) or fill it with the mean background latent",
     )
 
+    feature_warp: Literal["nearest", "bilinear"] = Field(
+        "bilinear",
+        description="how the reference features are moved to the destination for the edit "
+        "energy (the release: nearest; chosen by measurement, see README)",
+    )
     object_blend: float = Field(
         0.0, ge=0.0, le=1.0,
         description="fraction of the run (from the start) during which the destination is held "
@@ -122,7 +127,7 @@ class MoveTask(Task):
         def e_edit(cur, refs):
             src = refs["source"]
             return level_mean([
-                inverse_energy(1.0, masked_mean(cosine_map(f, warp(src[lv], "bilinear")), m_dst_f))
+                inverse_energy(1.0, masked_mean(cosine_map(f, warp(src[lv], spec.feature_warp)), m_dst_f))
                 for lv, f in cur.items()
             ])
 

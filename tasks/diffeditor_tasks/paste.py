@@ -41,6 +41,11 @@ class PasteSpec(EditSpec):
     w_edit: float = Field(4.0, ge=0.0, le=100.0, description="weight of the paste energy")
     w_content: float = Field(6.0, ge=0.0, le=100.0, description="weight of the content energy")
 
+    feature_warp: Literal["nearest", "bilinear"] = Field(
+        "bilinear",
+        description="how the reference features are moved to the destination for the edit "
+        "energy (the release: nearest; chosen by measurement, see README)",
+    )
     object_blend: float = Field(
         0.0, ge=0.0, le=1.0,
         description="fraction of the run (from the start) during which the destination is held "
@@ -81,7 +86,7 @@ class PasteTask(Task):
         def e_edit(cur, refs):
             rep = refs["reference"]
             return sum(
-                inverse_energy(1.0, masked_mean(sim01(cosine_map(f, warp(rep[lv], "bilinear"))), m_dst_f))
+                inverse_energy(1.0, masked_mean(sim01(cosine_map(f, warp(rep[lv], spec.feature_warp))), m_dst_f))
                 for lv, f in cur.items()
             )
 
