@@ -32,7 +32,6 @@ from .interfaces import EditPlan, Geometry
 from .plugins import get_registry
 from .specs import parse_spec
 
-
 GRADIENT_FLOOR = 1e-6
 """Below this (times the energy's size, at least 1), a summed |gradient| counts as zero."""
 

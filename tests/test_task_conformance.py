@@ -127,9 +127,9 @@ class BrokenTask(Task):
     name, version, spec_model = "broken", "0.1", BrokenSpec
 
     def plan(self, spec, images, geom):
-        from diffeditor.geometry import similarity_warp
-
         from diffeditor_tasks.base import grid_mask, work_mask
+
+        from diffeditor.geometry import similarity_warp
 
         m = work_mask(spec.mask, "mask", geom)
         m_f, m_l = grid_mask(m, geom.feature_hw), grid_mask(m, geom.latent_hw)
