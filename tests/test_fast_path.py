@@ -82,7 +82,12 @@ def test_reference_pass_batched_into_the_cfg_call_matches_separate_passes(editor
             0 if res.metadata["inversion_cached"] else SPECS[name]["steps"])
 
     assert sampling_calls(fast) == sampling_calls(plain)  # the references ride along: no extra calls
-    torch.testing.assert_close(fast.latent, plain.latent, **TOL)
+    # paste's guidance (lambda 1500 on this model) amplifies float rounding: a latent difference
+    # of 8.4e-6 becomes 2.3e-2 in its gradient, so with 1 thread the two orders of summation end
+    # 1.4e-3 apart (5e-4 with 2 threads); 5e-3 is still 250x below paste's smallest switch
+    # effect (1.28, test above)
+    tol = {"atol": 5e-3, "rtol": 5e-3} if name == "paste-cfg4" else TOL
+    torch.testing.assert_close(fast.latent, plain.latent, **tol)
 
 
 def test_bank_rows_past_inject_rows_attend_to_themselves(editor):
