@@ -79,6 +79,18 @@ def _versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+def _guidance_summary(log: list[dict], spec: EditSpec) -> dict[str, Any]:
+    """Per region, the size of the guidance term against the noise prediction over the guided
+    passes (RMS(k·∇E) / RMS(ε) inside the region, before any bound), and the bound."""
+    regions: dict[str, list[float]] = {}
+    for entry in log:
+        for region, ratio in entry["ratio"].items():
+            regions.setdefault(region, []).append(ratio)
+    return {"clip": getattr(spec, "guidance_clip", None), "passes": len(log),
+            "ratio": {r: {"max": round(max(v), 4), "mean": round(sum(v) / len(v), 4)}
+                      for r, v in regions.items()}}
+
+
 class Editor:
     """Edits images with one loaded model; keeps an inversion cache across edits.
 
@@ -192,6 +204,7 @@ class Editor:
             "timings_s": {k: round(v, 4) for k, v in timings.items()},
             "inversion_cached": out.inversion_cached,
             "memory_bank_bytes": out.bank_bytes,
+            "guidance": _guidance_summary(out.guidance, spec),
             "network_evaluations": out.counters,
             "options": dict(self.engine.options),
             "plan": {k: v for k, v in plan.info.items()},

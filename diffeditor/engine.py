@@ -25,6 +25,7 @@ from .features import decoder_features, output_and_features
 from .interfaces import EditPlan, Features
 from .sampling import (
     DDIMTimesteps,
+    bound_guidance,
     combine_cfg,
     ddim_invert,
     ddim_invert_step,
@@ -98,6 +99,7 @@ class EditOutput:
     counters: dict[str, int] = field(default_factory=dict)
     inversion_cached: bool = False
     bank_bytes: int = 0
+    guidance: list[dict] = field(default_factory=list)  # per guided pass, see Engine.edit
 
 
 class InversionCache:  # pragma: no mutate block
@@ -448,11 +450,16 @@ class Engine:
         plan: EditPlan,
         spec,
         net=None,
+        eps: Tensor | None = None,
+        log: list | None = None,
     ) -> Tensor:
         """Regional score-based guidance: ``Σ_r region_r ⊙ ∇_z(λ·Σ_{terms in r} w·E)``.
 
         One feature pass with gradient, one backward pass per region; energies in float32.
         ``net`` runs that pass instead of the UNet (the float32 copy of :meth:`_float32_net`).
+        Given the step's noise prediction ``eps``, each region's term ``k·region ⊙ ∇E`` is
+        measured against ``eps`` inside the region (its RMS ratio is appended to ``log`` by
+        region name) and, with ``spec.guidance_clip``, scaled down to at most that ratio.
         """
         terms = [term for term in plan.energies if term.weight != 0]
         if not terms:
@@ -482,8 +489,17 @@ class Engine:
                     # a failed batched backward may have freed the graph: build it again
                     continue
         correction = torch.zeros_like(z)
+        clip = getattr(spec, "guidance_clip", None)
         for region, grad in zip(names, grads):
-            correction = correction + regions[region].to(z) * grad.float()
+            mask = regions[region].to(z)
+            part = mask * grad.float()
+            if eps is not None and spec.guidance_k > 0:
+                bounded, ratio = bound_guidance(spec.guidance_k * part, eps, mask,
+                                                clip if clip is not None else float("inf"))
+                if log is not None:
+                    log.append((region, float(ratio.max())))
+                part = bounded / spec.guidance_k
+            correction = correction + part
         return correction.detach()
 
     def _region_grads(self, energies: Tensor, z: Tensor) -> list[Tensor]:
@@ -554,6 +570,7 @@ class Engine:
             keep = (1 - dilate(plan.sde_mask.to(self.device), 1)).to(torch.float32)
             pins.insert(0, (keep, lambda zs: zs["source"], int(round(spec.background_blend * n))))
         gen = torch.Generator("cpu").manual_seed(spec.seed)
+        guidance_log: list[dict] = []  # per guided pass: RMS(k·∇E) / RMS(ε) in each region
         bar = progress(n, "editing") if progress else None
         t1 = time.perf_counter()
         with memory_bank_patch(self.unet, bank):
@@ -586,8 +603,10 @@ class Engine:
                     if guided:
                         if ref_feats is None:  # cached across time-travel repeats
                             ref_feats = self._reference_features(inv, ref_names, ref_contexts, i, t, spec)
+                        ratios: list = []
                         eps_hat = eps + spec.guidance_k * self.guidance(z, t, cond, ref_feats, plan, spec,
-                                                                        net32)
+                                                                        net32, eps, ratios)
+                        guidance_log.append({"step": i, "pass": u, "ratio": dict(ratios)})
                     # 3. regional SDE/ODE step
                     sde = i in sched.sde and (eta_in > 0 or eta_out > 0)
                     noise = None
@@ -621,7 +640,7 @@ class Engine:
         return EditOutput(
             latent=z, image=image, timings=timings,
             counters={k: after[k] - getattr(before, k) for k in after},
-            inversion_cached=cached, bank_bytes=bank.nbytes(),
+            inversion_cached=cached, bank_bytes=bank.nbytes(), guidance=guidance_log,
         )
 
     def _reference_latents(self, inv: Inversion, names, i: int) -> Tensor:

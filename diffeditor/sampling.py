@@ -147,6 +147,24 @@ def ddim_invert(
     return latents
 
 
+def region_rms(x: Tensor, mask: Tensor) -> Tensor:
+    """Root mean square of ``x`` ``(B, C, h, w)`` over the cells of ``mask`` ``(1|B, 1, h, w)``
+    (weighted by the mask), per batch item: ``(B,)``; 0 for an empty mask."""
+    m = mask.to(x.dtype)
+    total = (m.sum(dim=(1, 2, 3)) * x.shape[1]).clamp(min=1e-12)
+    return ((m * x.square()).sum(dim=(1, 2, 3)) / total).sqrt()
+
+
+def bound_guidance(term: Tensor, eps: Tensor, mask: Tensor, max_ratio: float) -> tuple[Tensor, Tensor]:
+    """Scale a region's guidance term ``k·∇E`` so that its RMS inside ``mask`` is at most
+    ``max_ratio`` times the RMS of the noise prediction ``eps`` there; a term already inside the
+    bound is returned unchanged. Direction is kept. Returns ``(term, ratio before bounding)``."""
+    g, e = region_rms(term, mask), region_rms(eps, mask)
+    ratio = g / e.clamp(min=1e-12)
+    factor = torch.where(ratio > max_ratio, max_ratio / ratio.clamp(min=1e-12), torch.ones_like(ratio))
+    return term * factor.view(-1, 1, 1, 1), ratio
+
+
 def combine_cfg(eps_uncond: Tensor, eps_cond: Tensor, scale: float) -> Tensor:
     """Classifier-free guidance: ε = ε_u + s·(ε_c − ε_u)."""
     return eps_uncond + scale * (eps_cond - eps_uncond)

@@ -87,6 +87,13 @@ class EditSpec(BaseModel):
     image_prompt_scale: float = Field(
         0.1, ge=0.0, le=1.0, description="gamma: weight of the image-prompt cross-attention"
     )
+    guidance_clip: float | None = Field(
+        None,
+        gt=0.0,
+        le=100.0,
+        description="bound each region's guidance term k*grad to this many times the RMS of "
+        "the noise prediction inside the region (direction kept); none = unbounded (the release)",
+    )
     image_prompt_inversion: bool = Field(
         False,
         description="add the image prompt (gamma, in its window) while inverting too, as the "

@@ -326,12 +326,21 @@ def reference_edit(eng, plan, spec, *, guidance_rows_batched: bool = False) -> R
                             region = "all" if spec.guidance_region == "global" else term.region
                             groups.setdefault(region, []).append(term)
                     corr = torch.zeros_like(x)
+                    ratios = {}
                     for region, terms in groups.items():
                         energy = spec.energy_scale * sum(term.weight * term.fn(cur, refs) for term in terms).sum()
                         (grad,) = torch.autograd.grad(energy, xg, retain_graph=True)
                         mask = torch.ones_like(x[:, :1]) if region == "all" else plan.regions[region]
-                        corr = corr + mask * grad
-                eps_hat = eps + spec.guidance_k * corr
+                        term = spec.guidance_k * mask * grad
+                        # size against eps inside the region: sqrt(Σ m·x²/(Σm·C)) for both
+                        cells = float(mask.sum()) * x.shape[1]
+                        size = math.sqrt(float((mask * term**2).sum()) / cells)
+                        rel = size / math.sqrt(float((mask * eps**2).sum()) / cells)
+                        ratios[region] = rel
+                        if spec.guidance_clip is not None and rel > spec.guidance_clip:
+                            term = term * (spec.guidance_clip / rel)
+                        corr = corr + term
+                eps_hat = eps + corr
             sde = i in sde_steps and (spec.sde_strength > 0 or spec.sde_strength_outside > 0)
             x0 = (x - math.sqrt(1 - a_t) * eps_hat) / math.sqrt(a_t)
             var = (1 - a_p) / (1 - a_t) * (1 - a_t / a_p)
@@ -345,7 +354,8 @@ def reference_edit(eng, plan, spec, *, guidance_rows_batched: bool = False) -> R
             m = plan.sde_mask.float() if regional else torch.ones_like(x[:, :1])
             x_prev = m * z_in + (1 - m) * z_out
             ref.log.append({"step": i, "pass": u, "guided": g_on, "sde": sde, "z_in": x.clone(),
-                            "eps_hat_minus_eps": (eps_hat - eps).detach().clone()})
+                            "eps_hat_minus_eps": (eps_hat - eps).detach().clone(),
+                            "ratio": ratios if g_on else None})
             if u < passes - 1:  # time travel: back from t-Δ to t, eps at t-Δ, cond, no bank/ip
                 e_r = closed_form(unet, x_prev, max(t_low, 0), cond_c)[0]
                 x = math.sqrt(a_t) * (x_prev - math.sqrt(1 - a_p) * e_r) / math.sqrt(a_p) \

@@ -314,3 +314,25 @@ def test_float32_guidance_on_a_half_precision_model(oracle, scenes):
     assert torch.isfinite(res.latent).all() and eng16.dtype == torch.bfloat16
     passes = 5 + 2 * 2  # guided steps 0, 1, 2, 4, 6; steps 4 and 6 three passes each
     assert sum(c.grad for c in net32.calls) == passes and not any(c.grad for c in eng16.unet.calls)
+
+
+@pytest.mark.parametrize("name", ["move", "appearance", "compose"])
+def test_guidance_size_is_reported_and_bounded(oracle, scenes, name):
+    """Every guided pass reports RMS(k·∇E)/RMS(ε) per region (the oracle's numbers); with
+    ``guidance_clip`` each region's term is scaled down to that ratio, and only where above."""
+    out, *_, spec, plan = _run(oracle, scenes, name)
+    ref = reference_edit(oracle.engine, plan, spec)
+    want = [r["ratio"] for r in ref.log if r["guided"]]
+    assert [g["ratio"].keys() for g in out.guidance] == [w.keys() for w in want]
+    for got, exp in zip(out.guidance, want):
+        for region, ratio in exp.items():
+            assert got["ratio"][region] == pytest.approx(ratio, rel=1e-3, abs=1e-7), region
+    ratios = sorted(r for w in want for r in w.values())
+    clip = ratios[len(ratios) // 2]  # bites on about half of the region terms
+    out2, *_, spec2, plan2 = _run(oracle, scenes, name, guidance_clip=clip)
+    ref2 = reference_edit(oracle.engine, plan2, spec2)
+    torch.testing.assert_close(out2.latent, ref2.latent, atol=ATOL, rtol=0)
+    assert (out2.latent - out.latent).abs().max() > 50 * ATOL
+    # a bound above every ratio changes nothing
+    out3, *_ = _run(oracle, scenes, name, guidance_clip=ratios[-1] * 1.01)
+    torch.testing.assert_close(out3.latent, out.latent, atol=1e-6, rtol=0)
