@@ -146,10 +146,14 @@ class BankAttnProcessor:
         self.query_chunk = query_chunk
 
     # per-step Python state (the bank's step, mode and store): kept out of torch.compile's
-    # graphs, which would otherwise recompile at every step
+    # graphs, which would otherwise recompile at every step (recursively: ``process`` too)
     @torch.compiler.disable
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  temb=None, *args, **kwargs):
+        return self.process(attn, hidden_states, encoder_hidden_states, temb)
+
+    # undecorated, so that mutation testing reaches it (mutmut skips decorated functions)
+    def process(self, attn, hidden_states, encoder_hidden_states=None, temb=None):
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -192,17 +196,24 @@ def memory_bank_patch(unet, bank: MemoryBank) -> Iterator[MemoryBank]:
     Processors are swapped per module, so other patches (the image prompt's cross-attention
     processors, which also add entries to ``unet.attn_processors``) are left alone.
     """
+    saved = _install_bank_processors(unet, bank)
+    try:
+        yield bank
+    finally:
+        for mod, proc in saved:
+            mod.set_processor(proc)
+
+
+def _install_bank_processors(unet, bank: MemoryBank) -> list[tuple[object, object]]:
+    """Bank processors on the decoder self-attention layers; returns ``(layer, its processor)``
+    pairs to restore. (Apart from ``memory_bank_patch``, which mutmut cannot mutate: decorated.)"""
     saved = []
     for name, mod in _decoder_self_attention(unet):
         saved.append((mod, mod.processor))
         # keep the layer's attention slicing, if any
         mod.set_processor(BankAttnProcessor(name + ".processor", bank,
                                             getattr(mod.processor, "query_chunk", None)))
-    try:
-        yield bank
-    finally:
-        for mod, proc in saved:
-            mod.set_processor(proc)
+    return saved
 
 
 def self_attention_layers(module) -> list[tuple[str, object]]:
