@@ -1,5 +1,8 @@
 """nox sessions: ``nox -s tests`` (the whole suite), ``nox -s fast`` (no slow end-to-end
-cases), ``nox -s lint`` (ruff)."""
+cases), ``nox -s lint`` (ruff), ``nox -s mutate`` (mutation testing, not run by default)."""
+
+import os
+import shutil
 
 import nox
 
@@ -29,3 +32,19 @@ def fast(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     session.install("ruff")
     session.run("ruff", "check", "diffeditor", "tasks", "plugins", "tests")
+
+
+@nox.session
+def mutate(session: nox.Session) -> None:
+    """Mutation testing of the sampler's kernel (docs/testing.md): mutmut over the files and
+    tests named in pyproject's [tool.mutmut], then the kill rate. ``nox -s mutate -- NAME...``
+    runs only the named mutants (globs allowed). Threads pinned: MUTMUT_CHILDREN workers
+    (default 2), one thread each."""
+    _install(session)
+    session.install("mutmut==3.8.1")  # mutant ids (docs/mutants-equivalent.txt) follow its operators
+    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    children = os.environ.get("MUTMUT_CHILDREN", "2")
+    if not session.posargs:  # a full run starts afresh: mutmut keeps verdicts when only tests change
+        shutil.rmtree("mutants", ignore_errors=True)
+    session.run("mutmut", "run", "--max-children", children, *session.posargs, env=env)
+    session.run("python", "tools/mutation_report.py", env=env)

@@ -15,6 +15,25 @@ SHAPES_MODEL = Path(
 )
 SHARED = Path(os.environ.get("DIFFEDITOR_SHARED", REPO.parent / "shared"))
 
+# The tests mutation testing runs (`nox -s mutate`, docs/testing.md): fast and model-free. A
+# file name takes the whole file, ``file::function`` one test; files that do not exist (yet) are
+# simply not there. They get the ``mutation`` marker, which pyproject's [tool.mutmut] selects.
+MUTATION_SUITE = frozenset({
+    "test_sampling_properties.py",
+    "test_schedule.py",
+    "test_guidance_bound.py",
+    "test_attention_bank.py",
+    "test_loop_oracle.py",
+    "test_engine.py::test_memory_bank_policies",
+})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = item.path.name
+        if name in MUTATION_SUITE or f"{name}::{item.originalname}" in MUTATION_SUITE:
+            item.add_marker(pytest.mark.mutation)
+
 
 def write_disc_scene(folder: Path, editable: bool = False) -> Path:
     """A red square on gray (``i.png``) and its mask (``m.png``), 128x128; with ``editable``

@@ -23,6 +23,7 @@ from diffeditor.sampling import (
     ddim_invert,
     ddim_invert_step,
     predict_x0,
+    region_rms,
     regional_step,
     sde_sigma,
 )
@@ -32,16 +33,23 @@ FAST = settings(max_examples=40, deadline=None)
 SLOW = settings(max_examples=15, deadline=None)
 
 
-def sd15_scheduler() -> DDIMScheduler:
-    return DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        timestep_spacing="leading",
-    )
+def sd15_scheduler(**overrides) -> DDIMScheduler:
+    return DDIMScheduler(**{
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+        "timestep_spacing": "leading",
+        **overrides,
+    })
+
+
+# other spacings: with no offset, the last-but-one step of "leading" denoises to t = 0 exactly
+SCHEDULER_VARIANTS = [{}, {"steps_offset": 0}, {"timestep_spacing": "trailing", "steps_offset": 0},
+                      {"timestep_spacing": "linspace", "steps_offset": 0},
+                      {"set_alpha_to_one": True}]
 
 
 @st.composite
@@ -86,9 +94,9 @@ def close(a, b, atol=1e-5, rtol=1e-5):
 
 
 @FAST
-@given(n=st.integers(2, 100))
-def test_grid_matches_scheduler(n):
-    sched = sd15_scheduler()
+@given(n=st.integers(2, 100), variant=st.sampled_from(SCHEDULER_VARIANTS))
+def test_grid_matches_scheduler(n, variant):
+    sched = sd15_scheduler(**variant)
     grid = DDIMTimesteps.from_scheduler(sched, n)
     ts = grid.timesteps
     assert grid.num_steps == n
@@ -97,8 +105,9 @@ def test_grid_matches_scheduler(n):
     assert bool((ts[:-1] > ts[1:]).all()), "timesteps must be strictly descending"
     assert grid.alphas.dtype == torch.float64 and grid.alphas_prev.dtype == torch.float64
     assert torch.equal(grid.alphas, sched.alphas_cumprod.double()[ts])
-    # alphas_prev[i] is the alpha of the next (less noisy) grid timestep
-    assert torch.equal(grid.alphas_prev[:-1], grid.alphas[1:])
+    if sched.config.timestep_spacing == "leading":  # evenly spaced by the ratio below:
+        # alphas_prev[i] is the alpha of the next (less noisy) grid timestep
+        assert torch.equal(grid.alphas_prev[:-1], grid.alphas[1:])
     assert grid.alphas_prev[-1].item() == float(sched.final_alpha_cumprod)
     # and it is what diffusers' step() uses as alpha_prod_t_prev
     ratio = sched.config.num_train_timesteps // sched.num_inference_steps
@@ -106,6 +115,27 @@ def test_grid_matches_scheduler(n):
         prev = int(ts[i]) - ratio
         expect = sched.alphas_cumprod[prev] if prev >= 0 else sched.final_alpha_cumprod
         assert grid.alphas_prev[i].item() == float(expect)
+    # the timestep each step denoises to (where time travel evaluates its rollback), >= 0
+    assert grid.timesteps_prev.dtype == torch.long
+    assert grid.timesteps_prev.tolist() == [max(int(t) - ratio, 0) for t in ts]
+
+
+def test_grid_keeps_the_schedulers_alphas_exact():
+    """The grid is float64 end to end: a float64 alpha table and a Python-float final alpha
+    arrive unrounded (float32 would round both)."""
+    table = torch.linspace(0.9991, 0.0047, 1000, dtype=torch.float64) ** 1.5
+
+    def set_timesteps(n):
+        sched.timesteps = torch.arange(0, 1000, 1000 // n).flip(0)
+
+    sched = types.SimpleNamespace(config=types.SimpleNamespace(num_train_timesteps=1000),
+                                  alphas_cumprod=table, final_alpha_cumprod=1 / 3,
+                                  set_timesteps=set_timesteps)
+    grid = DDIMTimesteps.from_scheduler(sched, 10)
+    assert grid.timesteps.tolist() == list(range(900, -1, -100))
+    assert torch.equal(grid.alphas, table[grid.timesteps])
+    assert torch.equal(grid.alphas_prev[:-1], table[grid.timesteps[1:]])
+    assert grid.alphas_prev[-1].item() == 1 / 3
 
 
 def test_grid_50_steps_is_reference():
@@ -258,7 +288,8 @@ def test_eps_hat_enters_only_through_x0(gp, seed, eta_in, kind, scale):
     guided, x0 = regional_step(z, eps, a, ap, eps_hat=eps + scale * d, **kw)
     coef = math.sqrt(float(ap)) * -(math.sqrt(1 - float(a)) / math.sqrt(float(a)))
     close(guided - base, coef * scale * d, atol=2e-4, rtol=1e-4)
-    close(x0, predict_x0(z, eps + scale * d, a.float()))
+    # x̂0 is predict_x0 with ᾱ_t in the latent's dtype, bit for bit
+    assert torch.equal(x0, predict_x0(z, eps + scale * d, a.float()))
     close(x0 - x0_base, -(math.sqrt(1 - float(a)) / math.sqrt(float(a))) * scale * d,
           atol=2e-4, rtol=1e-4)
 
@@ -287,16 +318,24 @@ def test_ddim_invert_indexing_round_trip(n, seed):
     """latents[N - i] is the latent denoising step i starts from; eps_fn gets that index."""
     grid = DDIMTimesteps.from_scheduler(sd15_scheduler(), n)
     eps_by_index = {i: randn(seed + 10 + i) for i in range(n)}
-    calls, ticks = [], []
+    calls, ticks, seen, called_back = [], [], [], []
 
     def eps_fn(z, i):
         calls.append(i)
+        seen.append(z)
         return eps_by_index[i]
 
+    def callback(i, z):
+        ticks.append(i)
+        called_back.append(z)
+
     z0 = randn(seed)
-    latents = ddim_invert(z0, eps_fn, grid, callback=lambda i, z: ticks.append(i))
+    latents = ddim_invert(z0, eps_fn, grid, callback=callback)
     assert len(latents) == n + 1 and latents[0] is z0
     assert calls == list(range(n - 1, -1, -1)) and ticks == calls
+    # eps_fn sees the latent being inverted, the callback the one just made
+    assert all(a is b for a, b in zip(seen, latents[:-1]))
+    assert all(a is b for a, b in zip(called_back, latents[1:]))
     z = latents[-1]
     for i in range(n):
         z, _ = regional_step(z, eps_by_index[i], grid.alphas[i], grid.alphas_prev[i])
@@ -315,8 +354,64 @@ def test_combine_cfg(seed, scale):
 def test_noise_required_when_stochastic():
     grid = DDIMTimesteps.from_scheduler(sd15_scheduler(), 50)
     z = randn(0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^a noise tensor is required when eta > 0$"):
         regional_step(z, z, grid.alphas[15], grid.alphas_prev[15], eta_in=0.4)
+    with pytest.raises(ValueError, match="^a noise tensor is required when eta > 0$"):
+        regional_step(z, z, grid.alphas[15], grid.alphas_prev[15], mask=make_mask(0, "half"),
+                      eta_out=0.4)
+
+
+@FAST
+@given(a=st.floats(0.01, 0.99), gap=st.floats(1e-7, 1e-2), seed=seeds, eta=st.floats(0.05, 1.0),
+       kind=mask_kinds)
+def test_alphas_as_floats_or_float64_tensors_give_the_same_step(a, gap, seed, eta, kind):
+    """The step's coefficients are computed in float64 whatever form the alphas come in:
+    Python floats give exactly the float64 tensors' result. (diffusers' tables are float32
+    values, which float32 would keep; close alphas off that grid show any rounding through
+    σ's 1 − ᾱ_t/ᾱ_prev.)"""
+    z, eps, n = randn(seed), randn(seed + 1), randn(seed + 2)
+    a, ap = torch.tensor(a, dtype=torch.float64), torch.tensor(a + gap, dtype=torch.float64)
+    kw = dict(mask=make_mask(seed, kind), eta_in=eta, eta_out=eta / 2, noise=n)
+    want, want_x0 = regional_step(z, eps, a, ap, **kw)
+    got, got_x0 = regional_step(z, eps, float(a), float(ap), **kw)
+    assert torch.equal(got, want) and torch.equal(got_x0, want_x0)
+    assert torch.equal(ddim_invert_step(z, eps, float(ap), float(a)), ddim_invert_step(z, eps, ap, a))
+
+
+@FAST
+@given(gp=grid_point(), seed=seeds, eta=st.floats(0.0, 1.0))
+def test_mask_of_any_dtype(gp, seed, eta):
+    """A boolean or float64 mask is the float32 mask: same step, in the latent's dtype."""
+    _, grid, i = gp
+    z, eps, n = randn(seed), randn(seed + 1), randn(seed + 2)
+    a, ap = grid.alphas[i], grid.alphas_prev[i]
+    m = make_mask(seed, "random")
+    want, _ = regional_step(z, eps, a, ap, mask=m, eta_in=eta, noise=n)
+    for other in (m.bool(), m.double()):
+        got, _ = regional_step(z, eps, a, ap, mask=other, eta_in=eta, noise=n)
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+@FAST
+@given(seed=seeds)
+def test_region_rms_by_hand(seed):
+    """√(Σ m·x² / (C·Σ m)) per batch item, m the mask's weights, in x's dtype; 0 for an empty
+    mask. C, h, w differ; one item's mask weighs less than one cell."""
+    x = randn(seed, (2, 3, 4, 5)) + 0.1
+    m = torch.rand(2, 1, 4, 5, generator=torch.Generator().manual_seed(seed)).double()
+    m[1] = 0
+    m[1, 0, 2, 3] = 0.01
+    want = ((m * x.double() ** 2).sum((1, 2, 3)) / (3 * m.sum((1, 2, 3)))).sqrt()
+    for mask in (m.float(), m):  # any mask dtype: the result follows x
+        got = region_rms(x, mask)
+        assert got.dtype == torch.float32 and got.shape == (2,)
+        close(got.double(), want, atol=0, rtol=1e-5)
+    # one mask broadcast over the batch; a boolean mask; an empty mask
+    item1 = ((m[0] * x[1].double() ** 2).sum() / (3 * m[0].sum())).sqrt()
+    close(region_rms(x, m[:1].float()).double(), torch.stack([want[0], item1]))
+    b = m[:1] > 0.5
+    close(region_rms(x, b), ((b * x**2).sum((1, 2, 3)) / (3 * b.sum())).sqrt())
+    assert torch.equal(region_rms(x, torch.zeros(1, 1, 4, 5)), torch.zeros(2))
 
 
 # -- regional guidance in Engine.guidance ------------------------------------------------------
@@ -324,7 +419,7 @@ def test_noise_required_when_stochastic():
 _W = torch.randn((3, 4, 3, 3), generator=torch.Generator().manual_seed(7))
 
 
-def _features(z, t, context, levels, scale):
+def _features(z, t, context, levels, scale, *net):  # (engine's optional `net` argument)
     # a differentiable, spatially mixing stand-in for the UNet decoder features
     f = torch.nn.functional.conv2d(z, _W.to(z), padding=1)
     return {1: torch.tanh(f), 2: f * f}
