@@ -10,6 +10,8 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+if REPO.name == "mutants":  # mutation testing runs a copy of the tests, from <repo>/mutants/tests
+    REPO = REPO.parent
 SHAPES_MODEL = Path(
     os.environ.get("DIFFEDITOR_SHAPES_MODEL", REPO.parent / "shared" / "models" / "shapes-ldm")
 )
