@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -69,10 +70,74 @@ def resolve_dtype(dtype: str | None, device: "torch.device") -> "torch.dtype":
     return getattr(torch, name)
 
 
-def resolve_model(model: str | None, registry=None) -> tuple[str, ModelEntry | None]:
-    """A model name, local folder or hub id -> (location, registered entry or None)."""
-    from pathlib import Path
+MODEL_CARD = "diffeditor.json"
+"""A model folder's own settings for diffeditor, beside ``model_index.json``::
 
+    {"description": "...", "defaults": {"guidance_scale": 1.0, "move.energy_scale": 1000.0},
+     "image_prompt": {"weights": "ip.bin", "encoder": "image_encoder"}}
+
+``defaults`` are spec-field defaults as in :class:`ModelEntry` (``"<task>.<field>"`` for one
+task); ``image_prompt`` paths are relative to the folder. Every key is optional."""
+
+
+def read_model_card(folder: str | Path, registry=None, check_fields: bool = True) -> ModelEntry | None:
+    """The :class:`ModelEntry` described by ``folder/diffeditor.json``, or ``None`` without one.
+
+    Raises :class:`~diffeditor.errors.ModelError` (one line naming the file and key) for a file
+    that is not a JSON mapping, or (``check_fields``) a default naming no field of any
+    registered task; a plugin reading its own card while registering passes ``False``."""
+    import json
+
+    from .errors import ModelError
+
+    folder = Path(folder).expanduser()
+    path = folder / MODEL_CARD
+    if not path.is_file():
+        return None
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path}: not a readable JSON file ({exc}); fix or remove it") from None
+    allowed = {"description", "defaults", "image_prompt"}
+    if not isinstance(card, dict) or set(card) - allowed:
+        extra = sorted(set(card) - allowed) if isinstance(card, dict) else []
+        raise ModelError(f"{path}: expected a mapping with keys {', '.join(sorted(allowed))}"
+                         + (f"; unknown: {', '.join(extra)}" if extra else ""))
+    defaults = card.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise ModelError(f"{path}: defaults must be a mapping of spec fields to values")
+    if check_fields:
+        _check_default_keys(defaults, path, registry)
+    ip = card.get("image_prompt")
+    if ip is not None:
+        if not isinstance(ip, dict) or set(ip) != {"weights", "encoder"}:
+            raise ModelError(f"{path}: image_prompt must be {{'weights': FILE, 'encoder': FOLDER}}")
+        ip = {k: str(folder / v) for k, v in ip.items()}
+    return ModelEntry(name=str(folder), location=str(folder),
+                      description=str(card.get("description", "")), defaults=dict(defaults),
+                      image_prompt=ip)
+
+
+def _check_default_keys(defaults: dict, path: Path, registry=None) -> None:
+    from .errors import ModelError
+    from .plugins import get_registry
+
+    reg = registry or get_registry()
+    specs = {name: task.spec_model for name, task in reg.tasks.items()}
+    for key in defaults:
+        task, _, name = key.rpartition(".")
+        models = [specs[task]] if task in specs else ([] if task else list(specs.values()))
+        if not any(name in m.model_fields for m in models):
+            raise ModelError(f"{path}: defaults.{key}: no such spec field"
+                             + (f" of task {task!r}" if task in specs else "")
+                             + (f" (unknown task {task!r})" if task and task not in specs else ""))
+
+
+def resolve_model(model: str | None, registry=None) -> tuple[str, ModelEntry | None]:
+    """A model name, local folder or hub id -> (location, entry or None).
+
+    The entry is the registered one for a name, the folder's ``diffeditor.json`` for a folder
+    that has one (so a registered model's folder, or a copy of it, behaves as its name)."""
     from .plugins import get_registry
 
     model = model or DEFAULT_MODEL
@@ -81,7 +146,8 @@ def resolve_model(model: str | None, registry=None) -> tuple[str, ModelEntry | N
         entry = reg.models[model]
         return entry.location, entry
     if Path(model).expanduser().exists():
-        return str(Path(model).expanduser()), None
+        folder = Path(model).expanduser()
+        return str(folder), read_model_card(folder, reg)
     looks_like_path = model.startswith((".", "/", "~")) or model.count("/") != 1
     if looks_like_path:
         from .errors import ModelError

@@ -155,3 +155,72 @@ def test_image_prompt_runs_in_its_step_window(tmp_path, shapes_model):
     assert set(seen) == {0.0, 0.5}
     without = editor.edit({**spec, "image_prompt_scale": 0.0}, base_dir=tmp_path).latent
     assert not torch.allclose(with_ip, without)
+
+
+def _copy_of_shapes(folder: Path) -> Path:
+    """A copy of the installed shapes model's folder (weights linked, files copied)."""
+    from diffeditor.plugins import get_registry
+
+    if "shapes" not in get_registry().models:
+        pytest.skip("diffeditor-shapes is not installed")
+    src = Path(get_registry().models["shapes"].location)
+    folder.mkdir()
+    for item in src.iterdir():
+        if item.is_dir():
+            (folder / item.name).symlink_to(item, target_is_directory=True)
+        else:
+            (folder / item.name).write_bytes(item.read_bytes())
+    return folder
+
+
+def test_model_defaults_travel_with_the_weights(tmp_path):
+    """``--model shapes`` and ``--model <a copy of its folder>`` give the same specs: the
+    defaults are the folder's ``diffeditor.json``, checked against the registered tasks."""
+    from diffeditor.specs import parse_spec
+
+    copy = _copy_of_shapes(tmp_path / "copy")
+    loc_a, by_name = resolve_model("shapes")
+    loc_b, by_path = resolve_model(str(copy))
+    assert by_path is not None and by_path.defaults == by_name.defaults and by_path.defaults
+    assert by_path.defaults["guidance_scale"] == 1.0  # not the release's 4
+    img = np.zeros((128, 128, 3), np.uint8)
+    Image.fromarray(img).save(tmp_path / "i.png")
+    img[40:80, 40:80] = 255
+    Image.fromarray(img[..., 0]).save(tmp_path / "m.png")
+    spec = {"task": "move", "image": "i.png", "mask": "m.png", "offset": [5, 0]}
+    a = parse_spec(spec, base_dir=tmp_path, defaults=by_name.defaults)
+    b = parse_spec(spec, base_dir=tmp_path, defaults=by_path.defaults)
+    assert a == b and a.energy_scale == 1000.0 and a.vacated_init == "background"
+    (copy / "diffeditor.json").unlink()  # without a card: the release's defaults
+    assert resolve_model(str(copy))[1] is None
+
+
+@pytest.mark.parametrize("card, words", [
+    ("{not json", "not a readable JSON file"),
+    ('["a"]', "expected a mapping"),
+    ('{"defaults": {}, "colour": 1}', "unknown: colour"),
+    ('{"defaults": {"guidance_scal": 2}}', "defaults.guidance_scal: no such spec field"),
+    ('{"defaults": {"move.handles": 2}}', "defaults.move.handles: no such spec field of task 'move'"),
+    ('{"defaults": {"teleport.offset": 2}}', "unknown task 'teleport'"),
+    ('{"image_prompt": {"weights": "ip.bin"}}', "image_prompt must be"),
+])
+def test_a_bad_model_card_is_one_clear_line(tmp_path, card, words, capsys):
+    from diffeditor.cli import main
+
+    copy = _copy_of_shapes(tmp_path / "copy")
+    (copy / "diffeditor.json").write_text(card)
+    with pytest.raises(ModelError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        resolve_model(str(copy))
+    code = main(["edit", str(tmp_path / "none.yaml"), "--model", str(copy), "--out", str(tmp_path / "o.png")])
+    err = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in err and words in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_shapes_card_names_real_fields():
+    from diffeditor.models import read_model_card
+    from diffeditor.plugins import get_registry
+
+    if "shapes" not in get_registry().models:
+        pytest.skip("diffeditor-shapes is not installed")
+    entry = read_model_card(get_registry().models["shapes"].location)  # checks every key
+    assert entry.defaults == get_registry().models["shapes"].defaults
