@@ -121,6 +121,9 @@ def _run_case(task: str, seed: int, overrides: dict, steps: int) -> dict[str, An
     vae = ((eng.decode(eng.encode_image(x))[0].permute(1, 2, 0).cpu().numpy() + 1) * 127.5)
     vae = vae.round().clip(0, 255).astype(np.uint8)
     scores["vae_psnr_outside_db"] = score_case(case, vae)["psnr_outside_db"]
+    # the guidance term's largest size against eps in any region (RMS ratio, before a bound)
+    ratios = result.metadata.get("guidance", {}).get("ratio", {})
+    scores["guidance_ratio_max"] = max((r["max"] for r in ratios.values()), default=0.0)
     return {"task": task, "seed": seed, "seconds": seconds, **scores}
 
 
@@ -139,6 +142,7 @@ def summarise(rows: list[dict]) -> dict[str, dict[str, float]]:
             "vae_psnr_outside_db": statistics.fmean(
                 r["vae_psnr_outside_db"] for r in rs if math.isfinite(r["vae_psnr_outside_db"])),
             "seconds_per_edit": statistics.fmean(r["seconds"] for r in rs),
+            "guidance_ratio_max": max(r.get("guidance_ratio_max", 0.0) for r in rs),
         }
     return out
 
