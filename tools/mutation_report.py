@@ -87,7 +87,9 @@ def main() -> int:
         print("stale equivalent entry:", line)
     if args.survivors:
         print("\n".join(["survivors (not listed as equivalent):", *survivors]))
-    _, total, unrun, equiv, killed = total_row
+    _, total, unrun, equiv, killed = total_row  # the summary: the last row printed
+    tried = total - unrun - equiv
+    rate = 100.0 * killed / tried if tried else float("nan")
     print(f"mutation kill rate: {killed}/{tried} = {rate:.1f}% of non-equivalent mutants "
           f"({equiv} equivalent, {tried - killed} surviving"
           + (f"; {unrun} of {total} not run)" if unrun else ")"))
