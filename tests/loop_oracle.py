@@ -106,6 +106,11 @@ class AnalyticUNet(torch.nn.Module):
     def forward(self, sample, timestep, encoder_hidden_states, return_dict=True,
                 added_cond_kwargs=None, **_):
         dtype = self.up_blocks[0].attn1.to_q.weight.dtype  # computes in its weights' dtype
+        given = [sample.dtype, encoder_hidden_states.dtype]
+        if added_cond_kwargs is not None:
+            given.append(added_cond_kwargs["image_embeds"][0].dtype)
+        if any(d != dtype for d in given):  # as a real UNet's layers would refuse them
+            raise TypeError(f"inputs {given} to a {dtype} UNet")
         z = sample.to(dtype)
         b = z.shape[0]
         t = float(torch.as_tensor(timestep).reshape(-1)[0])
@@ -143,7 +148,8 @@ class RecordingImagePrompt:
     def added_cond_kwargs(self, batch: int, cond_rows=None) -> dict:
         rows = cond_rows if cond_rows is not None else [True] * batch
         vals = torch.stack([self.cond if c else torch.tensor(UNCOND_IP) for c in rows])
-        return {"image_embeds": [vals.view(batch, 1, 1)]}
+        dtype = next(self.unet.parameters()).dtype  # as the real runtime: the UNet's dtype
+        return {"image_embeds": [vals.view(batch, 1, 1).to(dtype)]}
 
 
 def analytic_engine(like, dtype: torch.dtype = torch.float32):

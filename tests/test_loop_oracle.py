@@ -25,7 +25,8 @@ from PIL import Image
 from diffeditor.editor import Editor
 
 N = 10
-ATOL = 1e-4  # float32 arithmetic in another order (measured <= 2.5e-5); mechanisms move >= 5e-3
+ATOL = 5e-4  # float32 sums in another order: measured up to 1.8e-4 (one thread, paste with
+#              image-prompt inversion), 2.5e-5 elsewhere; every mechanism moves >= 2.5e-2
 SCHEDULE = {
     "guidance": [{"steps": [0, 1, 2, 4, 6]}],
     "sde": {"steps": [2, 3]},
@@ -241,6 +242,8 @@ def test_every_call_of_the_edit(oracle, scenes, name, cfg, merge):
                 torch.testing.assert_close(c.ctx, torch.tensor([cond]))
             passes_seen.append(i)
     assert next(it, None) is None  # no other call
+    partial = sum(c.out is None for c in calls)  # feature passes stopped after their last level
+    assert out.counters["unet_partial"] == partial and out.counters["unet_forward"] == len(calls) - partial + N
     assert passes_seen == [i for i in range(N) for _ in range(3 if i in {4, 6} else 1)]
 
 
