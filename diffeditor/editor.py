@@ -86,7 +86,7 @@ def _guidance_summary(log: list[dict], spec: EditSpec) -> dict[str, Any]:
     for entry in log:
         for region, ratio in entry["ratio"].items():
             regions.setdefault(region, []).append(ratio)
-    return {"clip": getattr(spec, "guidance_clip", None), "passes": len(log),
+    return {"clip": spec.guidance_clip, "passes": len(log),
             "ratio": {r: {"max": round(max(v), 4), "mean": round(sum(v) / len(v), 4)}
                       for r, v in regions.items()}}
 

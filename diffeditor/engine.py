@@ -489,15 +489,15 @@ class Engine:
                     # a failed batched backward may have freed the graph: build it again
                     continue
         correction = torch.zeros_like(z)
-        clip = getattr(spec, "guidance_clip", None)
         for region, grad in zip(names, grads):
             mask = regions[region].to(z)
             part = mask * grad.float()
             if eps is not None and spec.guidance_k > 0:
+                clip = spec.guidance_clip
                 bounded, ratio = bound_guidance(spec.guidance_k * part, eps, mask,
                                                 clip if clip is not None else float("inf"))
-                if log is not None:
-                    log.append((region, float(ratio.max())))
+                if log is not None:  # a tensor: read once the edit ends (no sync per pass)
+                    log.append((region, ratio.max()))
                 part = bounded / spec.guidance_k
             correction = correction + part
         return correction.detach()
@@ -542,14 +542,14 @@ class Engine:
         bank_steps = frozenset() if policy.mode == "off" else sched.memory_bank
         if self.image_prompt is not None:
             self.image_prompt.set_image(plan.images[plan.image_prompt_source])
-        ip_inversion = (spec.image_prompt_scale, sched.image_prompt) if getattr(
-            spec, "image_prompt_inversion", False) and spec.image_prompt_scale > 0 else None
+        ip_inversion = ((spec.image_prompt_scale, sched.image_prompt)
+                        if spec.image_prompt_inversion and spec.image_prompt_scale > 0 else None)
         inv, cached = self.invert(plan, grid, progress, bank_steps, ip_inversion)
         timings["inversion"] = 0.0 if cached else inv.seconds
         bank = inv.bank
         bank.policy = policy
         bank._mask_cache.clear()
-        net32 = self._float32_net() if getattr(spec, "guidance_precision", "model") == "float32" else None
+        net32 = self._float32_net() if spec.guidance_precision == "float32" else None
         n = grid.num_steps
         z = plan.surgery({k: v[-1] for k, v in inv.latents.items()}) if plan.surgery else inv.latents["source"][-1]
         z = z.to(self.device, torch.float32)
@@ -640,7 +640,8 @@ class Engine:
         return EditOutput(
             latent=z, image=image, timings=timings,
             counters={k: after[k] - getattr(before, k) for k in after},
-            inversion_cached=cached, bank_bytes=bank.nbytes(), guidance=guidance_log,
+            inversion_cached=cached, bank_bytes=bank.nbytes(),
+            guidance=[{**g, "ratio": {r: float(v) for r, v in g["ratio"].items()}} for g in guidance_log],
         )
 
     def _reference_latents(self, inv: Inversion, names, i: int) -> Tensor:
