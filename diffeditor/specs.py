@@ -51,7 +51,10 @@ class EditSpec(BaseModel):
 
     task: str = Field(description="the editing task")
     image: Path = Field(description="the image to edit (path relative to the spec file)")
-    prompt: str = Field("", description="text prompt describing the image")
+    prompt: str = Field(
+        "", description="text prompt: describe the wanted result (for appearance and paste: the "
+        "scene with the new colour or the pasted object; measured better on the shapes model, "
+        "docs/quality.md)")
     seed: int = Field(42, ge=0, le=2**32 - 1, description="random seed (SDE noise)")
     steps: int = Field(50, ge=2, le=1000, description="DDIM steps (inversion and editing)")
     resolution: int | None = Field(
