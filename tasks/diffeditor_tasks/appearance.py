@@ -14,14 +14,14 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field
 
+from diffeditor.energies import cosine_map, inverse_energy, masked_mean, mean_feature, sim01
 from diffeditor.hookspecs import hookimpl
 from diffeditor.interfaces import AttentionPolicy, EditPlan, EnergyTerm, Geometry, Task
+from diffeditor.masks import check_mask_file, grid_mask, reference_work_mask, work_mask
 from diffeditor.schedule import Window
 from diffeditor.specs import EditSpec, path_validators
 
 from . import __version__
-from .base import check_mask_file, grid_mask, reference_work_mask, work_mask
-from .energies import cosine_map, inverse_energy, masked_mean, mean_feature, sim01
 
 MEMORY_WINDOW = Window(start=0.0, stop=0.72)  # reference: i <= 35 of 50
 

@@ -101,7 +101,8 @@ def score_case(case, edited: np.ndarray) -> dict[str, float]:
     }
 
 
-def _run_case(task: str, seed: int, overrides: dict, steps: int) -> dict[str, Any]:
+def _run_case(task: str, seed: int, overrides: dict, steps: int,
+              save_dir: str | None = None) -> dict[str, Any]:
     from diffeditor_shapes.scenes import make_case, save_case
 
     case = make_case(task, seed)
@@ -124,6 +125,15 @@ def _run_case(task: str, seed: int, overrides: dict, steps: int) -> dict[str, An
     # the guidance term's largest size against eps in any region (RMS ratio, before a bound)
     ratios = result.metadata.get("guidance", {}).get("ratio", {})
     scores["guidance_ratio_max"] = max((r["max"] for r in ratios.values()), default=0.0)
+    if save_dir is not None:
+        from PIL import Image
+
+        from diffeditor.imageio import save_image
+
+        stem = Path(save_dir) / f"{task}-{seed:04d}"
+        for suffix, arr in (("", edited), ("-source", case.source), ("-truth", case.result),
+                            ("-vae", vae)):
+            save_image(Image.fromarray(arr), stem.with_name(stem.name + suffix + ".png"))
     return {"task": task, "seed": seed, "seconds": seconds, **scores}
 
 
@@ -149,14 +159,17 @@ def summarise(rows: list[dict]) -> dict[str, dict[str, float]]:
 
 def evaluate(tasks, cases: int, ablations, model: str = "shapes", device: str = "cpu",
              jobs: int = 1, steps: int = 50, seed: int = 0, overrides: dict | None = None,
-             progress=None) -> dict[str, Any]:
-    """Run and score every (ablation, task, case). Returns per-case rows and summaries."""
+             progress=None, save_images: str | Path | None = None) -> dict[str, Any]:
+    """Run and score every (ablation, task, case). Returns per-case rows and summaries.
+    ``save_images``: write each edit (and its source, truth and VAE round trip) to
+    ``save_images/<ablation>/<task>-<seed>{,-source,-truth,-vae}.png``."""
     work = [(ab, task, seed + k) for ab in ablations for task in tasks for k in range(cases)]
     results: list[dict] = []
     threads = max(1, (os.cpu_count() or 1) // max(jobs, 1))
 
     def job_args(ab, task, s):
-        return (task, s, _deep_update(ABLATIONS[ab], overrides or {}), steps)
+        folder = str(Path(save_images) / ab) if save_images is not None else None
+        return (task, s, _deep_update(ABLATIONS[ab], overrides or {}), steps, folder)
 
     t0 = time.perf_counter()
     if jobs <= 1:
@@ -200,7 +213,7 @@ def format_table(summary: dict) -> str:
 def add_shapes_command(benchmarks) -> None:
     p = benchmarks.add_parser(
         "shapes", help="edits with a known right answer on the shapes model (CPU)",
-        description=__doc__.split("\n\n")[0],
+        description=__doc__.split("\n\n")[0].replace("``", ""),
     )
     p.add_argument("--task", action="append", choices=TASKS, help="task(s) to run (default: all)")
     p.add_argument("--cases", type=int, default=10, help="cases per task (default 10)")
@@ -209,12 +222,17 @@ def add_shapes_command(benchmarks) -> None:
     p.add_argument("--all-ablations", action="store_true", help="run every ablation")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                    help="override a spec field for every case, e.g. --set energy_scale=2000")
-    p.add_argument("--model", default="shapes")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--model", default="shapes",
+                   help="model name or folder (default: shapes, the model of this world)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps per edit (default: 50)")
     p.add_argument("--seed", type=int, default=0, help="first case seed (default 0)")
     p.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
     p.add_argument("--json", type=Path, metavar="OUT", help="write per-case rows and summaries")
+    p.add_argument("--save-images", type=Path, metavar="DIR", default=None,
+                   help="write every edit to DIR/<ablation>/<task>-<seed>.png beside its -source, "
+                   "-truth and -vae (VAE round trip) pictures; DIR must be new or empty "
+                   "(default: no images)")
     p.set_defaults(func=run_shapes)
 
 
@@ -237,14 +255,27 @@ def run_shapes(args) -> int:
         node[parts[-1]] = parsed
     ablations = sorted(ABLATIONS) if args.all_ablations else (args.ablation or ["full"])
     tasks = args.task or list(TASKS)
+    if args.save_images is not None:
+        folder = args.save_images
+        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+            from diffeditor.errors import OutputError
+
+            raise OutputError(f"--save-images {folder} exists and is not an empty folder; "
+                              "choose a new or empty folder")
+    total = len(tasks) * args.cases * len(ablations)
+    print(f"eval shapes: {total} edits ({', '.join(tasks)} x {args.cases} cases x "
+          f"{len(ablations)} ablation(s)) on {args.model}, {args.steps} steps, {args.jobs} job(s); "
+          "loading the model", file=sys.stderr, flush=True)
+    done = [0]
 
     def tick(row):
-        print(f"{row['ablation']:<16} {row['task']:<10} seed {row['seed']:<4} land {row['land']:.0f} "
+        done[0] += 1
+        print(f"[{done[0]}/{total}] {row['ablation']:<16} {row['task']:<10} seed {row['seed']:<4} land {row['land']:.0f} "
               f"IoU {row['iou']:.2f} err {row['centroid_error_px']:5.1f}px PSNR {row['psnr_outside_db']:.1f}",
-              file=sys.stderr)
+              file=sys.stderr, flush=True)
 
     report = evaluate(tasks, args.cases, ablations, args.model, args.device, args.jobs, args.steps,
-                      args.seed, overrides, tick)
+                      args.seed, overrides, tick, save_images=args.save_images)
     print(format_table(report["summary"]))
     print(f"\n{len(report['cases'])} edits in {report['wall_seconds']:.0f} s")
     if args.json:
