@@ -363,3 +363,19 @@ def test_eval_shapes_saves_images_and_shows_progress_from_the_start(shapes_regis
     code = main(["eval", "shapes", "--task", "move", "--cases", "1", "--save-images", str(out)])
     err = capsys.readouterr().err
     assert code == 2 and "not an empty folder" in err and len(err.strip().splitlines()) == 1
+
+
+def test_outputs_get_the_usual_file_mode(tmp_path):
+    from diffeditor.imageio import save_image, save_json
+
+    old = os.umask(0o022)
+    try:
+        save_json({"a": 1}, tmp_path / "a.json")
+        save_image(Image.new("RGB", (4, 4)), tmp_path / "a.png")
+        os.umask(0o077)
+        save_json({"a": 1}, tmp_path / "b.json")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "a.png").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o600

@@ -52,9 +52,13 @@ def test_the_surgery_slides_the_object_in_its_direction(tmp_path, direction, uni
     assert torch.equal(moved[~dst], z[~dst])
 
 
-def test_bad_direction_is_one_clear_error(tmp_path):
-    write_scene(tmp_path)
+def test_bad_direction_is_one_clear_error(diffeditor_scene):
+    # diffeditor_scene: a fixture of diffeditor's pytest plugin (image.png, mask.png, ...)
     with pytest.raises(SpecError) as info:
         parse_spec({"task": "shift", "image": "image.png", "mask": "mask.png",
-                    "direction": "sideways"}, base_dir=tmp_path)
+                    "direction": "sideways"}, base_dir=diffeditor_scene)
     assert "direction" in str(info.value)
+
+
+def test_shift_is_registered_from_its_distribution(diffeditor_registry):
+    assert diffeditor_registry.task_origin["shift"].distribution == "diffeditor-example"
