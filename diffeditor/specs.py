@@ -273,6 +273,8 @@ def parse_spec(
     source = source or "spec"
     data = dict(spec_section(data))
     task = data.get("task")
+    if task is not None and not isinstance(task, str):
+        raise SpecError(f"{source}: task: must be a task name such as 'move', not {type(task).__name__}")
     if task is None:
         raise SpecError(f"{source}: task: missing; one of {', '.join(sorted(reg.tasks))}")
     if task not in reg.tasks:

@@ -93,9 +93,10 @@ def short_spec(tmp_path):
 
 # -- replayable sidecars ------------------------------------------------------------------------
 
-def test_sidecar_replays_bit_identically_from_another_folder(shapes_registered, short_spec,
+@pytest.mark.parametrize("task", ["move", "compose"])
+def test_sidecar_replays_bit_identically_from_another_folder(task, shapes_registered, short_spec,
                                                              tmp_path, monkeypatch, capsys):
-    out, again = _edit_then_replay(short_spec("move"), tmp_path, monkeypatch, capsys)
+    out, again = _edit_then_replay(short_spec(task, 2), tmp_path, monkeypatch, capsys)
     assert np.array_equal(_pixels(out), _pixels(again))
     meta = json.loads(out.with_suffix(".json").read_text())
     replay = json.loads(again.with_suffix(".json").read_text())
@@ -379,3 +380,20 @@ def test_outputs_get_the_usual_file_mode(tmp_path):
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "a.png").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o600
+
+
+def test_batch_progress_names_each_spec(shapes_registered, short_spec, tmp_path, capsys):
+    specs = [short_spec("move", 2), short_spec("drag", 2)]
+    code = main(["edit", *map(str, specs), "--model", "shapes", "--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert f"[1/2] {specs[0].stem}: inversion" in err and f"[2/2] {specs[1].stem}: editing" in err
+    assert "2 of 2 edits written" in err
+
+
+def test_a_sidecar_like_mapping_with_a_bad_task_is_one_clear_error():
+    from diffeditor.errors import SpecError
+    from diffeditor.specs import parse_spec
+
+    with pytest.raises(SpecError, match="task: must be a task name"):
+        parse_spec({"task": {"name": "move"}, "image": "x.png"})
