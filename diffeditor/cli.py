@@ -22,6 +22,7 @@ from .errors import DiffEditorError, OutputError, SpecError
 log = logging.getLogger("diffeditor")
 
 EXIT_USER_ERROR = 2
+_BROKEN_COMMANDS: dict[str, bool] = {}  # plugins whose register_commands raised (reported once)
 _ARGV: list[str] | None = None  # the arguments main() was called with (recorded in sidecars)
 
 
@@ -532,7 +533,14 @@ def build_parser(registry=None) -> argparse.ArgumentParser:
 
     add_bench_command(sub)
     _add_task_commands(sub, reg)
-    reg.pm.hook.register_commands(subparsers=sub)
+    for impl in reg.pm.hook.register_commands.get_hookimpls():
+        try:  # a plugin whose commands fail to build is reported; the others still work
+            impl.function(**{name: sub for name in impl.argnames})
+        except Exception as exc:
+            if not _BROKEN_COMMANDS.get(impl.plugin_name):
+                _BROKEN_COMMANDS[impl.plugin_name] = True
+                log.warning("plugin %r skipped: its register_commands failed: %s: %s",
+                            impl.plugin_name, type(exc).__name__, exc)
     return parser
 
 

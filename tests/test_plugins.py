@@ -354,11 +354,14 @@ def test_cli_reports_a_broken_plugin_once_and_runs(tmp_path):
     (site / "dfe_typo_plugin.py").write_text(
         "from diffeditor.hookspecs import hookimpl\n\n@hookimpl\ndef register_taks(register):\n    pass\n")
     (site / "dfe_crash_plugin.py").write_text("raise ImportError('broken on import')\n")
+    (site / "dfe_cmdfail_plugin.py").write_text(
+        "from diffeditor.hookspecs import hookimpl\n\n@hookimpl\ndef register_commands(subparsers):\n"
+        "    raise RuntimeError('no commands today')\n")
     dist = site / "dfe_broken-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: dfe-broken\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text(
-        "[diffeditor]\ntypo = dfe_typo_plugin\ncrash = dfe_crash_plugin\n")
+        "[diffeditor]\ntypo = dfe_typo_plugin\ncrash = dfe_crash_plugin\ncmdfail = dfe_cmdfail_plugin\n")
     env = {"PYTHONPATH": str(site), "DIFFEDITOR_DISABLE_PLUGINS": "", "DIFFEDITOR_PLUGINS": ""}
     res = _cli(env, "tasks")
     assert res.returncode == 0, res.stderr
@@ -367,7 +370,9 @@ def test_cli_reports_a_broken_plugin_once_and_runs(tmp_path):
     lines = res.stderr.strip().splitlines()
     assert len([ln for ln in lines if "'typo'" in ln]) == 1, res.stderr
     assert len([ln for ln in lines if "'crash'" in ln]) == 1, res.stderr
+    assert len([ln for ln in lines if "'cmdfail'" in ln]) == 1, res.stderr
     assert "register_taks" in res.stderr and "broken on import" in res.stderr
+    assert "no commands today" in res.stderr
     # the same with the environment switch: third-party plugins off, built-in tasks still there
     res = _cli({**env, "DIFFEDITOR_DISABLE_PLUGINS": "1"}, "tasks")
     assert res.returncode == 0 and "move" in res.stdout and "typo" not in res.stderr
