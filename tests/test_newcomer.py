@@ -221,7 +221,8 @@ def test_a_spec_failing_while_editing_does_not_stop_the_batch(shapes_registered,
 
 # -- edit --check, schema TASK ------------------------------------------------------------------
 
-def test_edit_check_prints_every_field_and_its_source_without_loading(monkeypatch, capsys):
+def test_edit_check_prints_every_field_and_its_source_without_loading(monkeypatch, capsys,
+                                                                     tmp_path):
     import diffeditor.editor
     import diffeditor.models
 
@@ -230,7 +231,10 @@ def test_edit_check_prints_every_field_and_its_source_without_loading(monkeypatc
 
     monkeypatch.setattr(diffeditor.models, "load_pipeline", no_loading)
     monkeypatch.setattr(diffeditor.editor, "load_pipeline", no_loading)
-    code = main(["edit", "--check", str(SPECS / "move.yaml"), "--model", "shapes"])
+    spec = tmp_path / "move.yaml"  # the example, plus a field the model has a default for
+    spec.write_text((SPECS / "move.yaml").read_text().replace("assets/", f"{SPECS}/assets/")
+                    + "guidance_scale: 2.5\n")
+    code = main(["edit", "--check", str(spec), "--model", "shapes"])
     out, err = capsys.readouterr()
     assert code == 0, err
     rows = {ln.split()[0]: ln for ln in out.splitlines()[1:]}
@@ -239,7 +243,8 @@ def test_edit_check_prints_every_field_and_its_source_without_loading(monkeypatc
     fields = get_registry().tasks["move"].spec_model.model_fields
     assert set(rows) == set(fields)
     assert rows["offset"].endswith("[spec]") and "[16.0, -13.0]" in rows["offset"]
-    assert rows["guidance_scale"].endswith("[model shapes]") and " 1.0 " in rows["guidance_scale"]
+    assert rows["guidance_scale"].endswith("[spec]") and " 2.5 " in rows["guidance_scale"]
+    assert rows["energy_scale"].endswith("[model shapes]") and " 1000.0 " in rows["energy_scale"]
     assert rows["seed"].endswith("[default of task move]") and " 42 " in rows["seed"]
 
 
