@@ -160,9 +160,12 @@ class Editor:
         cache_dir = cache_dir or os.environ.get("DIFFEDITOR_CACHE_DIR") or None
         location, entry = resolve_model(model)
         pipe = load_pipeline(location, device, dtype)
+        name = str(model or location)
+        if name not in get_registry().models and Path(name).expanduser().is_dir():
+            # a folder is named absolutely in sidecars, so they replay from anywhere
+            name = str(Path(name).expanduser().absolute())
         editor = cls(Engine(pipe, model_id=str(model or location), cache_size=cache_size,
-                            cache_dir=cache_dir), entry,
-                     model or location)
+                            cache_dir=cache_dir), entry, name)
         editor._attach_image_prompt(image_prompt)
         editor.engine.set_memory_options(attention_slice, vae_slicing, vae_tiling)
         if compile:

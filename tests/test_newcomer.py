@@ -402,3 +402,11 @@ def test_a_sidecar_like_mapping_with_a_bad_task_is_one_clear_error():
 
     with pytest.raises(SpecError, match="task: must be a task name"):
         parse_spec({"task": {"name": "move"}, "image": "x.png"})
+
+
+def test_a_model_folder_is_named_absolutely_in_the_sidecar(shapes_model, tmp_path, monkeypatch):
+    from diffeditor import Editor
+
+    monkeypatch.chdir(shapes_model.parent)
+    editor = Editor.from_pretrained(shapes_model.name, device="cpu")
+    assert editor.model == str(shapes_model.absolute())
