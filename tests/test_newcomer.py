@@ -68,27 +68,26 @@ def _edit_then_replay(spec_path: Path, tmp_path: Path, monkeypatch, capsys, *ext
 
 
 def _short_spec(task: str, folder: Path, steps: int) -> Path:
-    """The example spec of ``task`` with fewer steps, paths still relative to its file."""
+    """The example spec of ``task`` with fewer steps, in a copy of specs/ under ``folder``
+    (paths still relative to the spec file)."""
     import yaml
 
+    copy = folder / "specs"
+    if not copy.is_dir():
+        shutil.copytree(SPECS / "assets", copy / "assets")
     data = yaml.safe_load((SPECS / f"{task}.yaml").read_text())
     data["steps"] = steps
-    path = SPECS / f".{task}-{steps}-{os.getpid()}-{folder.name}.json"
+    path = copy / f"{task}-{steps}.json"
     path.write_text(json.dumps(data))
     return path
 
 
 @pytest.fixture()
 def short_spec(tmp_path):
-    made = []
-
     def make(task, steps=3):
-        made.append(_short_spec(task, tmp_path, steps))
-        return made[-1]
+        return _short_spec(task, tmp_path, steps)
 
-    yield make
-    for p in made:
-        p.unlink(missing_ok=True)
+    return make
 
 
 # -- replayable sidecars ------------------------------------------------------------------------
