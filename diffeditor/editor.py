@@ -79,6 +79,28 @@ def _versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+def _plugin_versions(registry) -> dict[str, str]:
+    """Every loaded plugin's distribution and version (``{"diffeditor-shapes": "0.1.0", ...}``)."""
+    out = {}
+    for info in registry.plugins():
+        if info.version:
+            out[info.distribution] = info.version
+    return dict(sorted(out.items()))
+
+
+def _jsonable(value: Any) -> Any:
+    """Plan info as JSON: tensors become lists, tuples lists, paths strings."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().tolist()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
 def _guidance_summary(log: list[dict], spec: EditSpec) -> dict[str, Any]:
     """Per region, the size of the guidance term against the noise prediction over the guided
     passes (RMS(k·∇E) / RMS(ε) inside the region, before any bound), and the bound."""
@@ -96,7 +118,7 @@ class Editor:
 
     >>> editor = Editor.from_pretrained("shapes", device="cpu")       # doctest: +SKIP
     >>> result = editor.edit("specs/move.yaml")                       # doctest: +SKIP
-    >>> result.image.save("moved.png")                                # doctest: +SKIP
+    >>> result.save("moved.png")            # image + JSON sidecar      # doctest: +SKIP
     """
 
     def __init__(self, engine: Engine, entry: ModelEntry | None = None, model: str = ""):
@@ -104,6 +126,9 @@ class Editor:
         self.entry = entry
         self.model = model
         self.registry = get_registry()
+        #: recorded in every sidecar: the command line that asked for the edits (the CLI sets it)
+        self.command_line: str | None = None
+        self._model_hash: str | None | bool = False  # computed on the first edit
 
     @classmethod
     def from_pretrained(
@@ -111,6 +136,7 @@ class Editor:
         cache_size: int = 4, image_prompt: dict[str, str] | None = None,
         cache_dir: str | Path | None = None, vae_tiling: bool = False,
         attention_slice: int | None = None, vae_slicing: bool = False, compile: str | None = None,
+        verbose: bool = False,
     ) -> "Editor":
         """Load a registered model name (``shapes``), a local folder or a hub id.
 
@@ -121,16 +147,25 @@ class Editor:
         ``vae_slicing`` one image of a batch at a time; ``attention_slice`` = N computes
         self-attention N queries at a time. ``compile`` (``"default"``, ``"reduce-overhead"``
         for CUDA graphs, ``"max-autotune"``) compiles the UNet with ``torch.compile``
-        (see :meth:`Engine.compile`).
+        (see :meth:`Engine.compile`). diffusers' and transformers' warnings and loading bars
+        are silenced unless ``verbose``.
         """
         import os
+
+        if not verbose:
+            from .models import quiet_libraries
+
+            quiet_libraries()
 
         cache_dir = cache_dir or os.environ.get("DIFFEDITOR_CACHE_DIR") or None
         location, entry = resolve_model(model)
         pipe = load_pipeline(location, device, dtype)
+        name = str(model or location)
+        if name not in get_registry().models and Path(name).expanduser().is_dir():
+            # a folder is named absolutely in sidecars, so they replay from anywhere
+            name = str(Path(name).expanduser().absolute())
         editor = cls(Engine(pipe, model_id=str(model or location), cache_size=cache_size,
-                            cache_dir=cache_dir), entry,
-                     model or location)
+                            cache_dir=cache_dir), entry, name)
         editor._attach_image_prompt(image_prompt)
         editor.engine.set_memory_options(attention_slice, vae_slicing, vae_tiling)
         if compile:
@@ -176,13 +211,30 @@ class Editor:
         plan = task.plan(spec, tensors, geom)
         return task, plan, geom
 
+    def model_hash(self) -> str | None:
+        """SHA-256 of the model folder's contents (computed once; ``None`` for an uncached hub id)."""
+        if self._model_hash is False:
+            from .models import content_hash
+
+            self._model_hash = content_hash(self.engine_location())
+        return self._model_hash  # type: ignore[return-value]
+
+    def engine_location(self) -> str:
+        return self.entry.location if self.entry else str(self.model)
+
     def edit(
         self, spec: EditSpec | dict | str | Path, base_dir: str | Path | None = None,
-        progress: Callable | None = None,
+        progress: Callable | None = None, spec_path: str | Path | None = None,
     ) -> EditResult:
-        """Run one edit. ``spec`` is a spec object, a dict (paths relative to ``base_dir``) or
-        a YAML/JSON file."""
+        """Run one edit. ``spec`` is a spec object, a dict (paths relative to ``base_dir``), a
+        YAML/JSON spec file or an earlier output's JSON sidecar (which replays that edit).
+        ``spec_path`` names the file a spec object came from, for the sidecar."""
+        import datetime
+
         t0 = time.perf_counter()
+        stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        if isinstance(spec, (str, Path)) and spec_path is None:
+            spec_path = spec
         spec = self.parse(spec, base_dir)
         task, plan, geom = self.prepare(spec)
         out = self.engine.edit(plan, spec, progress)
@@ -207,7 +259,12 @@ class Editor:
             "guidance": _guidance_summary(out.guidance, spec),
             "network_evaluations": out.counters,
             "options": dict(self.engine.options),
-            "plan": {k: v for k, v in plan.info.items()},
+            "plan": _jsonable(plan.info),
+            "command_line": self.command_line,
+            "timestamp": stamp,
+            "spec_path": str(Path(spec_path).absolute()) if spec_path is not None else None,
+            "model_hash": self.model_hash(),
+            "plugins": _plugin_versions(self.registry),
         }
         return EditResult(image=image, spec=spec, masks=masks, metadata=meta, latent=out.latent)
 

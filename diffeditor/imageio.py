@@ -97,12 +97,19 @@ def atomic_write(path: Path, write, force: bool) -> None:
     except OSError as exc:
         raise OutputError(f"cannot write to {folder}: {exc.strerror}") from None
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; outputs get the usual mode
         with os.fdopen(fd, "wb") as fh:
             write(fh)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_image(image: Image.Image, path: str | os.PathLike, force: bool = False) -> Path:

@@ -160,6 +160,53 @@ def resolve_model(model: str | None, registry=None) -> tuple[str, ModelEntry | N
     return model, None
 
 
+def quiet_libraries() -> None:
+    """Silence diffusers' and transformers' info messages, deprecation warnings and loading
+    bars (the Python API and the command line call it; ``Editor.from_pretrained(...,
+    verbose=True)`` does not). Errors are still reported."""
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*torchvision.*")
+    try:
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except Exception:  # pragma: no cover - logging setup must never fail a command
+        pass
+
+
+def content_hash(folder: str | Path) -> str | None:
+    """SHA-256 over a model folder's files (relative names and contents, sorted by name):
+    two folders with the same hash hold the same weights and settings. ``None`` for a hub id
+    that is not in the local cache."""
+    import hashlib
+
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(str(folder), local_files_only=True))
+        except Exception:
+            return None
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and ".cache" not in p.parts):
+        h.update(f.relative_to(path).as_posix().encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        h.update(b"\0")
+    return "sha256:" + h.hexdigest()
+
+
 def load_pipeline(location: str, device=None, dtype=None, local_files_only: bool | None = None):
     """Load an SD 1.x-layout diffusers pipeline from a folder or a hub id.
 

@@ -35,7 +35,7 @@ def _resolve(value: Any, info: ValidationInfo) -> Any:
     base = (info.context or {}).get("base_dir") if info.context else None
     if not p.is_absolute() and base is not None:
         p = Path(base) / p
-    return p
+    return p.absolute()  # sidecars record absolute paths: replayable from any folder
 
 
 def _must_exist(p: Path | None, info: ValidationInfo) -> Path | None:
@@ -226,6 +226,17 @@ def apply_model_defaults(
         data.setdefault(field, value)
 
 
+def is_sidecar(data: Any) -> bool:
+    """Whether ``data`` is an output's JSON sidecar (it holds the validated spec under ``spec``)."""
+    return isinstance(data, dict) and isinstance(data.get("spec"), dict) and "versions" in data
+
+
+def spec_section(data: dict) -> dict:
+    """The spec of a spec mapping or of a sidecar (whose ``spec`` section is a complete spec with
+    absolute paths, so ``diffeditor edit OUT.json`` replays the edit from any folder)."""
+    return dict(data["spec"]) if is_sidecar(data) else data
+
+
 def read_spec_file(path: str | Path) -> dict:
     """Parse a YAML or JSON spec file into a dict (with clear errors)."""
     p = Path(path)
@@ -263,8 +274,10 @@ def parse_spec(
         base_dir = Path(data).resolve().parent if base_dir is None else base_dir
         data = read_spec_file(data)
     source = source or "spec"
-    data = dict(data)
+    data = dict(spec_section(data))
     task = data.get("task")
+    if task is not None and not isinstance(task, str):
+        raise SpecError(f"{source}: task: must be a task name such as 'move', not {type(task).__name__}")
     if task is None:
         raise SpecError(f"{source}: task: missing; one of {', '.join(sorted(reg.tasks))}")
     if task not in reg.tasks:

@@ -78,6 +78,12 @@ class ComposeSpec(EditSpec):
                              "paste) and none of these edits names any: use 'task', 'replace', "
                              "'concat' or 'off'")
         self._specs = specs
+        # the edits as validated: every field (model defaults included) and absolute paths, so
+        # that a sidecar's spec replays the same edit from any folder
+        self.edits = [
+            {k: v for k, v in sp.model_dump(mode="json").items()
+             if k not in INHERITED or (k == "prompt" and "prompt" in raw)}
+            for sp, raw in zip(specs, self.edits)]
         return self
 
     @property

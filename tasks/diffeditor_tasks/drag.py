@@ -13,14 +13,14 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
+from diffeditor.energies import cosine_map, inverse_energy, masked_mean, sim01
 from diffeditor.hookspecs import hookimpl
 from diffeditor.interfaces import AttentionPolicy, EditPlan, EnergyTerm, Geometry, Task
+from diffeditor.masks import check_mask_file, check_points, grid_mask, scale_point, work_mask
 from diffeditor.schedule import Window
 from diffeditor.specs import EditSpec, path_validators
 
 from . import __version__
-from .base import check_mask_file, check_points, grid_mask, scale_point, work_mask
-from .energies import cosine_map, inverse_energy, masked_mean, sim01
 
 Point = tuple[float, float]
 

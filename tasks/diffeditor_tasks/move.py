@@ -21,15 +21,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from diffeditor.geometry import mask_centroid, similarity_warp
-from diffeditor.hookspecs import hookimpl
-from diffeditor.interfaces import AttentionPolicy, EditPlan, EnergyTerm, Geometry, Pin, Task
-from diffeditor.schedule import Window
-from diffeditor.specs import EditSpec, path_validators
-
-from . import __version__
-from .base import check_mask_file, grid_mask, scale_offset, work_mask
-from .energies import (
+from diffeditor.energies import (
     cosine_map,
     inverse_energy,
     level_mean,
@@ -37,6 +29,14 @@ from .energies import (
     mean_feature,
     sim01,
 )
+from diffeditor.geometry import mask_centroid, similarity_warp
+from diffeditor.hookspecs import hookimpl
+from diffeditor.interfaces import AttentionPolicy, EditPlan, EnergyTerm, Geometry, Pin, Task
+from diffeditor.masks import check_mask_file, grid_mask, scale_offset, work_mask
+from diffeditor.schedule import Window
+from diffeditor.specs import EditSpec, path_validators
+
+from . import __version__
 
 
 class MoveSpec(EditSpec):

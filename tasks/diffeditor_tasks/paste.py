@@ -11,15 +11,15 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
+from diffeditor.energies import cosine_map, inverse_energy, masked_mean, sim01
 from diffeditor.geometry import mask_centroid, similarity_warp
 from diffeditor.hookspecs import hookimpl
 from diffeditor.interfaces import AttentionPolicy, EditPlan, EnergyTerm, Geometry, Pin, Task
+from diffeditor.masks import check_mask_file, grid_mask, reference_work_mask, scale_offset
 from diffeditor.specs import EditSpec, path_validators
 
 from . import __version__
 from .appearance import MEMORY_WINDOW, content_energy
-from .base import check_mask_file, grid_mask, reference_work_mask, scale_offset
-from .energies import cosine_map, inverse_energy, masked_mean, sim01
 
 
 class PasteSpec(EditSpec):
