@@ -164,7 +164,7 @@ def test_malicious_pickle_in_the_cache_is_refused_not_run(tmp_path):
 
     class Boom:
         def __reduce__(self):
-            return (exec, ("open(%r, 'w').write('ran')" % str(tmp_path / "pwned"),))
+            return (exec, (f"open({str(tmp_path / 'pwned')!r}, 'w').write('ran')",))
 
     InversionCache(1, tmp_path)._path(KEY).write_bytes(pickle.dumps(Boom()))
     assert InversionCache(1, tmp_path).get(KEY) is None
