@@ -48,12 +48,26 @@ def resolve_device(device: str | None) -> "torch.device":
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError as exc:
-        from .errors import ModelError
+    from .errors import ModelError
 
-        raise ModelError(f"unknown device {device!r} ({exc}); use cpu, cuda, cuda:N or mps") from None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ModelError(f"unknown device {str(device)[:40]!r} ({_first_line(exc)}); use cpu, cuda, "
+                         "cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelError(f"device {str(device)[:40]!r}: this PyTorch sees no CUDA GPU (a CPU-only "
+                             "build, or no driver); use --device cpu, or install a CUDA build of torch")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ModelError(f"device {str(device)[:40]!r}: there are only {torch.cuda.device_count()} "
+                             "CUDA device(s), numbered from 0")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ModelError(f"device {str(device)[:40]!r}: MPS is not available here; use --device cpu")
+    elif dev.type != "cpu":
+        raise ModelError(f"device {str(device)[:40]!r} is not supported; use cpu, cuda, cuda:N or mps")
+    return dev
 
 
 def resolve_dtype(dtype: str | None, device: "torch.device") -> "torch.dtype":
@@ -62,11 +76,11 @@ def resolve_dtype(dtype: str | None, device: "torch.device") -> "torch.dtype":
 
     if dtype is None or dtype == "auto":
         return torch.float32 if device.type == "cpu" else torch.float16
-    name = _DTYPES.get(str(dtype).replace("torch.", ""))
+    name = _DTYPES.get(str(dtype).replace("torch.", "")[:40])
     if name is None:
         from .errors import ModelError
 
-        raise ModelError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16")
+        raise ModelError(f"unknown dtype {str(dtype)[:40]!r}; use float32, float16 or bfloat16")
     return getattr(torch, name)
 
 

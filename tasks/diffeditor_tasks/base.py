@@ -65,6 +65,19 @@ def check_points(points, field: str, hw: tuple[int, int]) -> None:
             )
 
 
+def check_offset(offset, field: str, hw: tuple[int, int]) -> None:
+    """An offset ``(dx, dy)`` no larger than the image (``hw`` = (height, width)) along each
+    axis: a larger one moves the object wholly out of the frame."""
+    h, w = hw
+    dx, dy = offset
+    if abs(dx) > w or abs(dy) > h:
+        raise SpecError(
+            f"[{dx:g}, {dy:g}] would move the object out of the {w}x{h} image; "
+            f"dx must be within -{w}..{w} and dy within -{h}..{h} pixels",
+            field,
+        )
+
+
 def check_mask_file(path: Path | None, field: str, hw: tuple[int, int]) -> np.ndarray | None:
     """Validate a mask file against the image size (non-empty, same size)."""
     if path is None:
