@@ -215,11 +215,19 @@ def add_shapes_command(benchmarks) -> None:
     p.add_argument("--seed", type=int, default=0, help="first case seed (default 0)")
     p.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
     p.add_argument("--json", type=Path, metavar="OUT", help="write per-case rows and summaries")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     p.set_defaults(func=run_shapes)
 
 
 def run_shapes(args) -> int:
     from diffeditor.errors import SpecError
+    from diffeditor.imageio import check_writable
+
+    if args.json:  # before minutes of edits, not after
+        check_writable(args.json, args.force)
+    for name in ("cases", "steps", "jobs"):
+        if getattr(args, name) < 1:
+            raise SpecError(f"--{name} must be at least 1")
 
     overrides: dict[str, Any] = {}
     for item in args.set:
@@ -250,5 +258,5 @@ def run_shapes(args) -> int:
     if args.json:
         from diffeditor.imageio import save_json
 
-        save_json(report, args.json, force=True)
+        save_json(report, args.json, force=args.force)
     return 0
