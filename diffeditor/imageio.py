@@ -381,11 +381,14 @@ def reserve_outputs(paths: list[Path]):
         yield
         return
     held: list[tuple[Path, int]] = []
+    created: list[Path] = []  # folders made here: removed again if the edit wrote nothing
     try:
         for path in paths:
             folder = _folder(Path(path))
+            missing = [f for f in [folder, *folder.parents] if not f.exists()]
             try:
                 folder.mkdir(parents=True, exist_ok=True)
+                created += missing
                 lock = folder / f".{Path(path).name}.lock"
                 fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as exc:
@@ -405,3 +408,8 @@ def reserve_outputs(paths: list[Path]):
             except OSError:
                 pass
             os.close(fd)
+        for folder in created:  # deepest first
+            try:
+                folder.rmdir()  # only if empty
+            except OSError:
+                pass

@@ -11,6 +11,7 @@ import functools
 import json
 import operator
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -257,6 +258,9 @@ def read_spec_file(path: str | Path) -> dict:
         raise SpecError(f"{name}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
                         f"{exc.start}); save the spec as UTF-8") from None
     is_json = p.suffix.lower() == ".json"
+    if _bracket_depth(text) > MAX_SPEC_DEPTH:  # before the (recursive, slow) parsers see it
+        raise SpecError(f"{name}: nested too deeply to be a spec (more than {MAX_SPEC_DEPTH} "
+                        "levels of brackets)")
     try:
         data = json.loads(text) if is_json else yaml.safe_load(text)
     except json.JSONDecodeError as exc:
@@ -270,6 +274,20 @@ def read_spec_file(path: str | Path) -> dict:
         raise SpecError(f"{name}: a spec must be a mapping with a 'task' field, "
                         f"not {'an empty file' if data is None else type(data).__name__}")
     return data
+
+
+#: the deepest bracket nesting a spec file may have (a real spec has 3 or 4)
+MAX_SPEC_DEPTH = 64
+_BRACKETS = re.compile(r"[\[\]{}]")
+
+
+def _bracket_depth(text: str) -> int:
+    """The deepest nesting of ``[ ]`` / ``{ }`` in ``text`` (quotes ignored: an upper bound)."""
+    depth = deepest = 0
+    for m in _BRACKETS.finditer(text):
+        depth = depth + 1 if m.group() in "[{" else max(depth - 1, 0)
+        deepest = max(deepest, depth)
+    return deepest
 
 
 def _yaml_problem(exc: Exception) -> str:

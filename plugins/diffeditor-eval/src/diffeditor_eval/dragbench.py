@@ -305,7 +305,17 @@ def restricted_load(data: bytes) -> Any:
     if len(data) > MAX_PICKLE_BYTES:
         raise DragBenchFormatError(f"{len(data)} bytes; a DragBench pickle is at most "
                                    f"{MAX_PICKLE_BYTES}")
-    return _materialize(RestrictedUnpickler(io.BytesIO(data)).load())
+    try:
+        return _materialize(RestrictedUnpickler(io.BytesIO(data)).load())
+    except DragBenchFormatError:
+        raise
+    except RecursionError:
+        raise DragBenchFormatError("nested too deeply to be a DragBench pickle") from None
+    except MemoryError:
+        raise DragBenchFormatError("too large to read") from None
+    except Exception as exc:  # pickle's own errors for malformed streams are many
+        detail = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+        raise DragBenchFormatError(f"not a readable DragBench pickle ({detail})") from None
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
