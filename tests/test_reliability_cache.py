@@ -183,3 +183,32 @@ def test_unwritable_cache_warns_once_and_keeps_going(tmp_path, caplog, where):
     warnings = [r for r in caplog.records if "cannot write the inversion cache" in r.getMessage()]
     assert len(warnings) == 1
     assert (tmp_path / "f").read_text() == "x"
+
+
+def test_nan_cache_file_under_the_right_key_is_not_used(editor, tmp_path, caplog):
+    """End to end: a cache file with NaN latents under the edit's own key (checksum made to
+    match) gave a black image reported as a cached inversion; it is refused and recomputed."""
+    from conftest import write_disc_scene
+
+    write_disc_scene(tmp_path)
+    spec = {"task": "move", "image": "i.png", "mask": "m.png", "offset": [12, 0], "steps": 4,
+            "prompt": "nan-cache"}
+    eng = editor.engine
+    saved = eng.cache
+    try:
+        eng.cache = InversionCache(2, tmp_path / "cache")
+        first = editor.edit(spec, base_dir=tmp_path)
+        (path,) = (tmp_path / "cache").glob("*.pt")
+        data = torch.load(path, weights_only=True)
+        for z in data["latents"]["source"]:
+            z.fill_(float("nan"))
+        data["checksum"] = _cache_checksum(data)
+        torch.save(data, path)
+        eng.cache = InversionCache(2, tmp_path / "cache")  # a new process
+        with caplog.at_level(logging.WARNING, logger="diffeditor"):
+            again = editor.edit(spec, base_dir=tmp_path)
+    finally:
+        eng.cache = saved
+    assert not again.metadata["inversion_cached"] and "NaN" in caplog.text
+    assert np.asarray(again.image).std() > 5  # an image, not a black frame
+    torch.testing.assert_close(again.latent, first.latent)
