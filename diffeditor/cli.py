@@ -380,6 +380,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("diffeditor: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # a file the checks could not foresee (removed meanwhile, a full disk)
+        if verbose:
+            raise
+        where = f": {show(exc.filename, 200)}" if getattr(exc, "filename", None) else ""
+        print(f"diffeditor: error: {one_line(exc.strerror or str(exc))}{where}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -50,3 +50,14 @@ def one_line(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def is_file(path) -> bool:
+    """``Path(path).is_file()`` that answers False instead of raising for a name the OS refuses
+    (too long, a NUL character)."""
+    from pathlib import Path
+
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):
+        return False

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import OutputError, SpecError, show
+from .errors import OutputError, SpecError, is_file, show
 
 #: images with more pixels than this are refused before decoding (8192 x 8192); the edit works
 #: at about ``resolution``\u00b2 pixels anyway. Pillow's own decompression-bomb limit is higher.
@@ -37,7 +37,7 @@ def _open(path, field: str, mode: str, what: str, hint: str) -> Image.Image:
         raise SpecError(f"must be a file path, not {type(path).__name__}", field)
     p = Path(path)
     name = show(p, 200)
-    if not p.is_file():
+    if not is_file(p):
         raise SpecError(f"file not found: {name}", field)
     try:
         with warnings.catch_warnings():
@@ -195,6 +195,7 @@ def atomic_write_many(items: list[tuple[Path, Any]], force: bool) -> None:
     plain ``open()`` would give (umask), not the temp file's 0600."""
     items = [(Path(p), w) for p, w in items]
     for path, _ in items:
+        check_writable(path, force=True)  # names the OS refuses: one line
         if path.is_dir():
             raise OutputError(f"{show(path, 200)} is a folder; give a file name")
         if path.exists() and not force:
@@ -340,7 +341,15 @@ def save_image_and_sidecar(image: Image.Image, metadata: Any, path: str | os.Pat
 
 def check_writable(path: str | os.PathLike, force: bool = False) -> None:
     """Fail early (before any model work) if an output cannot be written."""
-    path = Path(path)
+    try:
+        _check_writable(Path(path), force)
+    except OSError as exc:  # a name the OS refuses (too long, ...)
+        raise OutputError(f"cannot write {show(path, 200)}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # a NUL character
+        raise OutputError(f"cannot write {show(path, 200)}: {exc}") from None
+
+
+def _check_writable(path: Path, force: bool) -> None:
     name = show(path, 200)
     if path.is_dir():
         raise OutputError(f"{name} is a folder; give a file name such as {show(path / 'out.png', 200)}")

@@ -26,7 +26,7 @@ from pydantic import (
     field_validator,
 )
 
-from .errors import SpecError, UsageError, show
+from .errors import SpecError, UsageError, is_file, show
 from .schedule import ScheduleSpec
 
 
@@ -47,7 +47,7 @@ def _resolve(value: Any, info: ValidationInfo) -> Any:
 
 
 def _must_exist(p: Path | None, info: ValidationInfo) -> Path | None:
-    if p is not None and not p.is_file():
+    if p is not None and not is_file(p):
         raise ValueError(f"file not found: {show(p, 200)}")
     return p
 
@@ -242,7 +242,7 @@ def read_spec_file(path: str | Path) -> dict:
     """Parse a YAML or JSON spec file into a dict (with clear, one-line errors)."""
     p = Path(path)
     name = show(p, 200)
-    if not p.is_file():
+    if not is_file(p):
         raise SpecError(f"spec file not found: {name}")
     try:
         size = p.stat().st_size

@@ -58,6 +58,13 @@ def test_small_constructor_calls_still_work():
         {"s": {1, 2}, "b": b"x", "c": 1j}
 
 
+@pytest.mark.parametrize("protocol", range(0, pickle.HIGHEST_PROTOCOL + 1))
+def test_old_protocols_with_python2_names_load(protocol):
+    """Found by the fuzzer: protocol 0-2 pickles name builtins ``__builtin__``."""
+    obj = {"prompt": "p", "b": b"\x00\xff", "s": {1}, "points": [[1, 2], [3, 4]]}
+    assert DB.restricted_load(pickle.dumps(obj, protocol=protocol)) == obj
+
+
 def _nested(depth: int) -> bytes:
     """``[[[...]]]`` ``depth`` deep, in a few bytes per level."""
     return b"\x80\x04" + b"]" * depth + b"a" * (depth - 1) + b"."

@@ -85,6 +85,9 @@ BAD_SPECS = [
      "handles", "at most 64"),
     ("newline-in-path", "task: move\nimage: \"a\\nb.png\"\nmask: mask.png\n", "a\\nb.png"),
     ("nul-in-path", "task: move\nimage: \"a\\0b.png\"\nmask: mask.png\n", "NUL"),
+    # found by the fuzzer: a name longer than the OS allows raised OSError inside validation
+    ("path-too-long", "task: move\nimage: image.png\nmask: " + "a" * 5000 + "\n", "mask",
+     "file not found"),
 ]
 
 
@@ -260,7 +263,8 @@ def test_cuda_on_a_cpu_only_torch(scene, capsys):
     assert_one_error(code, lines, "no CUDA GPU", "--device cpu")
 
 
-OUTPUT_CASES = ["x.xyz", "x.json", "dir", "dir-force", "the-input", "the-spec-sidecar"]
+OUTPUT_CASES = ["x.xyz", "x.json", "dir", "dir-force", "the-input", "the-spec-sidecar",
+                "name-too-long"]
 
 
 @pytest.mark.parametrize("case", OUTPUT_CASES)
@@ -276,6 +280,7 @@ def test_bad_output_refused_before_the_model(scene, capsys, case):
         "dir-force": (scene / "dir", ["--force"], "is a folder"),
         "the-input": (scene / "image.png", ["--force"], "inputs are never overwritten"),
         "the-spec-sidecar": (scene / "spec.png", ["--force"], "inputs are never overwritten"),
+        "name-too-long": (scene / ("o" * 5000 + ".png"), [], "File name too long"),
     }[case]
     code, lines = run(capsys, "edit", scene / "spec.json", "--model", scene, "--out", out, *extra)
     assert_one_error(code, lines, words)

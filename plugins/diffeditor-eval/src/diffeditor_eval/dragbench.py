@@ -205,7 +205,8 @@ _BUILTINS = (list, dict, tuple, set, frozenset, str, bytes, bytearray, int, floa
 
 #: (module, name) -> the object the restricted unpickler hands out for it.
 ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
-    **{("builtins", t.__name__): _bounded(t) for t in _BUILTINS},
+    # (__builtin__: the Python 2 name, which protocol 0-2 pickles written by Python 3 use)
+    **{(m, t.__name__): _bounded(t) for t in _BUILTINS for m in ("builtins", "__builtin__")},
     **{
         (m, "_reconstruct"): _reconstruct
         for m in ("numpy.core.multiarray", "numpy._core.multiarray")
