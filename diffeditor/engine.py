@@ -109,7 +109,7 @@ class CacheFileError(ValueError):
     """A cache file's content is not what this version writes (checked before any use)."""
 
 
-def _cache_tensors(data: dict) -> list[tuple[str, Tensor]]:
+def _cache_tensors(data: dict) -> list[tuple[str, Tensor]]:  # pragma: no mutate block
     out = [(f"latents/{n}/{i}", z) for n in sorted(data["latents"])
            for i, z in enumerate(data["latents"][n])]
     for name in sorted(data["bank"]):
