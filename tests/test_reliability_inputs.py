@@ -335,3 +335,15 @@ def test_from_pretrained_argument_errors(kwargs, words):
     with pytest.raises(DiffEditorError, match=words) as info:
         Editor.from_pretrained(**kwargs)
     assert len(str(info.value)) < 200
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--attention-slice", "-5"], "--attention-slice must be a positive"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--repeats", "0"], "--repeats must be at least 1"),
+    (["--resolution", "100000"], "--resolution 100000"),
+    (["--device", "tpu"], "unknown device"),
+])
+def test_bench_options_checked_before_loading(capsys, extra, words):
+    code, lines = run(capsys, "bench", "--model", "shapes", *extra)
+    assert_one_error(code, lines, words)
