@@ -191,7 +191,7 @@ def test_nan_cache_file_under_the_right_key_is_not_used(editor, tmp_path, caplog
     from conftest import write_disc_scene
 
     write_disc_scene(tmp_path)
-    spec = {"task": "move", "image": "i.png", "mask": "m.png", "offset": [12, 0], "steps": 4,
+    spec = {"task": "move", "image": "i.png", "mask": "m.png", "offset": [12, 0], "steps": 2,
             "prompt": "nan-cache"}
     eng = editor.engine
     saved = eng.cache
