@@ -190,3 +190,34 @@ def test_cli_edit_writes_both_files_with_standard_modes(shapes_model, tmp_path, 
         assert p.stat().st_mode & 0o777 == 0o644
     json.loads(out.with_suffix(".json").read_text(), parse_constant=lambda c: 1 / 0)
     assert _leftovers(out.parent) == []
+
+
+SIGTERM_WRITER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from diffeditor.cli import _exit_cleanly_on_sigterm
+    from diffeditor.imageio import atomic_write_many
+    _exit_cleanly_on_sigterm()
+    folder = Path(sys.argv[1])
+    def slow(fh):
+        fh.write(b"partial")
+        fh.flush()
+        print("writing", flush=True)
+        time.sleep(60)
+    try:
+        atomic_write_many([(folder / "o.png", slow), (folder / "o.json", slow)], force=False)
+    except KeyboardInterrupt:
+        sys.exit(130)
+""")
+
+
+def test_sigterm_while_writing_leaves_no_temp_file(tmp_path):
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-c", SIGTERM_WRITER, str(tmp_path)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    assert [p.name for p in tmp_path.iterdir()]  # the temp file exists now
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 130
+    assert list(tmp_path.iterdir()) == []
