@@ -318,6 +318,11 @@ def parse_spec(
         data, base_dir = data.model_dump(), base_dir
     if isinstance(data, os.PathLike) and not isinstance(data, Path):
         data = Path(data)
+    if base_dir is not None and (not isinstance(base_dir, (str, os.PathLike))
+                                 or isinstance(base_dir, bytes)):
+        raise UsageError(f"base_dir must be a folder path, not {type(base_dir).__name__}")
+    if defaults is not None and not isinstance(defaults, dict):
+        raise UsageError(f"defaults must be a dict of spec fields, not {type(defaults).__name__}")
     if not isinstance(data, (str, Path, dict)):
         raise UsageError(f"a spec is a YAML/JSON file path, a dict or an EditSpec, "
                          f"not {type(data).__name__}")

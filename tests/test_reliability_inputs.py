@@ -313,6 +313,12 @@ def test_edit_spec_errors_are_short(editor, scene):
                     progress="x")
 
 
+@pytest.mark.parametrize("kwargs", [{"base_dir": 123}, {"base_dir": b"/tmp"}])
+def test_edit_base_dir_type(editor, scene, kwargs):
+    with pytest.raises(TypeError, match="base_dir must be a folder path"):
+        editor.edit({"task": "move", "image": "image.png", "mask": "mask.png"}, **kwargs)
+
+
 def test_numpy_array_as_an_image_path(editor, scene):
     arr = np.zeros((512, 512, 3), np.uint8)
     with pytest.raises(TypeError) as info:
