@@ -170,3 +170,18 @@ def test_eval_shapes_json_existing_is_refused_before_any_edit(tmp_path, capsys):
     code = main(["eval", "shapes", "--task", "move", "--cases", "1", "--json", str(out)])
     err = capsys.readouterr().err
     assert code == 2 and "--force" in err and out.read_text() == "precious"
+
+
+@pytest.mark.parametrize("flag", ["--cases", "--steps", "--jobs"])
+def test_eval_shapes_counts_checked_before_any_edit(capsys, flag):
+    code = main(["eval", "shapes", "--task", "move", flag, "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{flag} must be at least 1" in err and len(err.strip().splitlines()) == 1
+
+
+def test_corrupt_edited_image_is_one_line(tmp_path, capsys):
+    bench, edited = _scored_bench(tmp_path)
+    (edited / "c1.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    code = main(["eval", "dragbench", str(bench), "--edited", str(edited), "--metrics", "dai"])
+    err = capsys.readouterr().err
+    assert code == 2 and "c1.png" in err and len(err.strip().splitlines()) == 1
