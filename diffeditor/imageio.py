@@ -201,7 +201,7 @@ def atomic_write_many(items: list[tuple[Path, Any]], force: bool) -> None:
         if path.exists() and not force:
             raise OutputError(f"{show(path, 200)} exists; pass --force to overwrite it or choose another --out")
     temps: list[tuple[Path, Path]] = []
-    done: list[Path] = []
+    done: list[tuple[Path, Path | None]] = []  # committed: (path, backup of what it replaced)
     try:
         for path, write in items:
             folder = _folder(path)
@@ -227,32 +227,48 @@ def atomic_write_many(items: list[tuple[Path, Any]], force: bool) -> None:
             except OSError as exc:
                 raise _write_error(path, exc) from None
         for tmp, path in temps:
-            _commit(tmp, path, force)
-            done.append(path)
+            done.append((path, _commit(tmp, path, force)))
     except BaseException:
-        for path in done:  # both or neither
+        for path, backup in reversed(done):  # both or neither: the old files come back
             try:
-                path.unlink()
+                if backup is not None:
+                    os.replace(backup, path)
+                else:
+                    path.unlink()
             except OSError:
                 pass
         raise
     finally:
         for tmp, _ in temps:
-            try:
-                tmp.unlink()
-            except FileNotFoundError:
-                pass
-            except OSError:
-                pass
+            for leftover in (tmp, _backup_name(tmp)):
+                try:
+                    leftover.unlink()
+                except OSError:
+                    pass
 
 
-def _commit(tmp: Path, path: Path, force: bool) -> None:
+def _backup_name(tmp: Path) -> Path:
+    """Where ``_commit`` keeps the file a forced commit replaces until every file is in (a
+    temp name: a killed process's backups are removed like its temp files)."""
+    return tmp.with_suffix(".old.tmp")
+
+
+def _commit(tmp: Path, path: Path, force: bool) -> Path | None:
+    """Move ``tmp`` to ``path``; returns a hard-linked backup of the file it replaced (with
+    ``force``), or None."""
     if force:
+        backup = None
+        if path.is_file():
+            try:
+                os.link(path, _backup_name(tmp))
+                backup = _backup_name(tmp)
+            except OSError:  # no hard links here: no way back for this file
+                pass
         try:
             os.replace(tmp, path)
         except OSError as exc:
             raise _write_error(path, exc) from None
-        return
+        return backup
     try:
         os.link(tmp, path)  # atomic, and fails if the name exists
     except FileExistsError:
@@ -265,6 +281,7 @@ def _commit(tmp: Path, path: Path, force: bool) -> None:
             os.replace(tmp, path)
         except OSError:
             raise _write_error(path, exc) from None
+    return None
 
 
 def atomic_write(path: Path, write, force: bool) -> None:

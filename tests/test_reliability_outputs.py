@@ -221,3 +221,30 @@ def test_sigterm_while_writing_leaves_no_temp_file(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 130
     assert list(tmp_path.iterdir()) == []
+
+
+def test_forced_write_failing_on_the_second_file_restores_the_first(tmp_path):
+    """With --force, if the sidecar cannot be committed, the image it replaced comes back."""
+    (tmp_path / "o.png").write_bytes(b"old image")
+    side = tmp_path / "o.json"
+    side.write_bytes(b"old sidecar")
+
+    def sidecar(fh):  # meanwhile the sidecar's name becomes a folder: its commit fails
+        side.unlink()
+        side.mkdir()
+        fh.write(b"{}")
+
+    with pytest.raises(OutputError):
+        atomic_write_many([(tmp_path / "o.png", lambda fh: fh.write(b"new image")),
+                           (side, sidecar)], force=True)
+    assert (tmp_path / "o.png").read_bytes() == b"old image"
+    assert _leftovers(tmp_path) == []
+
+
+def test_forced_write_replaces_both(tmp_path):
+    (tmp_path / "o.png").write_bytes(b"old")
+    (tmp_path / "o.json").write_bytes(b"old")
+    save_image_and_sidecar(IMAGE, {"n": 1}, tmp_path / "o.png", force=True)
+    assert json.loads((tmp_path / "o.json").read_text()) == {"n": 1}
+    assert Image.open(tmp_path / "o.png").size == (64, 64)
+    assert _leftovers(tmp_path) == []
