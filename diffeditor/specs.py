@@ -204,6 +204,10 @@ def json_schema(registry=None) -> dict:
     return schema
 
 
+#: field errors listed per spec (the rest are counted)
+MAX_ERRORS_SHOWN = 5
+
+
 def format_validation_error(err: ValidationError, source: str = "spec") -> str:
     """One readable message naming the field(s)."""
     lines = []
@@ -215,6 +219,8 @@ def format_validation_error(err: ValidationError, source: str = "spec") -> str:
         loc = show(loc, 80)
         # a whole-spec check (a model validator) names its own fields in its message
         lines.append(f"{loc}: {msg}" if loc else msg)
+    if len(lines) > MAX_ERRORS_SHOWN:  # a line, not a dump
+        lines = lines[:MAX_ERRORS_SHOWN] + [f"and {len(lines) - MAX_ERRORS_SHOWN} more"]
     return f"{source}: " + "; ".join(lines)
 
 

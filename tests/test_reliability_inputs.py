@@ -80,6 +80,8 @@ BAD_SPECS = [
     ("empty", "", "a spec must be a mapping", "empty file"),
     ("top-list", "- task: move\n", "a spec must be a mapping", "list"),
     ("deep-yaml", "a: " + "[" * 5000 + "]" * 5000 + "\n", "spec.yaml"),
+    ("many-errors", "task: move\nimage: 5\nmask: 6\nscale: x\nseed: -1\nsteps: 0\nw_edit: -1\n"
+     "w_content: -1\n", "image:", "and 2 more"),
     ("too-many-handles", "task: drag\nimage: image.png\nmask: mask.png\nhandles: "
      + json.dumps([[1, 1]] * 65) + "\ntargets: " + json.dumps([[2, 2]] * 65) + "\n",
      "handles", "at most 64"),
