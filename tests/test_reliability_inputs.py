@@ -82,6 +82,9 @@ BAD_SPECS = [
     ("deep-yaml", "a: " + "[" * 5000 + "]" * 5000 + "\n", "spec.yaml"),
     ("many-errors", "task: move\nimage: 5\nmask: 6\nscale: x\nseed: -1\nsteps: 0\nw_edit: -1\n"
      "w_content: -1\n", "image:", "and 2 more"),
+    ("anchor-bomb", "task: drag\nimage: image.png\nmask: mask.png\na: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]\n"
+     + "".join(f"{n}: &{n} [{', '.join(['*' + p] * 9)}]\n" for p, n in zip("abcdefg", "bcdefgh"))
+     + "handles: [*h, *h, *h, *h, *h, *h, *h, *h, *h]\ntargets: *h\n", "spec.yaml", "more"),
     ("too-many-handles", "task: drag\nimage: image.png\nmask: mask.png\nhandles: "
      + json.dumps([[1, 1]] * 65) + "\ntargets: " + json.dumps([[2, 2]] * 65) + "\n",
      "handles", "at most 64"),
