@@ -123,3 +123,25 @@ def test_cli_reports_a_bad_model_in_one_line(shapes_model, tmp_path, capsys, cas
 def test_plain_bin_weights_are_read_without_loading(tmp_path):
     torch.save({"a": torch.zeros(3, 4), "b": torch.ones(5)}, tmp_path / "w.bin")
     assert _bin_elements(tmp_path / "w.bin") == 17
+
+
+@pytest.mark.slow
+def test_nan_result_raises_instead_of_writing_a_black_image(shapes_model, tmp_path):
+    """A model whose decoder gives NaN (a damaged weight, made here) must not produce a black
+    image with exit 0: the edit raises one clear error."""
+    from conftest import write_disc_scene
+    from safetensors.torch import load_file, save_file
+
+    from diffeditor import Editor
+    from diffeditor.errors import DiffEditorError
+
+    vae = "vae/diffusion_pytorch_model.safetensors"
+    folder = _linked_copy(shapes_model, tmp_path / "m", {vae})
+    weights = load_file(folder / vae)
+    weights["decoder.conv_out.bias"][0] = float("nan")
+    save_file(weights, folder / vae)
+    editor = Editor.from_pretrained(str(folder), device="cpu", dtype="float32")
+    write_disc_scene(tmp_path)
+    with pytest.raises(DiffEditorError, match="non-finite values"):
+        editor.edit({"task": "move", "image": "i.png", "mask": "m.png", "offset": [8, 0],
+                     "steps": 2}, base_dir=tmp_path)
