@@ -359,7 +359,20 @@ def add_bench_command(subparsers) -> None:
 
     def handler(args) -> int:
         from .cli import _quiet_libraries
+        from .errors import CheckErrors
+        from .preflight import check_options
 
+        errors = check_options(args)  # before any model loads, as for edits
+        for name in ("steps", "repeats"):
+            if getattr(args, name) < 1:
+                errors.append(f"--{name} must be at least 1")
+        if args.steps > 1000:
+            errors.append("--steps must be at most 1000")
+        for res in args.resolution or []:
+            if not 64 <= res <= 2048:
+                errors.append(f"--resolution {res}: must be within 64..2048")
+        if errors:
+            raise CheckErrors(errors)
         _quiet_libraries()
         _say(f"bench: loading {'random-sd15' if args.random_sd15 else args.model or 'the default model'}")
         editor = load_bench_editor(args)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import DiffEditorError, OutputError, SpecError
+from .errors import CheckErrors, DiffEditorError, OutputError, SpecError, one_line, show
 
 log = logging.getLogger("diffeditor")
 
@@ -193,25 +193,21 @@ def _sidecar_model(paths: list[Path]) -> str | None:
 
 
 def cmd_edit(args) -> int:
-    from .editor import check_spec
-    from .imageio import check_writable
+    from .imageio import reserve_outputs
     from .models import resolve_model
-    from .specs import parse_spec
+    from .preflight import check_edits
 
     if args.model is None:
         args.model = _sidecar_model(args.specs)
     _, entry = resolve_model(args.model)
     defaults = dict(entry.defaults) if entry else {}
-    specs = [parse_spec(p, defaults=defaults) for p in args.specs]
-    for spec in specs:
-        check_spec(spec)
+    outputs = [] if args.check else _outputs_for(args.specs, args)
+    # every spec, image, mask, output and option, before any model loads (all errors at once)
+    specs = check_edits([(show(p, 200), p) for p in args.specs], outputs, args, defaults)
     if args.check:
         return _print_checked(args.specs, specs, args.model, defaults)
-    outputs = _outputs_for(args.specs, args)
-    for out in outputs:
-        check_writable(out, args.force)
-        check_writable(out.with_suffix(".json"), args.force)
-    return _run(specs, outputs, args, sources=args.specs)
+    with reserve_outputs(outputs):
+        return _run(specs, outputs, args, sources=args.specs)
 
 
 def _print_checked(paths, specs, model, defaults) -> int:
@@ -436,10 +432,9 @@ def _edit_arg(text: str, field: str) -> dict:
 
 def _make_task_command(name: str, task):
     def run(args) -> int:
-        from .editor import check_spec
-        from .imageio import check_writable
+        from .imageio import reserve_outputs
         from .models import resolve_model
-        from .specs import parse_spec
+        from .preflight import check_edits
 
         data: dict[str, Any] = {"task": name, "image": str(args.image)}
         for fname, field in task.spec_model.model_fields.items():
@@ -455,13 +450,11 @@ def _make_task_command(name: str, task):
                 value = [value[i : i + 2] for i in range(0, len(value), 2)]
             data[fname] = value
         _, entry = resolve_model(args.model)
-        spec = parse_spec(data, base_dir=Path.cwd(), defaults=dict(entry.defaults) if entry else {},
-                          source="arguments")
-        check_spec(spec)
         out = args.out or (args.out_dir or Path(".")) / f"{args.image.stem}.{name}.png"
-        check_writable(out, args.force)
-        check_writable(out.with_suffix(".json"), args.force)
-        return _run([spec], [out], args, sources=None)
+        specs = check_edits([("arguments", data)], [out], args,
+                            dict(entry.defaults) if entry else {}, base_dir=Path.cwd())
+        with reserve_outputs([out]):
+            return _run(specs, [out], args, sources=None)
 
     return run
 
@@ -544,6 +537,24 @@ def build_parser(registry=None) -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_cleanly_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C (temporary files removed, no partial output)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, handler)
+    except (ValueError, OSError):  # pragma: no cover - not settable here
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     global _ARGV
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -551,6 +562,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     verbose = "-v" in argv or "--verbose" in argv
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    _exit_cleanly_on_sigterm()
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -561,11 +573,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DiffEditorError as exc:
         if verbose:
             raise
-        print(f"diffeditor: error: {exc}", file=sys.stderr)
+        for line in exc.lines if isinstance(exc, CheckErrors) else [str(exc)]:
+            print(f"diffeditor: error: {one_line(line)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("diffeditor: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # a file the checks could not foresee (removed meanwhile, a full disk)
+        if verbose:
+            raise
+        where = f": {show(exc.filename, 200)}" if getattr(exc, "filename", None) else ""
+        print(f"diffeditor: error: {one_line(exc.strerror or str(exc))}{where}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import platform
 import tempfile
 import time
@@ -17,7 +18,8 @@ from PIL import Image
 
 from . import __version__
 from .engine import Engine
-from .imageio import load_image, save_image, save_json, to_pil, to_tensor
+from .errors import DiffEditorError, UsageError, show
+from .imageio import load_image, save_image_and_sidecar, to_pil, to_tensor
 from .interfaces import Geometry
 from .models import ModelEntry, load_pipeline, resolve_model
 from .plugins import get_registry
@@ -35,6 +37,30 @@ def working_size(input_hw: tuple[int, int], resolution: int, multiple: int = 64)
         max(multiple, int(round(h * k / multiple)) * multiple),
         max(multiple, int(round(w * k / multiple)) * multiple),
     )
+
+
+def check_load_options(model=None, device=None, dtype=None, cache_size: int = 4,
+                       attention_slice=None, compile=None) -> None:
+    """Argument checks of :meth:`Editor.from_pretrained` that need no model: types, ranges,
+    whether the device exists. Raises :class:`UsageError` or ``ModelError`` (one line)."""
+    from .engine import COMPILE_MODES
+    from .models import resolve_device, resolve_dtype
+
+    if model is not None and (not isinstance(model, (str, os.PathLike)) or isinstance(model, bytes)):
+        raise UsageError(f"model must be a registered name, a hub id or a folder path, not "
+                         f"{type(model).__name__}")
+    for name, value in (("device", device), ("dtype", dtype)):
+        if value is not None and not isinstance(value, (str, torch.device, torch.dtype)):
+            raise UsageError(f"{name} must be a string such as 'cpu' / 'float32', not "
+                             f"{type(value).__name__}")
+    if type(cache_size) is not int or cache_size < 0:
+        raise UsageError(f"cache_size must be an int >= 0, not {show(cache_size, 40)}")
+    if attention_slice is not None and (type(attention_slice) is not int or attention_slice < 1):
+        raise UsageError(f"attention_slice must be a positive number of queries, not "
+                         f"{show(attention_slice, 40)}")
+    if compile is not None and compile not in (*COMPILE_MODES, "off", "none"):
+        raise UsageError(f"compile must be one of {', '.join(COMPILE_MODES)}, not {show(compile, 40)}")
+    resolve_dtype(dtype, resolve_device(device))
 
 
 def check_spec(spec: EditSpec, registry=None) -> tuple[int, int]:
@@ -63,11 +89,11 @@ class EditResult:
     latent: torch.Tensor | None = None
 
     def save(self, path: str | Path, force: bool = False) -> Path:
-        """Write the image and its JSON sidecar (``.json`` beside it), atomically."""
-        path = Path(path)
-        save_image(self.image, path, force=force)
-        save_json(self.metadata, path.with_suffix(".json"), force=force)
-        return path
+        """Write the image and its JSON sidecar (``.json`` beside it) as one unit: both or
+        neither, atomically, the sidecar strict JSON."""
+        if not isinstance(path, (str, os.PathLike)) or isinstance(path, bytes):
+            raise UsageError(f"save() takes a file path, not {type(path).__name__}")
+        return save_image_and_sidecar(self.image, self.metadata, Path(path), force=force)
 
 
 def _versions() -> dict[str, str]:
@@ -150,6 +176,7 @@ class Editor:
         (see :meth:`Engine.compile`). diffusers' and transformers' warnings and loading bars
         are silenced unless ``verbose``.
         """
+        check_load_options(model, device, dtype, cache_size, attention_slice, compile)
         import os
 
         if not verbose:
@@ -235,9 +262,16 @@ class Editor:
         stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         if isinstance(spec, (str, Path)) and spec_path is None:
             spec_path = spec
+        if progress is not None and not callable(progress):
+            raise UsageError("progress must be None or a callable (total, desc) -> bar, not "
+                             f"{type(progress).__name__}")
         spec = self.parse(spec, base_dir)
         task, plan, geom = self.prepare(spec)
         out = self.engine.edit(plan, spec, progress)
+        if not bool(torch.isfinite(out.image).all()):
+            raise DiffEditorError(
+                "the edit produced non-finite values (NaN or infinity), so there is no image to "
+                "write; lower energy_scale or guidance_k, or try --dtype float32")
         image = to_pil(out.image)
         if (image.height, image.width) != geom.input_hw:
             image = image.resize((geom.input_hw[1], geom.input_hw[0]), Image.BICUBIC)
@@ -279,8 +313,11 @@ class Editor:
                     path = Path(tmp) / f"{key}.png"
                     value.save(path)
                     spec[key] = str(path)
+                elif isinstance(value, (str, os.PathLike)) and not isinstance(value, bytes):
+                    spec[key] = os.fspath(value)
                 else:
-                    spec[key] = str(value)
+                    raise UsageError(f"{key} must be a file path or a PIL image, not "
+                                     f"{type(value).__name__}")
             return self.edit(spec)
 
     def move(self, image, mask, offset, scale: float = 1.0, **fields) -> EditResult:

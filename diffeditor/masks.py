@@ -4,7 +4,8 @@ Masks: :func:`work_mask` loads a user's mask (checked against the image size) at
 size; :func:`reference_work_mask` does the same for a reference image's mask; :func:`grid_mask`
 puts a working-size mask on the latent or feature grid (``geom.latent_hw``,
 ``geom.feature_hw``). Points: :func:`scale_point` / :func:`scale_offset` map input-image pixels to
-working pixels; :func:`check_points` and :func:`check_mask_file` are for :meth:`Task.check`
+working pixels; :func:`check_points`, :func:`check_offset` and :func:`check_mask_file` are for
+:meth:`Task.check`
 (run before any model loads; they raise :class:`~diffeditor.errors.SpecError` naming the field).
 """
 
@@ -71,6 +72,19 @@ def check_points(points, field: str, hw: tuple[int, int]) -> None:
                 f"(x must be in 0..{w - 1}, y in 0..{h - 1})",
                 field,
             )
+
+
+def check_offset(offset, field: str, hw: tuple[int, int]) -> None:
+    """An offset ``(dx, dy)`` no larger than the image (``hw`` = (height, width)) along each
+    axis: a larger one moves the object wholly out of the frame."""
+    h, w = hw
+    dx, dy = offset
+    if abs(dx) > w or abs(dy) > h:
+        raise SpecError(
+            f"[{dx:g}, {dy:g}] would move the object out of the {w}x{h} image; "
+            f"dx must be within -{w}..{w} and dy within -{h}..{h} pixels",
+            field,
+        )
 
 
 def check_mask_file(path: Path | None, field: str, hw: tuple[int, int]) -> np.ndarray | None:

@@ -52,7 +52,7 @@ def _run_cli(capsys, *argv) -> tuple[int, str, str]:
     [
         ({"colour": "red"}, "colour", "Extra inputs are not permitted"),
         ({"offset": "left"}, "offset", "valid"),
-        ({"scale": -1}, "scale", "greater than 0"),
+        ({"scale": -1}, "scale", "greater than or equal to 0.01"),
         ({"guidance_scale": 100}, "guidance_scale", "less than or equal"),
         ({"mask": "nope.png"}, "mask", "file not found"),
         ({"steps": 1.5}, "steps", "integer"),

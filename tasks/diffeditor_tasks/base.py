@@ -2,6 +2,7 @@
 
 from diffeditor.masks import (  # noqa: F401
     check_mask_file,
+    check_offset,
     check_points,
     grid_mask,
     ones_like_grid,

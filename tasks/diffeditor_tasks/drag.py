@@ -78,8 +78,8 @@ class DragSpec(EditSpec):
 
     task: Literal["drag"] = "drag"
     mask: Path = Field(description="the editable region: white = may change")
-    handles: list[Point] = Field(min_length=1, description="[[x, y], ...] points to drag")
-    targets: list[Point] = Field(min_length=1, description="[[x, y], ...] where they go")
+    handles: list[Point] = Field(min_length=1, max_length=64, description="[[x, y], ...] points to drag")
+    targets: list[Point] = Field(min_length=1, max_length=64, description="[[x, y], ...] where they go")
     guidance_scale: float = Field(4.0, ge=1.0, le=30.0, description="classifier-free guidance")
     energy_scale: float = Field(2000.0, ge=0.0, le=1e5, description="lambda (reference 2 x 1e3)")
     guidance_k: float = Field(0.04, ge=0.0, le=10.0, description="k (reference 4e-2)")

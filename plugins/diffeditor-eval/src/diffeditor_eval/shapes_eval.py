@@ -296,11 +296,19 @@ def add_shapes_command(benchmarks) -> None:
                    help="write every edit to DIR/<ablation>/<task>-<seed>.png beside its -source, "
                    "-truth and -vae (VAE round trip) pictures; DIR must be new or empty "
                    "(default: no images)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     p.set_defaults(func=run_shapes)
 
 
 def run_shapes(args) -> int:
     from diffeditor.errors import SpecError
+    from diffeditor.imageio import check_writable
+
+    if args.json:  # before minutes of edits, not after
+        check_writable(args.json, args.force)
+    for name in ("cases", "steps", "jobs"):
+        if getattr(args, name) < 1:
+            raise SpecError(f"--{name} must be at least 1")
 
     overrides: dict[str, Any] = {}
     for item in args.set:
@@ -347,5 +355,5 @@ def run_shapes(args) -> int:
     if args.json:
         from diffeditor.imageio import save_json
 
-        save_json(report, args.json, force=True)
+        save_json(report, args.json, force=args.force)
     return 0
