@@ -12,7 +12,7 @@ import types
 import pytest
 import torch
 from diffusers import DDIMScheduler
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from diffeditor.engine import Counters, Engine
@@ -99,6 +99,9 @@ def test_grid_matches_scheduler(n, variant):
     sched = sd15_scheduler(**variant)
     grid = DDIMTimesteps.from_scheduler(sched, n)
     ts = grid.timesteps
+    # diffusers' trailing spacing can give one timestep more than asked (floating-point arange):
+    # the grid follows the scheduler (see the test below)
+    assume(len(sched.timesteps) == n)
     assert grid.num_steps == n
     assert ts.dtype == torch.long
     assert torch.equal(ts, sched.timesteps.long())
@@ -118,6 +121,15 @@ def test_grid_matches_scheduler(n, variant):
     # the timestep each step denoises to (where time travel evaluates its rollback), >= 0
     assert grid.timesteps_prev.dtype == torch.long
     assert grid.timesteps_prev.tolist() == [max(int(t) - ratio, 0) for t in ts]
+
+
+def test_grid_follows_the_scheduler_when_it_gives_an_extra_timestep():
+    """Trailing spacing at 61 steps: diffusers' own arange yields 62 timesteps; the grid takes
+    the scheduler's timesteps as they are (the edit runs 62 steps, as diffusers would)."""
+    sched = sd15_scheduler(timestep_spacing="trailing", steps_offset=0)
+    grid = DDIMTimesteps.from_scheduler(sched, 61)
+    assert len(sched.timesteps) == 62
+    assert grid.num_steps == 62 and torch.equal(grid.timesteps, sched.timesteps.long())
 
 
 def test_grid_keeps_the_schedulers_alphas_exact():

@@ -181,8 +181,12 @@ class ComposeTask(Task):
         masks = {f"{k}:{j}": v for j, p in enumerate(plans) for k, v in p.masks.items()}
         pins = [Pin(pin.mask, _renamed_target(pin.target, j, list(p.images)), pin.until)
                 for j, p in enumerate(plans) for pin in p.pins]
+        # every sub-plan's images, renamed: the loaded ones and any a plan built (a pixel-space
+        # composite)
+        all_images = {"source": images["source"], **{
+            _rename(n, j): t for j, p in enumerate(plans) for n, t in p.images.items() if n != "source"}}
         return EditPlan(
-            images=dict(images),
+            images=all_images,
             prompts={"source": spec.prompt, **{
                 _rename(n, j): p.prompts.get(n, "") for j, p in enumerate(plans) for n in p.images if n != "source"}},
             regions=regions,
@@ -193,7 +197,7 @@ class ComposeTask(Task):
             masks=masks,
             pins=pins,
             info={f"edit:{j}": p.info for j, p in enumerate(plans)},
-            image_prompt_source=next((n for n in images if n != "source"), "source"),
+            image_prompt_source=next((n for n in images if n != "source"), "source"),  # loaded ones
         )
 
     @staticmethod
