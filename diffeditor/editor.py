@@ -178,14 +178,15 @@ class Editor:
 
     def edit(
         self, spec: EditSpec | dict | str | Path, base_dir: str | Path | None = None,
-        progress: Callable | None = None,
+        progress: Callable | None = None, callback: Callable | None = None,
     ) -> EditResult:
         """Run one edit. ``spec`` is a spec object, a dict (paths relative to ``base_dir``) or
-        a YAML/JSON file."""
+        a YAML/JSON file. ``callback(i, z, x0)`` is called after each denoising step (see
+        :meth:`Engine.edit`)."""
         t0 = time.perf_counter()
         spec = self.parse(spec, base_dir)
         task, plan, geom = self.prepare(spec)
-        out = self.engine.edit(plan, spec, progress)
+        out = self.engine.edit(plan, spec, progress, callback)
         image = to_pil(out.image)
         if (image.height, image.width) != geom.input_hw:
             image = image.resize((geom.input_hw[1], geom.input_hw[0]), Image.BICUBIC)
