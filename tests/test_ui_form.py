@@ -14,10 +14,6 @@ from pydantic import Field
 
 pytest.importorskip("diffeditor_ui", reason="the ui plugin is not installed (pip install ./plugins/diffeditor-ui)")
 
-from diffeditor.errors import SpecError  # noqa: E402
-from diffeditor.interfaces import AttentionPolicy, EditPlan, Task  # noqa: E402
-from diffeditor.plugins import get_registry  # noqa: E402
-from diffeditor.specs import EditSpec, parse_spec, path_validators  # noqa: E402
 from diffeditor_ui import drawing  # noqa: E402
 from diffeditor_ui.form import spec_data, task_form  # noqa: E402
 from diffeditor_ui.segment import (  # noqa: E402
@@ -26,6 +22,11 @@ from diffeditor_ui.segment import (  # noqa: E402
     SegmenterError,
     load_segmenters,
 )
+
+from diffeditor.errors import SpecError  # noqa: E402
+from diffeditor.interfaces import AttentionPolicy, EditPlan, Task  # noqa: E402
+from diffeditor.plugins import get_registry  # noqa: E402
+from diffeditor.specs import EditSpec, parse_spec, path_validators  # noqa: E402
 
 SHAPES_DEFAULTS = {"guidance_scale": 1.0, "move.energy_scale": 1000.0, "resolution": 128}
 
