@@ -7,7 +7,7 @@ import shutil
 import nox
 
 nox.options.sessions = ["lint", "tests"]
-PLUGINS = ["./plugins/diffeditor-shapes", "./plugins/diffeditor-eval"]
+PLUGINS = ["./plugins/diffeditor-shapes", "./plugins/diffeditor-eval", "./plugins/diffeditor-ui[test]"]
 
 
 def _install(session: nox.Session) -> None:

@@ -377,18 +377,24 @@ def test_two_sessions_editing_at_once_both_get_results(browser, server):
         pg.context.close()
 
 
-def test_cancel_stops_between_steps(page):
+def test_cancel_stops_between_steps_and_a_re_edit_reuses_the_inversion(page):
     open_tab(page, "drag")
     page.click("#drag-example-0")
     wait_status(page, "drag", r"^example .* loaded")
-    set_number(page, "drag-steps", 30)
+    set_number(page, "drag-steps", 20)
     page.click("#drag-run")
     wait_status(page, "drag", r"^sampling: step")
     page.click("#drag-cancel")
     msg = wait_status(page, "drag", r"^(done|cancelled|diffeditor)")
     assert msg.startswith("cancelled: cancelled after step"), msg
     step = int(re.search(r"after step (\d+)", msg).group(1))
-    assert step < 29
+    assert step < 19
+    # a re-edit (same image, prompt and steps; another weight) reuses the inversion
+    set_number(page, "drag-w_inpaint", 0.5)
+    page.click("#drag-run")
+    done = wait_status(page, "drag", r"^(done|diffeditor)")
+    assert done.startswith("done") and "(cached inversion)" in done, done
+    assert natural_size(page, "drag-result") == (128, 128)
 
 
 def test_a_third_party_task_gets_its_own_tab(page, tmp_path):

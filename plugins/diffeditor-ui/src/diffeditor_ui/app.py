@@ -207,9 +207,10 @@ class TaskTab:
                         choices = ([POINTS_MODE] if f.name in groups else []) + [
                             _seg_mode(m, s) for m in form.masks_on(f.name) for s in self.segmenters]
                         self.views[f.name] = gr.Image(
-                            label=f"{f.label}: click to " + (
-                                "place " + " -> ".join(groups[f.name]) + " points" if f.name in groups
-                                else "select an object"),
+                            label=f"{f.label}: " + (
+                                "click to place " + " -> ".join(groups[f.name]) + " points"
+                                if f.name in groups else "click to select an object"
+                                if form.masks_on(f.name) else "preview"),
                             interactive=False, format="png", elem_id=f"{name}-{f.name}-view",
                             buttons=[])
                         self.modes[f.name] = gr.Radio(
