@@ -383,6 +383,10 @@ def test_cancel_stops_between_steps_and_a_re_edit_reuses_the_inversion(page):
     wait_status(page, "drag", r"^example .* loaded")
     set_number(page, "drag-steps", 20)
     page.click("#drag-run")
+    # the progress bar over the status box: inversion, then sampling ("editing")
+    for phase in ("inversion - ", "editing - "):
+        page.wait_for_function("(t) => document.querySelector('#drag-status').innerText.includes(t)",
+                               arg=phase, timeout=60_000)
     wait_status(page, "drag", r"^sampling: step")
     page.click("#drag-cancel")
     msg = wait_status(page, "drag", r"^(done|cancelled|diffeditor)")
