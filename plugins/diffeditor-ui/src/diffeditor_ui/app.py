@@ -255,7 +255,7 @@ class TaskTab:
                                        elem_id=f"{name}-result")
                 self.download = gr.DownloadButton("download spec", value=None, interactive=False,
                                                   elem_id=f"{name}-download")
-                self.gallery = gr.Gallery(label="results of this session", columns=4, height=160,
+                self.gallery = gr.Gallery(label="results of this session", columns=4, height=160, object_fit="contain",
                                           format="png", elem_id=f"{name}-gallery")
                 with gr.Accordion("sidecar", open=False):
                     self.sidecar = gr.JSON(label="result sidecar", elem_id=f"{name}-sidecar")
