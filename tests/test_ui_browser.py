@@ -304,7 +304,7 @@ def test_points_undo_and_clear(page):
     assert np.array_equal(fetch_image(page, "drag-image-view"), before)
 
 
-def test_click_an_object_to_mask_it_then_move(page, server):
+def test_click_an_object_to_mask_it_then_move(page, server, tmp_path):
     """The flood-fill segmenter from a click fills the move tab's mask; SAM without weights
     says so in the page; the move runs."""
     open_tab(page, "move")
@@ -323,6 +323,11 @@ def test_click_an_object_to_mask_it_then_move(page, server):
     msg = wait_status(page, "move", r"^mask: \d+ pixels selected by flood")
     selected = int(re.search(r"mask: (\d+) pixels", msg).group(1))
     assert abs(selected - truth.sum()) <= 0.15 * truth.sum()
+    # the brush editor shows the selected mask (magenta), ready to be touched up
+    page.wait_for_timeout(1500)
+    shot = np.asarray(Image.open(io.BytesIO(page.locator("#move-mask").screenshot())).convert("RGB")).astype(int)
+    magenta = (shot[..., 0] > 230) & (shot[..., 1] < 40) & (shot[..., 2] > 230)
+    assert magenta.sum() > 0.5 * truth.sum(), magenta.sum()
     set_number(page, "move-offset-x", 16)
     set_number(page, "move-offset-y", -13)
     set_number(page, "move-steps", STEPS)
@@ -330,6 +335,9 @@ def test_click_an_object_to_mask_it_then_move(page, server):
     done = wait_status(page, "move", r"^(done|diffeditor)")
     assert done.startswith("done"), done
     assert natural_size(page, "move-result") == (128, 128)
+    bundle = download_bundle(page, "move", tmp_path)
+    mask = np.asarray(Image.open(bundle / "mask.png").convert("L")) > 127
+    assert mask.sum() == selected and (mask & truth).sum() >= 0.85 * truth.sum()
 
 
 def test_bad_input_shows_the_cli_message_and_the_server_keeps_serving(page, server, tmp_path):

@@ -48,6 +48,12 @@ def editor_mask(value, hw: tuple[int, int] | None) -> np.ndarray | None:
     if not value:
         return None
     layers = [np.asarray(x) for x in (value.get("layers") or []) if x is not None]
+    comp = value.get("composite")
+    if comp is not None:  # what the canvas shows: a mask set by the page (examples, segmenters)
+        comp = np.asarray(comp)
+        if comp.ndim == 3 and comp.shape[2] >= 3:
+            painted = (comp[..., 0] == 255) & (comp[..., 1] == 0) & (comp[..., 2] == 255)
+            layers.append(np.dstack([np.zeros((*painted.shape, 3), np.uint8), painted.astype(np.uint8) * 255]))
     if not layers:
         return None
     m = np.zeros(layers[0].shape[:2], bool)
@@ -74,7 +80,10 @@ def editor_value(image: Image.Image | None, mask: np.ndarray | None = None):
         return None
     bg = np.asarray(image.convert("RGBA"))
     layers = [mask_layer(mask)] if mask is not None else [np.zeros_like(bg)]
-    return {"background": bg, "layers": layers, "composite": None}
+    comp = bg.copy()
+    if mask is not None:
+        comp[mask] = (255, 0, 255, 255)
+    return {"background": bg, "layers": layers, "composite": comp}
 
 
 class Landmarks:
