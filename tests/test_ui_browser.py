@@ -113,21 +113,25 @@ def server(tmp_path_factory):
         [str(exe), "ui", "--port", str(port), "--device", "cpu", "--out-dir", str(tmp / "edits"),
          "--examples", str(REPO / "specs")],
         cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url, seen, t0 = None, [], time.monotonic()
-    for line in proc.stdout:
-        seen.append(line)
-        m = re.search(r"serving model shapes at (http://\S+)", line)
-        if m:
-            url = m.group(1)
-            break
-    if url is None:
-        proc.kill()
-        pytest.fail("diffeditor ui did not start:\n" + "".join(seen[-30:]))
-    startup = time.monotonic() - t0
-    log: list[str] = []
     import threading
 
-    threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True).start()
+    seen: list[str] = []
+    started = threading.Event()
+    t0 = time.monotonic()
+
+    def read():  # the server's output, until it ends; the URL line sets `started`
+        for line in proc.stdout:
+            seen.append(line)
+            if "serving model shapes at" in line:
+                started.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    if not started.wait(300):
+        proc.kill()
+        pytest.fail("diffeditor ui did not start within 300 s:\n" + "".join(seen[-30:]))
+    url = re.search(r"serving model shapes at (http://\S+)", "".join(seen)).group(1)
+    startup = time.monotonic() - t0
+    log = seen
     yield {"url": url, "tmp": tmp, "env": env, "startup_s": startup, "log": log}
     proc.terminate()
     try:

@@ -229,6 +229,26 @@ def test_sam_on_a_tiny_random_model_saved_and_loaded(tmp_path):
     assert seg._model is not None and seg._model.config.vision_config.hidden_size == 32
 
 
+def test_editor_mask_is_the_painted_layer_and_the_shown_selection():
+    from diffeditor_ui.app import editor_mask, editor_value
+
+    img = Image.new("RGB", (32, 24), (90, 90, 90))
+    sel = np.zeros((24, 32), bool)
+    sel[2:6, 3:9] = True
+    value = editor_value(img, sel)  # what the page sets (examples, click-to-mask)
+    assert np.array_equal(editor_mask(value, (24, 32)), sel)
+    stroke = np.zeros((24, 32, 4), np.uint8)
+    stroke[20, 10:20, 3] = 255  # a brush stroke in the layer
+    painted = {"background": value["background"], "layers": [stroke], "composite": value["composite"]}
+    both = sel.copy()
+    both[20, 10:20] = True
+    assert np.array_equal(editor_mask(painted, (24, 32)), both)
+    assert editor_mask(editor_value(img), (24, 32)) is None  # nothing painted: no mask
+    small = editor_mask({"layers": [np.dstack([np.zeros((12, 16, 3), np.uint8), np.full((12, 16), 255, np.uint8)])],
+                         "composite": None}, (24, 32))
+    assert small.shape == (24, 32) and small.all()
+
+
 # -- drawing ---------------------------------------------------------------------------------------
 
 def test_points_are_drawn_where_clicked_on_the_enlarged_view():
