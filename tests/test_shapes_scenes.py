@@ -428,7 +428,9 @@ def test_save_case(task, tmp_path):
     assert spec_path == tmp_path / task / "spec.json"
     spec = json.loads(spec_path.read_text())
     assert set(spec) == SPEC_KEYS[task]
-    assert spec["task"] == task and spec["prompt"] == case.prompt
+    # appearance and paste prompts describe the wanted result (measured: docs/quality.md)
+    want_prompt = case.target_caption if task in ("appearance", "paste") else case.prompt
+    assert spec["task"] == task and spec["prompt"] == want_prompt
     for key in ("image", "mask", "reference", "reference_mask"):
         if key in spec:
             f = spec_path.parent / spec[key]

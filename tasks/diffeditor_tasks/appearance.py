@@ -15,7 +15,7 @@ import torch
 from pydantic import Field
 
 from diffeditor.hookspecs import hookimpl
-from diffeditor.interfaces import AttentionPolicy, EditPlan, EnergyTerm, Geometry, Task
+from diffeditor.interfaces import AttentionPolicy, EditPlan, EnergyTerm, Geometry, Pin, Task
 from diffeditor.schedule import Window
 from diffeditor.specs import EditSpec, path_validators
 
@@ -24,6 +24,22 @@ from .base import check_mask_file, grid_mask, reference_work_mask, work_mask
 from .energies import cosine_map, inverse_energy, masked_mean, mean_feature, sim01
 
 MEMORY_WINDOW = Window(start=0.0, stop=0.72)  # reference: i <= 35 of 50
+
+
+def match_statistics(z: torch.Tensor, mask: torch.Tensor, ref: torch.Tensor, ref_mask: torch.Tensor):
+    """``z`` with its values under ``mask`` given the per-channel mean and standard deviation
+    of ``ref`` under ``ref_mask`` (AdaIN restricted to two regions); elsewhere unchanged."""
+    def stats(x, m):
+        w = m.to(x) / m.sum().clamp_min(1)
+        mean = (x * w).sum((-2, -1), keepdim=True)
+        var = (((x - mean) ** 2) * w).sum((-2, -1), keepdim=True)
+        return mean, var.sqrt()
+
+    mu, sd = stats(z, mask)
+    mu_r, sd_r = stats(ref, ref_mask)
+    out = (z - mu) / (sd + 1e-5) * sd_r + mu_r
+    m = mask.to(z)
+    return m * out + (1 - m) * z
 
 
 def content_energy(mask_f):
@@ -54,6 +70,19 @@ class AppearanceSpec(EditSpec):
     guidance_k: float = Field(0.04, ge=0.0, le=10.0, description="k (reference 4e-2)")
     w_edit: float = Field(3.5, ge=0.0, le=100.0, description="weight of the appearance energy")
     w_content: float = Field(5.0, ge=0.0, le=100.0, description="weight of the content energy")
+
+    object_blend: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="not in the reference: start the object recoloured with the reference "
+        "object's statistics (per-channel mean and spread, see surgery_space) and hold it to that "
+        "trajectory for this fraction of the run (from the start); 0 = off (the reference)",
+    )
+    surgery_space: Literal["latent", "pixel"] = Field(
+        "latent",
+        description="where object_blend recolours: 'latent' (the inverted latents) or 'pixel' "
+        "(the image, which is then encoded and inverted with the prompt: for a VAE whose latents "
+        "depend on their surroundings, as the shapes model's)",
+    )
 
     resolve_paths, check_paths = path_validators("mask", "reference", "reference_mask")
 
@@ -88,10 +117,27 @@ class AppearanceTask(Task):
                 for lv, f in cur.items()
             )
 
+        m_rep_l = grid_mask(m_rep, lh)
+        plan_images = {"source": images["source"], "reference": images["reference"]}
+        prompts = {"source": spec.prompt, "reference": spec.reference_prompt}
+        if spec.object_blend > 0 and spec.surgery_space == "pixel":
+            # recolour the image, then let inversion encode it in context
+            plan_images["composite"] = match_statistics(images["source"], m_base, images["reference"], m_rep)
+            prompts["composite"] = spec.prompt
+
+            def recoloured(zs):
+                m = m_base_l.to(zs["source"])
+                return m * zs["composite"] + (1 - m) * zs["source"]
+        else:
+            def recoloured(zs):
+                return match_statistics(zs["source"], m_base_l, zs["reference"], m_rep_l)
+
         return EditPlan(
-            images={"source": images["source"], "reference": images["reference"]},
-            prompts={"source": spec.prompt, "reference": spec.reference_prompt},
+            images=plan_images,
+            prompts=prompts,
             regions={"edit": m_base_l, "content": 1 - m_base_l},
+            surgery=recoloured if spec.object_blend > 0 else None,
+            pins=[Pin(m_base_l, recoloured, spec.object_blend)],
             energies=[EnergyTerm("edit", e_edit, spec.w_edit, "edit"),
                       EnergyTerm("content", content_energy(m_base_f), spec.w_content, "content")],
             sde_mask=m_base_l,

@@ -53,6 +53,14 @@ class PasteSpec(EditSpec):
         "to the reference's moved inversion trajectory; 0 = off (the reference)",
     )
 
+    surgery_space: Literal["latent", "pixel"] = Field(
+        "latent",
+        description="where the object is pasted for the initial latent and object_blend: "
+        "'latent' (the reference's inverted latents moved into place, the release) or 'pixel' "
+        "(the object pasted into the image, which is then encoded and inverted with the prompt: "
+        "for a VAE whose latents depend on their surroundings, as the shapes model's)",
+    )
+
     resolve_paths, check_paths = path_validators("reference", "reference_mask")
 
 
@@ -93,14 +101,27 @@ class PasteTask(Task):
                 for lv, f in cur.items()
             )
 
+        plan_images = {"source": images["source"], "reference": images["reference"]}
+        prompts = {"source": spec.prompt, "reference": spec.reference_prompt}
+        if spec.surgery_space == "pixel":
+            # paste in the image, then let inversion encode the object in its new surroundings
+            plan_images["composite"] = m_dst * warp(images["reference"], "bilinear") + (1 - m_dst) * images["source"]
+            prompts["composite"] = spec.prompt
+
+            def pasted(zs):
+                return zs["composite"]
+        else:
+            def pasted(zs):
+                return warp(zs["reference"])
+
         def surgery(zt):
             z = zt["source"]
             m = m_dst_l.to(z)
-            return m * warp(zt["reference"]) + (1 - m) * z
+            return m * pasted(zt) + (1 - m) * z
 
         return EditPlan(
-            images={"source": images["source"], "reference": images["reference"]},
-            prompts={"source": spec.prompt, "reference": spec.reference_prompt},
+            images=plan_images,
+            prompts=prompts,
             regions={"edit": m_dst_l, "content": 1 - m_dst_l},
             energies=[EnergyTerm("edit", e_edit, spec.w_edit, "edit"),
                       EnergyTerm("content", content_energy(m_dst_f), spec.w_content, "content")],
@@ -110,7 +131,7 @@ class PasteTask(Task):
             surgery=surgery,
             masks={"destination": m_dst, "reference_object": m_ref},
             info={"centroid_in_reference": center, "offset_work_px": offset},
-            pins=[Pin(m_dst_l, lambda zs: warp(zs["reference"]), spec.object_blend)],
+            pins=[Pin(m_dst_l, pasted, spec.object_blend)],
             image_prompt_source="reference",
         )
 

@@ -821,7 +821,7 @@ def case_spec(case: EditCase) -> dict[str, Any]:
             "mask": "mask.png",
             "reference": "reference.png",
             "reference_mask": "reference_mask.png",
-            "prompt": case.prompt,
+            "prompt": case.target_caption,  # describe the wanted result (README)
             "reference_prompt": case.reference_prompt,
         }
     if t == "paste":
@@ -832,7 +832,7 @@ def case_spec(case: EditCase) -> dict[str, Any]:
             "reference_mask": "reference_mask.png",
             "offset": _pair(case.offset),
             "scale": float(case.scale),
-            "prompt": case.prompt,
+            "prompt": case.target_caption,  # describe the wanted result (README)
             "reference_prompt": case.reference_prompt,
         }
     raise ValueError(f"unknown task {t!r}")

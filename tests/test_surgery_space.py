@@ -1,0 +1,137 @@
+"""Where appearance and paste build their object: ``surgery_space`` and appearance's
+``object_blend``.
+
+``match_statistics`` gives the values under the object mask the per-channel mean and standard
+deviation of the reference's under the reference mask, and leaves every other value untouched.
+In ``pixel`` space the task builds a composite image (the object recoloured, or pasted) that the
+engine inverts beside the source; the initial latent and the pins take the object from it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffeditor_tasks.appearance import match_statistics
+
+from diffeditor.geometry import similarity_warp
+
+
+def _masks():
+    m = torch.zeros(1, 1, 8, 8)
+    m[..., 2:5, 1:6] = 1
+    r = torch.zeros(1, 1, 8, 8)
+    r[..., 4:8, 3:7] = 1
+    return m, r
+
+
+def _stats(x, m):
+    sel = x[:, :, m[0, 0] > 0.5]
+    return sel.mean(-1), sel.std(-1, unbiased=False)
+
+
+def test_the_object_takes_the_reference_objects_statistics_exactly():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(1, 4, 8, 8, generator=g)
+    ref = torch.randn(1, 4, 8, 8, generator=g) * 3 + torch.tensor([1.0, -2.0, 0.5, 4.0])[None, :, None, None]
+    m, r = _masks()
+    out = match_statistics(z, m, ref, r)
+    mu, sd = _stats(out, m)
+    mu_r, sd_r = _stats(ref, r)
+    torch.testing.assert_close(mu, mu_r, atol=1e-5, rtol=0)
+    torch.testing.assert_close(sd, sd_r, atol=1e-4, rtol=0)
+    # the pattern inside keeps its shape: a per-channel affine map of the source
+    inside = m[0, 0] > 0.5
+    for c in range(4):
+        a, b = z[0, c][inside], out[0, c][inside]
+        assert torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.9999
+
+
+def test_nothing_outside_the_object_changes():
+    g = torch.Generator().manual_seed(1)
+    z, ref = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g) + 5
+    m, r = _masks()
+    out = match_statistics(z, m, ref, r)
+    assert torch.equal(out[:, :, m[0, 0] == 0], z[:, :, m[0, 0] == 0])
+    assert not torch.equal(out, z)
+
+
+scenes = pytest.importorskip("diffeditor_shapes.scenes")
+
+
+def _plan(editor, task, seed, tmp_path, **fields):
+    case = scenes.make_case(task, seed)
+    path = scenes.save_case(case, tmp_path)
+    data = {**json.loads(path.read_text()), **fields}
+    spec = editor.parse(data, base_dir=tmp_path)
+    _, plan, geom = editor.prepare(spec)
+    return spec, plan, geom
+
+
+def _latents(plan):
+    g = torch.Generator().manual_seed(3)
+    return {k: torch.randn(1, 4, 16, 16, generator=g) + i for i, k in enumerate(plan.images)}
+
+
+def test_pixel_paste_composite_is_the_warped_object_over_the_source(editor, tmp_path):
+    spec, plan, geom = _plan(editor, "paste", 1, tmp_path, surgery_space="pixel", object_blend=0.5)
+    assert set(plan.images) == {"source", "reference", "composite"}
+    assert plan.prompts["composite"] == spec.prompt
+    m = plan.masks["destination"]
+    src, ref, comp = plan.images["source"], plan.images["reference"], plan.images["composite"]
+    moved = similarity_warp(ref, geom.work_hw, plan.info["centroid_in_reference"], spec.scale,
+                            plan.info["offset_work_px"], "bilinear")
+    inside, outside = m[0, 0] > 0.5, m[0, 0] < 0.5
+    assert inside.sum() > 100
+    assert torch.equal(comp[:, :, outside], src[:, :, outside])
+    torch.testing.assert_close(comp[:, :, inside], moved[:, :, inside])
+    # the object's colour arrived: the composite differs from the source where it was pasted
+    assert (comp - src)[:, :, inside].abs().mean() > 0.2
+    # the initial latent and the pin take the destination from the composite's inversion
+    zs = _latents(plan)
+    z = plan.surgery(zs)
+    ml = plan.pins[0].mask
+    assert torch.equal(z[:, :, ml[0, 0] > 0], zs["composite"][:, :, ml[0, 0] > 0])
+    assert torch.equal(z[:, :, ml[0, 0] == 0], zs["source"][:, :, ml[0, 0] == 0])
+    assert torch.equal(plan.pins[0].target(zs), zs["composite"])
+
+
+def test_latent_paste_is_the_release_surgery(editor, tmp_path):
+    spec, plan, geom = _plan(editor, "paste", 1, tmp_path, surgery_space="latent")
+    assert set(plan.images) == {"source", "reference"}
+    zs = _latents(plan)
+    moved = similarity_warp(zs["reference"], geom.work_hw, plan.info["centroid_in_reference"],
+                            spec.scale, plan.info["offset_work_px"])
+    ml = plan.pins[0].mask
+    z = plan.surgery(zs)
+    assert torch.equal(z[:, :, ml[0, 0] > 0], moved[:, :, ml[0, 0] > 0])
+
+
+@pytest.mark.parametrize("space", ["pixel", "latent"])
+def test_appearance_object_blend_recolours_the_object_only(editor, tmp_path, space):
+    spec, plan, geom = _plan(editor, "appearance", 0, tmp_path, surgery_space=space, object_blend=0.5)
+    assert plan.pins and plan.pins[0].until == 0.5 and plan.surgery is not None
+    m, mr = plan.masks["object"], plan.masks["reference_object"]
+    if space == "pixel":
+        comp = plan.images["composite"]
+        want = match_statistics(plan.images["source"], m, plan.images["reference"], mr)
+        assert torch.equal(comp, want)
+        # the object now has the reference object's mean colour
+        mean = comp[:, :, m[0, 0] > 0.5].mean(-1)
+        ref_mean = plan.images["reference"][:, :, mr[0, 0] > 0.5].mean(-1)
+        torch.testing.assert_close(mean, ref_mean, atol=1e-4, rtol=0)
+    else:
+        assert "composite" not in plan.images
+    zs = _latents(plan)
+    z = plan.surgery(zs)
+    ml = plan.pins[0].mask
+    assert torch.equal(z[:, :, ml[0, 0] == 0], zs["source"][:, :, ml[0, 0] == 0])
+    assert not torch.equal(z[:, :, ml[0, 0] > 0], zs["source"][:, :, ml[0, 0] > 0])
+
+
+def test_appearance_without_object_blend_is_the_reference_plan(editor, tmp_path):
+    spec, plan, _ = _plan(editor, "appearance", 0, tmp_path, surgery_space="pixel")
+    assert spec.object_blend == 0.0
+    assert plan.surgery is None and all(p.until == 0 for p in plan.pins)
+    assert set(plan.images) == {"source", "reference"}
