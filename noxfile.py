@@ -1,5 +1,6 @@
 """nox sessions: ``nox -s tests`` (the whole suite), ``nox -s fast`` (no slow end-to-end
-cases), ``nox -s lint`` (ruff), ``nox -s mutate`` (mutation testing, not run by default)."""
+cases), ``nox -s lint`` (ruff), ``nox -s mutate`` (mutation testing, not run by default),
+``nox -s fuzz`` (the fuzz suite's long profile, not run by default)."""
 
 import os
 import shutil
@@ -7,7 +8,8 @@ import shutil
 import nox
 
 nox.options.sessions = ["lint", "tests"]
-PLUGINS = ["./plugins/diffeditor-shapes", "./plugins/diffeditor-eval", "./plugins/diffeditor-ui[test]"]
+PLUGINS = ["./plugins/diffeditor-shapes", "./plugins/diffeditor-eval", "./plugins/diffeditor-example",
+           "./plugins/diffeditor-ui[test]"]
 
 
 def _install(session: nox.Session) -> None:
@@ -31,7 +33,17 @@ def fast(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff")
-    session.run("ruff", "check", "diffeditor", "tasks", "plugins", "tests")
+    session.run("ruff", "check", "diffeditor", "tasks", "plugins", "tests", "tools")
+
+
+@nox.session
+def fuzz(session: nox.Session) -> None:
+    """The fuzz suite (tests/test_fuzz.py, docs/reliability.md) with many more examples per
+    property than the fast suite's: ``FUZZ_EXAMPLES`` (default 2000), random seeds."""
+    _install(session)
+    examples = os.environ.get("FUZZ_EXAMPLES", "2000")
+    session.run("pytest", "tests/test_fuzz.py", "-q", "-p", "no:cacheprovider", *session.posargs,
+                env={"DIFFEDITOR_FUZZ_EXAMPLES": examples, "OMP_NUM_THREADS": "1"})
 
 
 @nox.session

@@ -93,6 +93,27 @@ def _peak_rss_gib() -> float | None:
 
 PROMPT = "a big red circle on a gray background"
 
+SPREAD_WARNING = 1.5
+"""Repeats whose slowest and fastest differ by more than this factor get a warning: the medians
+then describe a busy machine as much as the code."""
+
+
+def _say(text: str) -> None:
+    """Progress on stderr (stdout carries only the JSON lines)."""
+    import sys
+
+    print(text, file=sys.stderr, flush=True)
+
+
+def _spread_warning(named: dict[str, list[float]]) -> str | None:
+    """A warning when any series of repeated timings varies more than :data:`SPREAD_WARNING`."""
+    wide = {k: max(v) / min(v) for k, v in named.items() if len(v) > 1 and min(v) > 0}
+    wide = {k: r for k, r in wide.items() if r > SPREAD_WARNING}
+    if not wide:
+        return None
+    return ("repeats varied " + ", ".join(f"{r:.1f}x in {k}" for k, r in wide.items())
+            + "; the machine was busy: compare only inside one run, or run again")
+
 
 def load_bench_editor(args):
     """The editor the benchmark times, with the fast-path switches of ``args`` applied."""
@@ -194,18 +215,24 @@ def run_bench(args, editor, resolution: int | None = None) -> dict:
         else:
             editor.edit(spec.model_copy(update={"steps": 2}))
         clock.reset_peak()
-        firsts, agains, plains = [], [], []
-        for _ in range(max(1, args.repeats)):
+        firsts, agains, plains, phases = [], [], [], []
+        n = max(1, args.repeats)
+        for k in range(n):
+            _say(f"bench: {res} px, repeat {k + 1}/{n}: edit, re-edit, plain generation")
             eng.cache = type(eng.cache)(eng.cache.max_items)  # a new image: invert again
             c0 = eng.counters.as_dict()
             t, r1 = clock.time(lambda: editor.edit(spec))
             firsts.append(t)
+            phases.append(r1.metadata["timings_s"])
             c1 = eng.counters.as_dict()
             t, r2 = clock.time(lambda: editor.edit(spec))
             agains.append(t)
             t, _ = clock.time(plain)
             plains.append(t)
     first, again, base = (statistics.median(x) for x in (firsts, agains, plains))
+    # the phases of the repeat whose edit time is the median, so they add up to seconds_per_edit
+    median_repeat = sorted(range(len(firsts)), key=firsts.__getitem__)[(len(firsts) - 1) // 2]
+    warning = _spread_warning({"edit": firsts, "re-edit": agains, "plain generation": plains})
     counts = {k: c1[k] - c0[k] for k in c1}
     return {
         **_header(args, editor, res),
@@ -221,7 +248,8 @@ def run_bench(args, editor, resolution: int | None = None) -> dict:
                         round(max(f / b for f, b in zip(firsts, plains)), 3)],
         "seconds_per_edit_all": [round(x, 3) for x in firsts],
         "plain_generation_seconds_all": [round(x, 3) for x in plains],
-        "phases_s": {k: round(v, 3) for k, v in r1.metadata["timings_s"].items() if k != "wall"},
+        "phases_s": {k: round(v, 3) for k, v in phases[median_repeat].items() if k != "wall"},
+        "phases_repeat": median_repeat + 1,
         "peak_memory_gib": clock.peak_gib(),
         "peak_rss_gib": _peak_rss_gib(),
         "memory_bank_mib": round(r1.metadata["memory_bank_bytes"] / 2**20, 2),
@@ -230,6 +258,7 @@ def run_bench(args, editor, resolution: int | None = None) -> dict:
         "unet_backward": counts["unet_backward"],
         "merged_reference_passes": counts["merged_reference"],
         "reedit_inversion_cached": r2.metadata["inversion_cached"],
+        **({"warning": warning} if warning else {}),
         "fast_path": {
             **eng.options,
             "merge_reference_pass": eng.merge_reference_pass,
@@ -288,27 +317,40 @@ def run_ablation(args, editor, switch: str, resolution: int | None = None) -> di
 
 
 def add_bench_command(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="time an edit against a plain generation (one JSON line)")
-    p.add_argument("--model", default=None, metavar="NAME|ID|PATH")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--task", default="drag", choices=["move", "resize", "drag", "appearance", "paste"])
+    p = subparsers.add_parser(
+        "bench", help="time an edit against a plain generation (one JSON line)",
+        description="Time a full edit (inversion, guided sampling, decode), the same edit again "
+        "with the cached inversion, and a plain 50-step CFG generation with the same components, "
+        "each --repeats times interleaved, and print one JSON line of medians per resolution. "
+        "Progress goes to stderr; when the repeats differ by more than 1.5x (a busy machine), "
+        "the line carries a 'warning' and stderr says so.")
+    p.add_argument("--model", default=None, metavar="NAME|ID|PATH",
+                   help="registered model name, hub id or local folder "
+                   "(default: stable-diffusion-v1-5/stable-diffusion-v1-5)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
+    p.add_argument("--dtype", default=None,
+                   help="float32, float16 or bfloat16 (default: float32 on CPU, float16 on GPU)")
+    p.add_argument("--task", default="drag", choices=["move", "resize", "drag", "appearance", "paste"],
+                   help="the edit timed, on a generated disc scene (default: drag)")
     p.add_argument("--resolution", type=int, nargs="+", default=None, metavar="PX",
                    help="square working size (default: the model's); several give one line each")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--repeats", type=int, default=3, help="timed runs of each; medians are reported")
-    p.add_argument("--random-sd15", action="store_true", help="SD 1.5's architecture with random weights")
-    p.add_argument("--tokenizer", default=None, help="tokenizer folder for --random-sd15")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps of every timed run (default: 50)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed runs of each; medians are reported (default: 3)")
+    p.add_argument("--random-sd15", action="store_true",
+                   help="SD 1.5's architecture with random weights (no download; default: off)")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="tokenizer folder for --random-sd15 (default: the shapes model's)")
     p.add_argument("--reference-settings", action="store_true",
-                   help="the reference's task defaults (CFG 4, ...) instead of the model's registered ones")
+                   help="the reference's task defaults (CFG 4, ...) instead of the model's registered ones (default: the model's)")
     fast = p.add_argument_group("fast path (defaults: all on where measured faster)")
     fast.add_argument("--compile", default=None, choices=["default", "reduce-overhead", "max-autotune"],
-                      help="torch.compile the UNet (reduce-overhead = CUDA graphs); warm-up compiles every shape")
+                      help="torch.compile the UNet (reduce-overhead = CUDA graphs); warm-up compiles every shape (default: off)")
     fast.add_argument("--attention-slice", type=int, default=None, metavar="N",
-                      help="self-attention N queries at a time (memory)")
-    fast.add_argument("--vae-slicing", action="store_true", help="VAE one image at a time (memory)")
+                      help="self-attention N queries at a time (memory; default: all at once)")
+    fast.add_argument("--vae-slicing", action="store_true", help="VAE one image at a time (memory; default: off)")
     fast.add_argument("--no-merge", action="store_true",
-                      help="run the reference-feature pass on its own instead of inside the CFG call")
+                      help="run the reference-feature pass on its own instead of inside the CFG call (default: inside)")
     fast.add_argument("--ablate", nargs="+", choices=sorted(SWITCHES), default=None, metavar="SWITCH",
                       help="instead: time re-edits with each switch on and off, alternated "
                       f"(one JSON line per switch; {', '.join(sorted(SWITCHES))})")
@@ -317,15 +359,32 @@ def add_bench_command(subparsers) -> None:
 
     def handler(args) -> int:
         from .cli import _quiet_libraries
+        from .errors import CheckErrors
+        from .preflight import check_options
 
+        errors = check_options(args)  # before any model loads, as for edits
+        for name in ("steps", "repeats"):
+            if getattr(args, name) < 1:
+                errors.append(f"--{name} must be at least 1")
+        if args.steps > 1000:
+            errors.append("--steps must be at most 1000")
+        for res in args.resolution or []:
+            if not 64 <= res <= 2048:
+                errors.append(f"--resolution {res}: must be within 64..2048")
+        if errors:
+            raise CheckErrors(errors)
         _quiet_libraries()
+        _say(f"bench: loading {'random-sd15' if args.random_sd15 else args.model or 'the default model'}")
         editor = load_bench_editor(args)
         for res in args.resolution or [None]:
             if args.ablate:
                 for switch in args.ablate:
                     print(json.dumps(run_ablation(args, editor, switch, res)), flush=True)
             else:
-                print(json.dumps(run_bench(args, editor, res)), flush=True)
+                line = run_bench(args, editor, res)
+                if "warning" in line:
+                    _say(f"bench: warning: {line['warning']}")
+                print(json.dumps(line), flush=True)
         return 0
 
     p.set_defaults(func=handler)

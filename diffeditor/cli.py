@@ -17,39 +17,30 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import DiffEditorError, OutputError, SpecError
+from .errors import CheckErrors, DiffEditorError, OutputError, SpecError, one_line, show
 
 log = logging.getLogger("diffeditor")
 
 EXIT_USER_ERROR = 2
+_BROKEN_COMMANDS: dict[str, bool] = {}  # plugins whose register_commands raised (reported once)
+_ARGV: list[str] | None = None  # the arguments main() was called with (recorded in sidecars)
 
 
 def _quiet_libraries() -> None:
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    import warnings
+    from .models import quiet_libraries
 
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*torchvision.*")
-    try:
-        import diffusers
-        import transformers
-
-        diffusers.utils.logging.set_verbosity_error()
-        diffusers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-    except Exception:  # pragma: no cover - logging setup must never fail a command
-        pass
+    quiet_libraries()
 
 
-def _progress_factory(quiet: bool):
+def _progress_factory(quiet: bool, label: str | None = None):
+    """Progress bars on stderr, each named ``label: phase`` (``[2/7] drag: editing``)."""
     if quiet:
         return None
     from tqdm.auto import tqdm
 
     def make(total: int, desc: str):
-        return tqdm(total=total, desc=desc, unit="step", leave=False, file=sys.stderr)
+        return tqdm(total=total, desc=f"{label}: {desc}" if label else desc, unit="step",
+                    leave=False, file=sys.stderr)
 
     return make
 
@@ -58,31 +49,36 @@ def _progress_factory(quiet: bool):
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, metavar="NAME|ID|PATH",
-                   help="registered model name (e.g. shapes), hub id or local folder "
-                   "(default: stable-diffusion-v1-5/stable-diffusion-v1-5)")
+                   help="registered model name (e.g. shapes; see diffeditor models), hub id or "
+                   "local folder (default: stable-diffusion-v1-5/stable-diffusion-v1-5)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: float32 on CPU, float16 on GPU)")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars (default: bars on stderr)")
     p.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
                    help="keep inversions on disk here and reuse them across runs (default: $DIFFEDITOR_CACHE_DIR)")
     p.add_argument("--vae-tiling", action="store_true",
-                   help="encode/decode in tiles and slices (less GPU memory for large images)")
-    p.add_argument("--vae-slicing", action="store_true", help="VAE one image of a batch at a time (less memory)")
+                   help="encode/decode in tiles and slices (less GPU memory for large images; default: off)")
+    p.add_argument("--vae-slicing", action="store_true", help="VAE one image of a batch at a time (less memory; default: off)")
     p.add_argument("--attention-slice", type=int, default=None, metavar="N",
-                   help="self-attention N queries at a time (less memory on small GPUs; same result)")
+                   help="self-attention N queries at a time (less memory on small GPUs; same result; default: all at once)")
     p.add_argument("--compile", default=None, choices=["default", "reduce-overhead", "max-autotune"],
-                   help="torch.compile the UNet (reduce-overhead = CUDA graphs); pays off over a batch of specs")
+                   help="torch.compile the UNet (reduce-overhead = CUDA graphs); pays off over a batch of specs (default: off)")
     p.add_argument("--image-prompt-weights", metavar="FILE", default=None,
-                   help="image-prompt weights (ip_sd15_64.bin layout) to attach")
+                   help="image-prompt weights (ip_sd15_64.bin layout) to attach (default: the model's own, if any)")
     p.add_argument("--image-prompt-encoder", metavar="DIR", default=None,
-                   help="CLIP vision encoder folder for the image prompt (h94/IP-Adapter models/image_encoder)")
+                   help="CLIP vision encoder folder for the image prompt (h94/IP-Adapter models/image_encoder; default: the model's own, if any)")
 
 
-def _add_output_options(p: argparse.ArgumentParser) -> None:
+def _add_output_options(p: argparse.ArgumentParser, default_name: str) -> None:
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--out", type=Path, metavar="PATH", help="output image (one spec); a .json sidecar is written beside it")
-    g.add_argument("--out-dir", type=Path, metavar="DIR", help="output folder: one <spec name>.png (+ .json) per spec")
-    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    g.add_argument("--out", type=Path, metavar="PATH",
+                   help="output image (one spec); a .json sidecar is written beside it "
+                   f"(default: {default_name} in the current folder)")
+    g.add_argument("--out-dir", type=Path, metavar="DIR",
+                   help=f"output folder (default: the current folder): {default_name}; specs "
+                   "whose names collide are numbered 000-NAME.png, 001-NAME.png, ...")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite existing outputs (default: an existing file is never overwritten)")
 
 
 # -- commands ----------------------------------------------------------------------------------
@@ -99,7 +95,7 @@ def cmd_tasks(args) -> int:
         width = max([len(r[0]) for r in rows] + [4])
         for name, version, dist, desc in rows:
             print(f"{name:<{width}}  {version:<8}  {dist:<20}  {desc}")
-    _report_failures(reg)
+    _plugin_env_note()
     return 0
 
 
@@ -116,7 +112,9 @@ def cmd_plugins(args) -> int:
         return 0
     for i in infos:
         print(f"{i.name:<12}  {i.distribution:<20}  {i.version:<8}  hooks: {', '.join(i.hooks)}")
-    _report_failures(reg)
+    for f in reg.failures:  # (the warning on stderr said why, once)
+        print(f"{f.name:<12}  {f.distribution:<20}  {'skipped':<8}  {f.error}")
+    _plugin_env_note()
     return 0
 
 
@@ -127,19 +125,38 @@ def cmd_models(args) -> int:
     reg = get_registry()
     for name, entry in sorted(reg.models.items()):
         print(f"{name:<12}  {entry.location}  {entry.description}")
-    print(f"{'(default)':<12}  {DEFAULT_MODEL}  SD 1.5 from the Hugging Face hub or its cache")
+        for key, value in sorted(entry.defaults.items()):
+            print(f"{'':<14}default {key} = {json.dumps(value)}")
+    print(f"{'(default)':<12}  {DEFAULT_MODEL}  SD 1.5 from the Hugging Face hub or its cache "
+          "(the tasks' own defaults)")
     return 0
 
 
-def _report_failures(reg) -> None:
-    for f in reg.failures:
-        print(f"warning: plugin {f.name!r} ({f.distribution}) failed to load: {f.error}", file=sys.stderr)
+def _plugin_env_note() -> None:
+    """Say on stderr when the environment narrowed which plugins load."""
+    from .plugins import DISABLE_ENV, ONLY_ENV
+
+    if os.environ.get(DISABLE_ENV, "").strip().lower() in ("1", "true", "yes"):
+        print(f"note: {DISABLE_ENV} is set: third-party plugins are off; diffeditor's own tasks "
+              "are listed", file=sys.stderr)
+    elif os.environ.get(ONLY_ENV, "").strip():
+        print(f"note: {ONLY_ENV}={os.environ[ONLY_ENV]}: only those third-party plugins load "
+              "(with diffeditor's own tasks)", file=sys.stderr)
 
 
 def cmd_schema(args) -> int:
+    from .plugins import get_registry
     from .specs import json_schema
 
-    text = json.dumps(json_schema(), indent=2)
+    if args.task:
+        reg = get_registry()
+        if args.task not in reg.tasks:
+            raise SpecError(f"unknown task {args.task!r}; registered tasks: {', '.join(sorted(reg.tasks))}")
+        schema = reg.tasks[args.task].spec_model.model_json_schema()
+        schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    else:
+        schema = json_schema()
+    text = json.dumps(schema, indent=2)
     if args.out:
         from .imageio import atomic_write
 
@@ -161,25 +178,64 @@ def _outputs_for(specs: list[Path], args) -> list[Path]:
     return [folder / f"{n}.png" for n in names]
 
 
-def cmd_edit(args) -> int:
-    from .editor import check_spec
-    from .imageio import check_writable
-    from .models import resolve_model
-    from .specs import parse_spec
+def _sidecar_model(paths: list[Path]) -> str | None:
+    """The model named by the sidecars among ``paths``, when every spec is a sidecar of one model
+    (``diffeditor edit OUT.json`` replays on the model that made OUT.png)."""
+    from .specs import is_sidecar, read_spec_file
 
+    models = set()
+    for p in paths:
+        data = read_spec_file(p)
+        if not is_sidecar(data):
+            return None
+        models.add(data.get("model"))
+    return models.pop() if len(models) == 1 else None
+
+
+def cmd_edit(args) -> int:
+    from .imageio import reserve_outputs
+    from .models import resolve_model
+    from .preflight import check_edits
+
+    if args.model is None:
+        args.model = _sidecar_model(args.specs)
     _, entry = resolve_model(args.model)
     defaults = dict(entry.defaults) if entry else {}
-    specs = [parse_spec(p, defaults=defaults) for p in args.specs]
-    for spec in specs:
-        check_spec(spec)
-    outputs = _outputs_for(args.specs, args)
-    for out in outputs:
-        check_writable(out, args.force)
-        check_writable(out.with_suffix(".json"), args.force)
-    return _run(specs, outputs, args)
+    outputs = [] if args.check else _outputs_for(args.specs, args)
+    # every spec, image, mask, output and option, before any model loads (all errors at once)
+    specs = check_edits([(show(p, 200), p) for p in args.specs], outputs, args, defaults)
+    if args.check:
+        return _print_checked(args.specs, specs, args.model, defaults)
+    with reserve_outputs(outputs):
+        return _run(specs, outputs, args, sources=args.specs)
 
 
-def _run(specs, outputs, args) -> int:
+def _print_checked(paths, specs, model, defaults) -> int:
+    """``edit --check``: each spec resolved, every field with where its value came from."""
+    from .specs import read_spec_file, spec_section
+
+    name = model or "(default model)"
+    for path, spec in zip(paths, specs):
+        given = set(spec_section(read_spec_file(path)))
+        data = spec.model_dump(mode="json")
+        print(f"{path}: valid {spec.task} spec")
+        width = max(len(k) for k in data)
+        for key, value in data.items():
+            if key in given:
+                source = "spec"
+            elif key in defaults or f"{spec.task}.{key}" in defaults:
+                source = f"model {name}"
+            else:
+                source = f"default of task {spec.task}"
+            print(f"  {key:<{width}}  {json.dumps(value)}  [{source}]")
+    return 0
+
+
+def _run(specs, outputs, args, sources=None) -> int:
+    """Edit each spec on one loaded model. A spec that fails during its edit is reported in one
+    line and the batch goes on; a summary ends a batch, and any failure makes the exit status 1."""
+    import shlex
+
     from .editor import Editor
 
     _quiet_libraries()
@@ -192,13 +248,32 @@ def _run(specs, outputs, args) -> int:
                                     cache_dir=args.cache_dir, vae_tiling=args.vae_tiling,
                                     vae_slicing=args.vae_slicing, attention_slice=args.attention_slice,
                                     compile=args.compile)
-    progress = _progress_factory(args.quiet)
-    for spec, out in zip(specs, outputs):
-        result = editor.edit(spec, progress=progress)
-        result.save(out, force=args.force)
+    editor.command_line = shlex.join(["diffeditor", *(sys.argv[1:] if _ARGV is None else _ARGV)])
+    n = len(specs)
+    failed: list[str] = []
+    for k, (spec, out) in enumerate(zip(specs, outputs)):
+        label = f"[{k + 1}/{n}] {Path(sources[k]).stem if sources else spec.task}"
+        progress = _progress_factory(args.quiet, label if n > 1 else spec.task)
+        try:
+            result = editor.edit(spec, progress=progress,
+                                 spec_path=sources[k] if sources else None)
+            result.save(out, force=args.force)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # one failing spec must not stop the batch
+            if n == 1:
+                raise
+            log.info("edit %s failed", label, exc_info=True)
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            print(f"diffeditor: {label} failed: {msg}", file=sys.stderr)
+            failed.append(label)
+            continue
         t = result.metadata["timings_s"]
         print(f"{out}  ({t['wall']:.1f} s{', cached inversion' if result.metadata['inversion_cached'] else ''})")
-    return 0
+    if n > 1:
+        print(f"{n - len(failed)} of {n} edits written"
+              + (f"; failed: {', '.join(failed)}" if failed else ""), file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_download(args) -> int:
@@ -236,7 +311,45 @@ def cmd_download(args) -> int:
 _SKIP_FIELDS = {"task", "image", "schedule", "feature_levels"}
 
 
-def _field_arg(parser: argparse.ArgumentParser, name: str, field) -> None:
+def plain_text(text: str | None) -> str:
+    """A docstring or field description without reST markup (``x`` -> x, :class:`a.B` -> B)."""
+    import re
+
+    text = re.sub(r":[a-z]+:`~?([^`]*)`", lambda m: m.group(1).rsplit(".", 1)[-1], text or "")
+    return re.sub(r"``([^`]*)``", r"\1", text).strip()
+
+
+def _required(field) -> bool:
+    return field.is_required()
+
+
+def _default_text(name: str, field, task: str, registry) -> str:
+    """The effective default of a task option: the task's, and each registered model's own."""
+    if _required(field):
+        return "required"
+    default = field.get_default(call_default_factory=True)
+    parts = [f"default: {_show(default)}"]
+    for mname, entry in sorted(registry.models.items()):
+        for key in (f"{task}.{name}", name):
+            if key in entry.defaults:
+                parts.append(f"with --model {mname}: {_show(entry.defaults[key])}")
+                break
+    return "; ".join(parts)
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "none"
+    if value == "":
+        return '""'
+    if isinstance(value, (tuple, list)):
+        return " ".join(_show(v) for v in value)
+    if hasattr(value, "model_dump"):
+        return json.dumps(value.model_dump(mode="json"))
+    return str(value)
+
+
+def _field_arg(parser, name: str, field, task: str, registry) -> None:
     ann = field.annotation
     origin = typing.get_origin(ann)
     args_ = typing.get_args(ann)
@@ -245,8 +358,19 @@ def _field_arg(parser: argparse.ArgumentParser, name: str, field) -> None:
         ann = inner[0] if len(inner) == 1 else ann
         origin, args_ = typing.get_origin(ann), typing.get_args(ann)
     flag = "--" + name.replace("_", "-")
-    kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": field.description}
-    if origin is typing.Literal:
+    help_ = f"{plain_text(field.description)} ({_default_text(name, field, task, registry)})"
+    kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_}
+    if _required(field):
+        kw["required"] = True
+    if origin is list and args_ and typing.get_origin(args_[0]) is dict:
+        # compose's edits: one --edit per edit, a spec file or inline JSON
+        flag = "--" + name.rstrip("s").replace("_", "-")
+        kw.update(action="append", metavar="FILE|JSON", help=(
+            f"{plain_text(field.description)}: repeat once per edit; each is a YAML/JSON spec "
+            "file of one edit (paths relative to that file) or inline JSON such as "
+            "'{\"task\": \"move\", \"mask\": \"m.png\", \"offset\": [20, 0]}' (paths "
+            "relative to the current folder); required"))
+    elif origin is typing.Literal:
         kw["choices"] = list(args_)
     elif origin is tuple and args_ and all(a in (int, float) for a in args_):
         kw.update(nargs=len(args_), type=float, metavar=("X", "Y") if len(args_) == 2 else None)
@@ -264,42 +388,73 @@ def _field_arg(parser: argparse.ArgumentParser, name: str, field) -> None:
 def _add_task_commands(subparsers, registry) -> None:
     for name in sorted(registry.tasks):
         task = registry.tasks[name]
-        p = subparsers.add_parser(name, help=f"{task.description} (no spec file needed)",
-                                  description=(task.spec_model.__doc__ or "").strip())
-        p.add_argument("image", type=Path, help="the image to edit")
+        doc = plain_text(task.spec_model.__doc__) or task.description
+        p = subparsers.add_parser(
+            name, help=f"{task.description} (no spec file needed)",
+            description=f"{doc} Options are the fields of a {name} spec (diffeditor schema "
+            f"{name}); 'default' is the task's own, overridden by a registered model's where "
+            "shown; the spec's own values (here: the options given) win.")
+        p.add_argument("image", type=Path, help="the image to edit (required)")
         for fname, field in task.spec_model.model_fields.items():
             if fname not in _SKIP_FIELDS:
-                _field_arg(p, fname, field)
+                _field_arg(p, fname, field, name, registry)
         _add_model_options(p)
-        _add_output_options(p)
+        _add_output_options(p, default_name=f"IMAGE.{name}.png")
         p.set_defaults(func=_make_task_command(name, task))
+
+
+def _edit_arg(text: str, field: str) -> dict:
+    """One ``--edit``: inline JSON (paths relative to the current folder) or a spec file (paths
+    relative to that file); the paths are made absolute here."""
+    from .plugins import get_registry
+    from .specs import read_spec_file
+
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SpecError(f"not valid JSON ({exc.msg} at column {exc.colno}): {text}", field) from None
+        base = Path.cwd()
+    else:
+        data = read_spec_file(text)
+        base = Path(text).resolve().parent
+    if not isinstance(data, dict):
+        raise SpecError("each --edit must be a mapping with a 'task' field", field)
+    task = get_registry().tasks.get(data.get("task"))
+    if task is not None:
+        for key, value in list(data.items()):
+            f = task.spec_model.model_fields.get(key)
+            if f is not None and "Path" in str(f.annotation) and isinstance(value, str):
+                data[key] = str((base / Path(value).expanduser()).absolute())
+    return data
 
 
 def _make_task_command(name: str, task):
     def run(args) -> int:
-        from .editor import check_spec
-        from .imageio import check_writable
+        from .imageio import reserve_outputs
         from .models import resolve_model
-        from .specs import parse_spec
+        from .preflight import check_edits
 
         data: dict[str, Any] = {"task": name, "image": str(args.image)}
         for fname, field in task.spec_model.model_fields.items():
             if fname in _SKIP_FIELDS or fname not in vars(args):
                 continue
             value = getattr(args, fname)
-            if typing.get_origin(field.annotation) is list and isinstance(value, list):
+            ann = field.annotation
+            if typing.get_origin(ann) is list and typing.get_origin(typing.get_args(ann)[0]) is dict:
+                value = [_edit_arg(v, f"{fname}[{j}]") for j, v in enumerate(value)]
+            elif typing.get_origin(ann) is list and isinstance(value, list):
                 if len(value) % 2:
                     raise SpecError(f"give x y pairs (got {len(value)} numbers)", fname)
                 value = [value[i : i + 2] for i in range(0, len(value), 2)]
             data[fname] = value
         _, entry = resolve_model(args.model)
-        spec = parse_spec(data, base_dir=Path.cwd(), defaults=dict(entry.defaults) if entry else {},
-                          source="arguments")
-        check_spec(spec)
         out = args.out or (args.out_dir or Path(".")) / f"{args.image.stem}.{name}.png"
-        check_writable(out, args.force)
-        check_writable(out.with_suffix(".json"), args.force)
-        return _run([spec], [out], args)
+        specs = check_edits([("arguments", data)], [out], args,
+                            dict(entry.defaults) if entry else {}, base_dir=Path.cwd())
+        with reserve_outputs([out]):
+            return _run(specs, [out], args, sources=None)
 
     return run
 
@@ -312,46 +467,102 @@ def build_parser(registry=None) -> argparse.ArgumentParser:
     reg = registry or get_registry()
     parser = argparse.ArgumentParser(
         prog="diffeditor",
-        description="DiffEditor image editing: move, resize, drag, appearance, paste and face edits.",
+        description="DiffEditor image editing: move, resize, drag, appearance, paste and face "
+        "edits. Every output X.png gets a sidecar X.json (spec, seed, model, versions, "
+        "timings), which 'diffeditor edit X.json' replays. Bad input ends with one line and "
+        "exit status 2, before any model loads.",
     )
-    parser.add_argument("--version", action="version", version=f"diffeditor {__version__}")
+    parser.add_argument("--version", action="version", version=f"diffeditor {__version__}",
+                        help="print the version and exit")
     parser.add_argument("--verbose", "-v", action="store_true", help="log details (and show tracebacks)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("edit", help="run edit specs (YAML or JSON); several specs = a batch")
-    p.add_argument("specs", nargs="+", type=Path, metavar="SPEC")
+    p = sub.add_parser(
+        "edit", help="run edit specs (YAML or JSON); several specs = a batch",
+        description="Run edit specs (YAML or JSON files; paths inside are relative to the file) "
+        "on one loaded model. An output's JSON sidecar is a spec too: 'diffeditor edit OUT.json "
+        "--out again.png' replays that edit (on the sidecar's model unless --model is given). "
+        "In a batch, a spec that fails while editing is reported in one line and the others go "
+        "on; the exit status is then 1.")
+    p.add_argument("specs", nargs="+", type=Path, metavar="SPEC",
+                   help="spec files (YAML or JSON) or sidecars of earlier outputs (required)")
+    p.add_argument("--check", action="store_true",
+                   help="only validate: print each resolved spec, every field with where its "
+                   "value came from (spec, model default, task default); no model is loaded")
     _add_model_options(p)
-    _add_output_options(p)
+    _add_output_options(p, default_name="SPEC.png, from each spec file's name")
     p.set_defaults(func=cmd_edit)
 
-    p = sub.add_parser("tasks", help="list the registered editing tasks")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("tasks", help="list the registered editing tasks",
+                       description="List the registered editing tasks: name, version, the "
+                       "distribution that registered it, and what it does.")
+    p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     p.set_defaults(func=cmd_tasks)
-    p = sub.add_parser("plugins", help="list the installed plugins")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("plugins", help="list the installed plugins",
+                       description="List the loaded plugins and their hooks, and any plugin "
+                       "that was skipped (failed to import, or a hook that matches no hook "
+                       "specification) with the reason.")
+    p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     p.set_defaults(func=cmd_plugins)
-    p = sub.add_parser("models", help="list the registered model names")
+    p = sub.add_parser("models", help="list the registered model names and their defaults",
+                       description="List the registered model names, where their weights are, "
+                       "and the spec defaults each model sets over the tasks' own.")
     p.set_defaults(func=cmd_models)
-    p = sub.add_parser("schema", help="print the JSON Schema of edit specs")
-    p.add_argument("--out", type=Path, help="write it to a file instead")
+    p = sub.add_parser("schema", help="print the JSON Schema of edit specs",
+                       description="Print the JSON Schema of every spec the installed tasks "
+                       "accept, or of one task's spec.")
+    p.add_argument("task", nargs="?", default=None, metavar="TASK",
+                   help="only this task's spec (default: all tasks, one discriminated union)")
+    p.add_argument("--out", type=Path, metavar="FILE", help="write it to FILE instead of stdout")
     p.set_defaults(func=cmd_schema)
-    p = sub.add_parser("download", help="pre-fetch a model's weights (needs a network)")
-    p.add_argument("model", nargs="?", default=None)
+    p = sub.add_parser("download", help="pre-fetch a model's weights (needs a network)",
+                       description="Download a hub model's weights into the Hugging Face cache "
+                       "(HF_HOME), so that later edits run offline.")
+    p.add_argument("model", nargs="?", default=None, metavar="ID",
+                   help="hub id (default: stable-diffusion-v1-5/stable-diffusion-v1-5)")
     p.add_argument("--image-prompt", action="store_true", help="also fetch the image-prompt weights")
     p.set_defaults(func=cmd_download)
     from .bench import add_bench_command
 
     add_bench_command(sub)
     _add_task_commands(sub, reg)
-    reg.pm.hook.register_commands(subparsers=sub)
+    for impl in reg.pm.hook.register_commands.get_hookimpls():
+        try:  # a plugin whose commands fail to build is reported; the others still work
+            impl.function(**{name: sub for name in impl.argnames})
+        except Exception as exc:
+            if not _BROKEN_COMMANDS.get(impl.plugin_name):
+                _BROKEN_COMMANDS[impl.plugin_name] = True
+                log.warning("plugin %r skipped: its register_commands failed: %s: %s",
+                            impl.plugin_name, type(exc).__name__, exc)
     return parser
 
 
+def _exit_cleanly_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C (temporary files removed, no partial output)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, handler)
+    except (ValueError, OSError):  # pragma: no cover - not settable here
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    global _ARGV
     argv = list(sys.argv[1:] if argv is None else argv)
+    _ARGV = argv
     verbose = "-v" in argv or "--verbose" in argv
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    _exit_cleanly_on_sigterm()
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -362,11 +573,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DiffEditorError as exc:
         if verbose:
             raise
-        print(f"diffeditor: error: {exc}", file=sys.stderr)
+        for line in exc.lines if isinstance(exc, CheckErrors) else [str(exc)]:
+            print(f"diffeditor: error: {one_line(line)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("diffeditor: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # a file the checks could not foresee (removed meanwhile, a full disk)
+        if verbose:
+            raise
+        where = f": {show(exc.filename, 200)}" if getattr(exc, "filename", None) else ""
+        print(f"diffeditor: error: {one_line(exc.strerror or str(exc))}{where}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":  # pragma: no cover

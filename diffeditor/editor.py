@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import platform
 import tempfile
 import time
@@ -17,7 +18,8 @@ from PIL import Image
 
 from . import __version__
 from .engine import Engine
-from .imageio import load_image, save_image, save_json, to_pil, to_tensor
+from .errors import DiffEditorError, UsageError, show
+from .imageio import load_image, save_image_and_sidecar, to_pil, to_tensor
 from .interfaces import Geometry
 from .models import ModelEntry, load_pipeline, resolve_model
 from .plugins import get_registry
@@ -35,6 +37,30 @@ def working_size(input_hw: tuple[int, int], resolution: int, multiple: int = 64)
         max(multiple, int(round(h * k / multiple)) * multiple),
         max(multiple, int(round(w * k / multiple)) * multiple),
     )
+
+
+def check_load_options(model=None, device=None, dtype=None, cache_size: int = 4,
+                       attention_slice=None, compile=None) -> None:
+    """Argument checks of :meth:`Editor.from_pretrained` that need no model: types, ranges,
+    whether the device exists. Raises :class:`UsageError` or ``ModelError`` (one line)."""
+    from .engine import COMPILE_MODES
+    from .models import resolve_device, resolve_dtype
+
+    if model is not None and (not isinstance(model, (str, os.PathLike)) or isinstance(model, bytes)):
+        raise UsageError(f"model must be a registered name, a hub id or a folder path, not "
+                         f"{type(model).__name__}")
+    for name, value in (("device", device), ("dtype", dtype)):
+        if value is not None and not isinstance(value, (str, torch.device, torch.dtype)):
+            raise UsageError(f"{name} must be a string such as 'cpu' / 'float32', not "
+                             f"{type(value).__name__}")
+    if type(cache_size) is not int or cache_size < 0:
+        raise UsageError(f"cache_size must be an int >= 0, not {show(cache_size, 40)}")
+    if attention_slice is not None and (type(attention_slice) is not int or attention_slice < 1):
+        raise UsageError(f"attention_slice must be a positive number of queries, not "
+                         f"{show(attention_slice, 40)}")
+    if compile is not None and compile not in (*COMPILE_MODES, "off", "none"):
+        raise UsageError(f"compile must be one of {', '.join(COMPILE_MODES)}, not {show(compile, 40)}")
+    resolve_dtype(dtype, resolve_device(device))
 
 
 def check_spec(spec: EditSpec, registry=None) -> tuple[int, int]:
@@ -63,11 +89,11 @@ class EditResult:
     latent: torch.Tensor | None = None
 
     def save(self, path: str | Path, force: bool = False) -> Path:
-        """Write the image and its JSON sidecar (``.json`` beside it), atomically."""
-        path = Path(path)
-        save_image(self.image, path, force=force)
-        save_json(self.metadata, path.with_suffix(".json"), force=force)
-        return path
+        """Write the image and its JSON sidecar (``.json`` beside it) as one unit: both or
+        neither, atomically, the sidecar strict JSON."""
+        if not isinstance(path, (str, os.PathLike)) or isinstance(path, bytes):
+            raise UsageError(f"save() takes a file path, not {type(path).__name__}")
+        return save_image_and_sidecar(self.image, self.metadata, Path(path), force=force)
 
 
 def _versions() -> dict[str, str]:
@@ -77,6 +103,28 @@ def _versions() -> dict[str, str]:
     return {"diffeditor": __version__, "torch": torch.__version__,
             "diffusers": diffusers.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}
+
+
+def _plugin_versions(registry) -> dict[str, str]:
+    """Every loaded plugin's distribution and version (``{"diffeditor-shapes": "0.1.0", ...}``)."""
+    out = {}
+    for info in registry.plugins():
+        if info.version:
+            out[info.distribution] = info.version
+    return dict(sorted(out.items()))
+
+
+def _jsonable(value: Any) -> Any:
+    """Plan info as JSON: tensors become lists, tuples lists, paths strings."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().tolist()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
 
 
 def _guidance_summary(log: list[dict], spec: EditSpec) -> dict[str, Any]:
@@ -96,7 +144,7 @@ class Editor:
 
     >>> editor = Editor.from_pretrained("shapes", device="cpu")       # doctest: +SKIP
     >>> result = editor.edit("specs/move.yaml")                       # doctest: +SKIP
-    >>> result.image.save("moved.png")                                # doctest: +SKIP
+    >>> result.save("moved.png")            # image + JSON sidecar      # doctest: +SKIP
     """
 
     def __init__(self, engine: Engine, entry: ModelEntry | None = None, model: str = ""):
@@ -104,6 +152,9 @@ class Editor:
         self.entry = entry
         self.model = model
         self.registry = get_registry()
+        #: recorded in every sidecar: the command line that asked for the edits (the CLI sets it)
+        self.command_line: str | None = None
+        self._model_hash: str | None | bool = False  # computed on the first edit
 
     @classmethod
     def from_pretrained(
@@ -111,6 +162,7 @@ class Editor:
         cache_size: int = 4, image_prompt: dict[str, str] | None = None,
         cache_dir: str | Path | None = None, vae_tiling: bool = False,
         attention_slice: int | None = None, vae_slicing: bool = False, compile: str | None = None,
+        verbose: bool = False,
     ) -> "Editor":
         """Load a registered model name (``shapes``), a local folder or a hub id.
 
@@ -121,16 +173,26 @@ class Editor:
         ``vae_slicing`` one image of a batch at a time; ``attention_slice`` = N computes
         self-attention N queries at a time. ``compile`` (``"default"``, ``"reduce-overhead"``
         for CUDA graphs, ``"max-autotune"``) compiles the UNet with ``torch.compile``
-        (see :meth:`Engine.compile`).
+        (see :meth:`Engine.compile`). diffusers' and transformers' warnings and loading bars
+        are silenced unless ``verbose``.
         """
+        check_load_options(model, device, dtype, cache_size, attention_slice, compile)
         import os
+
+        if not verbose:
+            from .models import quiet_libraries
+
+            quiet_libraries()
 
         cache_dir = cache_dir or os.environ.get("DIFFEDITOR_CACHE_DIR") or None
         location, entry = resolve_model(model)
         pipe = load_pipeline(location, device, dtype)
+        name = str(model or location)
+        if name not in get_registry().models and Path(name).expanduser().is_dir():
+            # a folder is named absolutely in sidecars, so they replay from anywhere
+            name = str(Path(name).expanduser().absolute())
         editor = cls(Engine(pipe, model_id=str(model or location), cache_size=cache_size,
-                            cache_dir=cache_dir), entry,
-                     model or location)
+                            cache_dir=cache_dir), entry, name)
         editor._attach_image_prompt(image_prompt)
         editor.engine.set_memory_options(attention_slice, vae_slicing, vae_tiling)
         if compile:
@@ -176,17 +238,42 @@ class Editor:
         plan = task.plan(spec, tensors, geom)
         return task, plan, geom
 
+    def model_hash(self) -> str | None:
+        """SHA-256 of the model folder's contents (computed once; ``None`` for an uncached hub id)."""
+        if self._model_hash is False:
+            from .models import content_hash
+
+            self._model_hash = content_hash(self.engine_location())
+        return self._model_hash  # type: ignore[return-value]
+
+    def engine_location(self) -> str:
+        return self.entry.location if self.entry else str(self.model)
+
     def edit(
         self, spec: EditSpec | dict | str | Path, base_dir: str | Path | None = None,
-        progress: Callable | None = None, callback: Callable | None = None,
+        progress: Callable | None = None, spec_path: str | Path | None = None,
+        callback: Callable | None = None,
     ) -> EditResult:
-        """Run one edit. ``spec`` is a spec object, a dict (paths relative to ``base_dir``) or
-        a YAML/JSON file. ``callback(i, z, x0)`` is called after each denoising step (see
-        :meth:`Engine.edit`)."""
+        """Run one edit. ``spec`` is a spec object, a dict (paths relative to ``base_dir``), a
+        YAML/JSON spec file or an earlier output's JSON sidecar (which replays that edit).
+        ``spec_path`` names the file a spec object came from, for the sidecar. ``callback(i, z,
+        x0)`` is called after each denoising step (see :meth:`Engine.edit`)."""
+        import datetime
+
         t0 = time.perf_counter()
+        stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        if isinstance(spec, (str, Path)) and spec_path is None:
+            spec_path = spec
+        if progress is not None and not callable(progress):
+            raise UsageError("progress must be None or a callable (total, desc) -> bar, not "
+                             f"{type(progress).__name__}")
         spec = self.parse(spec, base_dir)
         task, plan, geom = self.prepare(spec)
         out = self.engine.edit(plan, spec, progress, callback)
+        if not bool(torch.isfinite(out.image).all()):
+            raise DiffEditorError(
+                "the edit produced non-finite values (NaN or infinity), so there is no image to "
+                "write; lower energy_scale or guidance_k, or try --dtype float32")
         image = to_pil(out.image)
         if (image.height, image.width) != geom.input_hw:
             image = image.resize((geom.input_hw[1], geom.input_hw[0]), Image.BICUBIC)
@@ -208,7 +295,12 @@ class Editor:
             "guidance": _guidance_summary(out.guidance, spec),
             "network_evaluations": out.counters,
             "options": dict(self.engine.options),
-            "plan": {k: v for k, v in plan.info.items()},
+            "plan": _jsonable(plan.info),
+            "command_line": self.command_line,
+            "timestamp": stamp,
+            "spec_path": str(Path(spec_path).absolute()) if spec_path is not None else None,
+            "model_hash": self.model_hash(),
+            "plugins": _plugin_versions(self.registry),
         }
         return EditResult(image=image, spec=spec, masks=masks, metadata=meta, latent=out.latent)
 
@@ -223,8 +315,11 @@ class Editor:
                     path = Path(tmp) / f"{key}.png"
                     value.save(path)
                     spec[key] = str(path)
+                elif isinstance(value, (str, os.PathLike)) and not isinstance(value, bytes):
+                    spec[key] = os.fspath(value)
                 else:
-                    spec[key] = str(value)
+                    raise UsageError(f"{key} must be a file path or a PIL image, not "
+                                     f"{type(value).__name__}")
             return self.edit(spec)
 
     def move(self, image, mask, offset, scale: float = 1.0, **fields) -> EditResult:

@@ -103,6 +103,92 @@ class EditOutput:
     guidance: list[dict] = field(default_factory=list)  # per guided pass, see Engine.edit
 
 
+CACHE_FORMAT = 2
+
+
+class CacheFileError(ValueError):
+    """A cache file's content is not what this version writes (checked before any use)."""
+
+
+def _cache_tensors(data: dict) -> list[tuple[str, Tensor]]:  # pragma: no mutate block
+    out = [(f"latents/{n}/{i}", z) for n in sorted(data["latents"])
+           for i, z in enumerate(data["latents"][n])]
+    for name in sorted(data["bank"]):
+        k, v = data["bank"][name]
+        out += [(f"bank/{name}/k", k), (f"bank/{name}/v", v)]
+    return out
+
+
+def _cache_checksum(data: dict) -> str:  # pragma: no mutate block
+    """SHA-256 of every field and every tensor's dtype, shape and bytes, in a fixed order."""
+    h = hashlib.sha256()
+    meta = [data["format"], data["key"], sorted(data["image_index"].items()), list(data["latent_hw"]),
+            data["record_steps"], repr(float(data["seconds"]))]
+    h.update(repr(meta).encode())
+    for name, t in _cache_tensors(data):
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes()
+                 if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _inversion_from(data: Any, key: str) -> Inversion:  # pragma: no mutate block
+    """Validate a loaded cache file (structure, types, dtypes, shapes, finiteness, checksum)
+    and rebuild the :class:`Inversion`; :class:`CacheFileError` on any doubt."""
+    def need(cond: bool, what: str) -> None:
+        if not cond:
+            raise CacheFileError(what)
+
+    fields = {"format", "key", "latents", "bank", "image_index", "latent_hw", "record_steps",
+              "seconds", "checksum"}
+    need(isinstance(data, dict) and set(data) == fields, "not a cache file of this version")
+    need(data["format"] == CACHE_FORMAT, "written by another version")
+    need(data["key"] == key, "made for other inputs")
+    latents, bank, index = data["latents"], data["bank"], data["image_index"]
+    need(isinstance(latents, dict) and latents and all(isinstance(n, str) for n in latents),
+         "latents: not a mapping of image names")
+    need(isinstance(index, dict) and set(index) == set(latents)
+         and sorted(index.values()) == list(range(len(latents))), "image_index does not match")
+    hw = data["latent_hw"]
+    need(isinstance(hw, list) and len(hw) == 2 and all(type(x) is int and x > 0 for x in hw),
+         "latent_hw: not two positive ints")
+    shape = None
+    lengths = set()
+    for n, zs in latents.items():
+        need(isinstance(zs, list) and len(zs) >= 2, f"latents[{n}]: not a list of steps")
+        lengths.add(len(zs))
+        for z in zs:
+            need(isinstance(z, Tensor) and z.is_floating_point(), f"latents[{n}]: not float tensors")
+            shape = shape or tuple(z.shape)
+            need(tuple(z.shape) == shape and len(shape) == 4 and shape[0] == 1
+                 and list(shape[-2:]) == hw, f"latents[{n}]: shape {tuple(z.shape)}")
+    need(len(lengths) == 1, "latents: different step counts")
+    n_steps = lengths.pop() - 1
+    steps = data["record_steps"]
+    need(steps is None or (isinstance(steps, list)
+                           and all(type(s) is int and 0 <= s < n_steps for s in steps)),
+         "record_steps: not step indices")
+    need(isinstance(bank, dict), "bank: not a mapping")
+    store = {}
+    for name, kv in bank.items():
+        step, _, layer = name.partition("|") if isinstance(name, str) else ("", "", "")
+        need(step.isdigit() and layer and int(step) < n_steps, f"bank key {name!r}")
+        need(isinstance(kv, (list, tuple)) and len(kv) == 2
+             and all(isinstance(t, Tensor) and t.is_floating_point() for t in kv)
+             and kv[0].shape == kv[1].shape, f"bank[{name}]: not a (k, v) pair")
+        need(steps is None or int(step) in steps, f"bank[{name}]: step not recorded")
+        store[(int(step), layer)] = (kv[0], kv[1])
+    seconds = data["seconds"]
+    need(isinstance(seconds, float) and seconds >= 0 and seconds == seconds, "seconds")
+    need(data["checksum"] == _cache_checksum(data), "checksum mismatch (damaged file)")
+    for name, t in _cache_tensors(data):
+        need(bool(torch.isfinite(t).all()), f"{name}: holds NaN or infinity")
+    mem = MemoryBank(image_index=dict(index), latent_hw=tuple(hw),
+                     record_steps=None if steps is None else frozenset(steps))
+    mem.store = store
+    return Inversion({n: list(zs) for n, zs in latents.items()}, mem, seconds)
+
+
 class InversionCache:  # pragma: no mutate block
     """An LRU cache of inversions keyed by content (images, prompts, steps, model), bounded in
     memory, optionally backed by a folder (``.pt`` files read with ``weights_only=True``)."""
@@ -110,6 +196,7 @@ class InversionCache:  # pragma: no mutate block
     def __init__(self, max_items: int = 4, folder: str | Path | None = None):
         self.max_items = max_items
         self.folder = Path(folder) if folder is not None else None
+        self.writable = True  # turned off (with one warning) when a write fails
         self._items: OrderedDict[str, Inversion] = OrderedDict()
 
     def get(self, key: str) -> Inversion | None:
@@ -124,8 +211,13 @@ class InversionCache:  # pragma: no mutate block
 
     def put(self, key: str, value: Inversion) -> None:
         self._remember(key, value)
-        if self.folder is not None:
-            self._save(key, value)
+        if self.folder is not None and self.writable:
+            try:
+                self._save(key, value)
+            except Exception as exc:  # a cache is an optimisation: never fail an edit for it
+                self.writable = False
+                log.warning("cannot write the inversion cache in %s (%s); edits go on without "
+                            "it", self.folder, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
     def _remember(self, key: str, value: Inversion) -> None:
         self._items[key] = value
@@ -140,34 +232,29 @@ class InversionCache:  # pragma: no mutate block
         from .imageio import atomic_write
 
         data = {
+            "format": CACHE_FORMAT,
             "key": key,
             "latents": {n: [z.cpu() for z in zs] for n, zs in inv.latents.items()},
             "bank": {f"{step}|{layer}": [k.cpu(), v.cpu()] for (step, layer), (k, v) in inv.bank.store.items()},
             "image_index": dict(inv.bank.image_index),
             "latent_hw": list(inv.bank.latent_hw),
             "record_steps": None if inv.bank.record_steps is None else sorted(inv.bank.record_steps),
-            "seconds": inv.seconds,
+            "seconds": float(inv.seconds),
         }
+        data["checksum"] = _cache_checksum(data)
         atomic_write(self._path(key), lambda fh: torch.save(data, fh), force=True)
 
     def _load(self, key: str) -> Inversion | None:
         path = self._path(key)
-        if not path.is_file():
-            return None
         try:
+            if not path.is_file():
+                return None
             data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # a damaged cache file is ignored, not fatal
-            log.warning("ignoring unreadable inversion cache file %s: %s", path, exc)
+            return _inversion_from(data, key)
+        except Exception as exc:  # any doubt about a cache file: ignore it and invert again
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            log.warning("ignoring inversion cache file %s (%s); inverting again", path, reason[:200])
             return None
-        if data.get("key") != key:
-            return None
-        steps = data.get("record_steps")
-        bank = MemoryBank(image_index=dict(data["image_index"]), latent_hw=tuple(data["latent_hw"]),
-                          record_steps=None if steps is None else frozenset(int(x) for x in steps))
-        for name, (k, v) in data["bank"].items():
-            step, layer = name.split("|", 1)
-            bank.store[(int(step), layer)] = (k, v)
-        return Inversion(data["latents"], bank, float(data["seconds"]))
 
     def __len__(self) -> int:
         return len(self._items)
@@ -376,6 +463,18 @@ class Engine:
             h.update(img.numpy().tobytes())
         return h.hexdigest()
 
+    def _fits(self, inv: Inversion, plan: EditPlan, num_steps: int) -> bool:  # pragma: no mutate block
+        """Whether a cached inversion has this plan's images, step count and latent shape."""
+        if set(inv.latents) != set(plan.images):
+            return False
+        channels = self.unet.config.in_channels
+        for name, zs in inv.latents.items():
+            h, w = plan.images[name].shape[-2:]
+            want = (1, channels, h // self.vae_scale, w // self.vae_scale)
+            if len(zs) != num_steps + 1 or any(tuple(z.shape) != want for z in zs):
+                return False
+        return True
+
     @torch.no_grad()
     def invert(self, plan: EditPlan, grid: DDIMTimesteps, progress=None,
                bank_steps: frozenset[int] | None = None,
@@ -394,6 +493,9 @@ class Engine:
             image_prompt = None
         key = self.inversion_key(plan, grid.num_steps, image_prompt)
         hit = self.cache.get(key)
+        if hit is not None and not self._fits(hit, plan, grid.num_steps):
+            log.warning("ignoring a cached inversion that does not fit this edit; inverting again")
+            hit = None
         if hit is not None and not hit.bank.covers(bank_steps):
             # invert again, keeping the cached steps too (the union serves both kinds of edit)
             bank_steps = None if bank_steps is None else bank_steps | hit.bank.record_steps

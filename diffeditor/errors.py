@@ -20,3 +20,44 @@ class ModelError(DiffEditorError):
 
 class OutputError(DiffEditorError):
     """An output cannot be written (exists without --force, folder not writable)."""
+
+
+class UsageError(DiffEditorError, TypeError):
+    """A Python API argument has the wrong type (a spec that is not a path, dict or spec; a
+    progress that is not callable); the message is one short line."""
+
+
+class CheckErrors(DiffEditorError):
+    """Several independent problems found before any model loads (a batch of specs): one
+    line each, in :attr:`lines`."""
+
+    def __init__(self, lines: list[str]):
+        self.lines = list(lines)
+        super().__init__("; ".join(self.lines))
+
+
+def show(value, limit: int = 120) -> str:
+    """A short, printable, one-line rendering of a user-given value (a path, a string) for an
+    error message: control characters escaped, long values cut with an ellipsis."""
+    text = value if isinstance(value, str) else str(value) if isinstance(value, (int, float)) else (
+        str(value) if hasattr(value, "__fspath__") else f"<{type(value).__name__}>")
+    text = one_line(text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def one_line(text: str) -> str:
+    """``text`` with newlines and other control characters escaped (``\\n``, ``\\x00``)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def is_file(path) -> bool:
+    """``Path(path).is_file()`` that answers False instead of raising for a name the OS refuses
+    (too long, a NUL character)."""
+    from pathlib import Path
+
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):
+        return False

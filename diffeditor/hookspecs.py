@@ -7,7 +7,8 @@ Hooks are for *discovery*; the registered objects carry the behaviour (see
 :mod:`diffeditor.interfaces`). Nothing goes through pluggy inside the sampling loop.
 
 A hook implementation may accept fewer arguments than its specification, so hooks can grow new
-arguments without breaking existing plugins. A misspelled hook implementation is an error.
+arguments without breaking existing plugins. A misspelled hook implementation (or a wrong
+argument name) is an error: the plugin is skipped and the failure reported once.
 """
 
 from __future__ import annotations

@@ -2,34 +2,95 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from .errors import OutputError, SpecError
+from .errors import OutputError, SpecError, is_file, show
+
+#: images with more pixels than this are refused before decoding (8192 x 8192); the edit works
+#: at about ``resolution``\u00b2 pixels anyway. Pillow's own decompression-bomb limit is higher.
+MAX_IMAGE_PIXELS = 8192 * 8192
+#: the longest side may be at most this many times the shortest (the working size keeps the
+#: aspect ratio, so a 1 x 10000 strip would need a huge working image)
+MAX_ASPECT = 16
+MIN_SIDE = 8
 
 
 def load_image(path: str | os.PathLike, field: str = "image") -> Image.Image:
-    """Open an image fully (truncated files fail here, not later) and convert it to RGB."""
+    """Open an image fully (truncated files fail here, not later) and convert it to RGB, with
+    its real bit depth (a 16-bit PNG is scaled, not clipped)."""
     return _open(path, field, "RGB", "image", "a PNG or JPEG file")
 
 
 def _open(path, field: str, mode: str, what: str, hint: str) -> Image.Image:
+    if not isinstance(path, (str, os.PathLike)) or isinstance(path, bytes):
+        raise SpecError(f"must be a file path, not {type(path).__name__}", field)
     p = Path(path)
-    if not p.is_file():
-        raise SpecError(f"file not found: {p}", field)
+    name = show(p, 200)
+    if not is_file(p):
+        raise SpecError(f"file not found: {name}", field)
     try:
-        with Image.open(p) as im:
-            im.load()  # decode fully: a truncated file fails here
-            return im.convert(mode)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise SpecError(f"cannot read {what} {p} ({exc}); give {hint}", field) from None
+        with warnings.catch_warnings():
+            # the size is checked below, once, with a message of ours
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(p) as im:
+                _check_size(im.size, name, what, field)
+                im.load()  # decode fully: a truncated file fails here
+                return _convert(im, mode)
+    except SpecError:
+        raise
+    except Image.DecompressionBombError:
+        raise SpecError(f"{what} {name} is larger than {MAX_IMAGE_PIXELS // 2**20} megapixels; "
+                        "scale it down", field) from None
+    except MemoryError:
+        raise SpecError(f"{what} {name} is too large to decode in memory; scale it down",
+                        field) from None
+    except Exception as exc:  # a corrupt file can raise almost anything from a decoder
+        detail = show(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, 120)
+        raise SpecError(f"cannot read {what} {name} ({detail}); give {hint}", field) from None
+
+
+def _check_size(size: tuple[int, int], name: str, what: str, field: str) -> None:
+    w, h = size
+    if w * h > MAX_IMAGE_PIXELS:
+        raise SpecError(f"{what} {name} is {w}x{h} ({w * h / 2**20:.0f} megapixels), more than "
+                        f"the {MAX_IMAGE_PIXELS // 2**20}-megapixel limit; scale it down", field)
+    if min(w, h) < MIN_SIDE:
+        raise SpecError(f"{what} {name} is {w}x{h}; each side must be at least {MIN_SIDE} pixels",
+                        field)
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        raise SpecError(f"{what} {name} is {w}x{h}; the long side may be at most {MAX_ASPECT} "
+                        "times the short one (crop it)", field)
+
+
+_SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+
+
+def _convert(im: Image.Image, mode: str) -> Image.Image:
+    """``im`` in ``mode`` (``RGB`` or ``L``), scaling high-bit-depth grayscale to 8 bits.
+
+    Pillow's own ``convert`` clips 16-bit values at 255 (a 16-bit PNG turns white): 16-bit
+    modes (and ``I``, which is how 16-bit PNGs come in some versions) are divided by 257, float
+    images (``F``) are taken as 0..1."""
+    if im.mode in _SIXTEEN_BIT or im.mode == "F":
+        arr = np.asarray(im, dtype=np.float64)
+        if im.mode == "F":
+            arr = np.nan_to_num(arr, nan=0.0, posinf=1.0, neginf=0.0) * 255.0
+        else:
+            arr = arr / 257.0
+        gray = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+        return gray.convert(mode)
+    return im.convert(mode)
 
 
 def image_size(path: str | os.PathLike, field: str = "image") -> tuple[int, int]:
@@ -46,13 +107,13 @@ def load_mask(
     arr = np.asarray(_open(p, field, "L", "mask", "a PNG file"))
     if expect_hw is not None and arr.shape != tuple(expect_hw):
         raise SpecError(
-            f"mask {p.name} is {arr.shape[1]}x{arr.shape[0]} but the image is "
+            f"mask {show(p.name)} is {arr.shape[1]}x{arr.shape[0]} but the image is "
             f"{expect_hw[1]}x{expect_hw[0]}; masks must have the image's size",
             field,
         )
     mask = arr > 127
     if not mask.any():
-        raise SpecError(f"mask {p.name} is empty (no white pixels); paint the region white", field)
+        raise SpecError(f"mask {show(p.name)} is empty (no white pixels); paint the region white", field)
     return mask
 
 
@@ -80,58 +141,301 @@ def to_pil(x: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr.permute(1, 2, 0).numpy())
 
 
+def _file_mode() -> int:
+    """The mode a plain ``open()`` would give a new file (0666 less the umask), for temp files
+    (``mkstemp`` makes them 0600)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale_temps(folder: Path, name: str) -> None:
+    """Remove temp files of ``name`` left by processes that no longer run (killed between
+    creating the temp file and renaming it)."""
+    prefix = f".{name}."
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return
+    for t in entries:
+        tail = t.name[len(prefix):] if t.name.startswith(prefix) and t.name.endswith(".tmp") else ""
+        pid = tail.split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            try:
+                t.unlink()
+            except OSError:
+                pass
+
+
+def _folder(path: Path) -> Path:
+    return path.parent if str(path.parent) else Path(".")
+
+
+def _write_error(path: Path, exc: OSError) -> OutputError:
+    return OutputError(f"cannot write {show(path, 200)}: {exc.strerror or exc}; free some space "
+                       "or choose another output")
+
+
+def atomic_write_many(items: list[tuple[Path, Any]], force: bool) -> None:
+    """Write several files as one unit: each through ``write(fh)`` to a temporary file beside
+    it, then all renamed into place; if anything fails, none of them is left (and no temp file).
+
+    Without ``force`` an existing file is never overwritten, even one that appears while this
+    runs (the rename is a hard link, which fails on an existing name). Files get the mode a
+    plain ``open()`` would give (umask), not the temp file's 0600."""
+    items = [(Path(p), w) for p, w in items]
+    for path, _ in items:
+        check_writable(path, force=True)  # names the OS refuses: one line
+        if path.is_dir():
+            raise OutputError(f"{show(path, 200)} is a folder; give a file name")
+        if path.exists() and not force:
+            raise OutputError(f"{show(path, 200)} exists; pass --force to overwrite it or choose another --out")
+    temps: list[tuple[Path, Path]] = []
+    done: list[tuple[Path, Path | None]] = []  # committed: (path, backup of what it replaced)
+    try:
+        for path, write in items:
+            folder = _folder(path)
+            if not folder.is_dir():
+                try:
+                    folder.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise OutputError(f"cannot create output folder {show(folder, 200)}: "
+                                      f"{exc.strerror}") from None
+            _remove_stale_temps(folder, path.name)
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp",
+                                           dir=folder)
+            except OSError as exc:
+                raise OutputError(f"cannot write to {show(folder, 200)}: {exc.strerror}") from None
+            temps.append((Path(tmp), path))
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    write(fh)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.chmod(tmp, _file_mode())
+            except OSError as exc:
+                raise _write_error(path, exc) from None
+        for tmp, path in temps:
+            done.append((path, _commit(tmp, path, force)))
+    except BaseException:
+        for path, backup in reversed(done):  # both or neither: the old files come back
+            try:
+                if backup is not None:
+                    os.replace(backup, path)
+                else:
+                    path.unlink()
+            except OSError:
+                pass
+        raise
+    finally:
+        for tmp, _ in temps:
+            for leftover in (tmp, _backup_name(tmp)):
+                try:
+                    leftover.unlink()
+                except OSError:
+                    pass
+
+
+def _backup_name(tmp: Path) -> Path:
+    """Where ``_commit`` keeps the file a forced commit replaces until every file is in (a
+    temp name: a killed process's backups are removed like its temp files)."""
+    return tmp.with_suffix(".old.tmp")
+
+
+def _commit(tmp: Path, path: Path, force: bool) -> Path | None:
+    """Move ``tmp`` to ``path``; returns a hard-linked backup of the file it replaced (with
+    ``force``), or None."""
+    if force:
+        backup = None
+        if path.is_file():
+            try:
+                os.link(path, _backup_name(tmp))
+                backup = _backup_name(tmp)
+            except OSError:  # no hard links here: no way back for this file
+                pass
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise _write_error(path, exc) from None
+        return backup
+    try:
+        os.link(tmp, path)  # atomic, and fails if the name exists
+    except FileExistsError:
+        raise OutputError(f"{show(path, 200)} was created by someone else meanwhile; nothing "
+                          "was overwritten (pass --force to overwrite it)") from None
+    except OSError as exc:  # a file system without hard links
+        if path.exists():
+            raise OutputError(f"{show(path, 200)} exists; pass --force to overwrite it") from None
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            raise _write_error(path, exc) from None
+    return None
+
+
 def atomic_write(path: Path, write, force: bool) -> None:
     """Write through ``write(fh)`` to a temporary file beside ``path``, then rename it into place;
     refuses to overwrite an existing file without ``force``."""
+    atomic_write_many([(Path(path), write)], force)
+
+
+def image_format(path: str | os.PathLike) -> str:
+    """The Pillow format that writes ``path``'s suffix; :class:`OutputError` if none does."""
     path = Path(path)
-    if path.exists() and not force:
-        raise OutputError(f"{path} exists; pass --force to overwrite it or choose another --out")
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OutputError(f"cannot create output folder {folder}: {exc.strerror}") from None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    except OSError as exc:
-        raise OutputError(f"cannot write to {folder}: {exc.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if path.suffix.lower() == ".json" or fmt is None or fmt not in Image.SAVE:
+        raise OutputError(f"unknown image type {show(path.suffix, 20)!r} for {show(path, 200)}; "
+                          "use .png or .jpg")
+    return fmt
+
+
+def image_bytes(image: Image.Image, path: str | os.PathLike) -> bytes:
+    """``image`` encoded in the format of ``path``'s suffix."""
+    import io
+
+    buf = io.BytesIO()
+    fmt = image_format(path)
+    image.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def json_bytes(data: Any) -> bytes:
+    """Strict JSON (no NaN or Infinity: non-finite numbers become null), indented."""
+    return (json.dumps(_finite(data), indent=2, default=str, allow_nan=False) + "\n").encode()
+
+
+def _finite(x: Any) -> Any:
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    if isinstance(x, np.floating):
+        return _finite(float(x))
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, torch.Tensor) and x.numel() == 1:
+        return _finite(x.item())
+    return x
 
 
 def save_image(image: Image.Image, path: str | os.PathLike, force: bool = False) -> Path:
     """Write an image atomically (format from the suffix); refuses to overwrite without force."""
     path = Path(path)
-    fmt = Image.registered_extensions().get(path.suffix.lower())
-    if fmt is None:
-        raise OutputError(f"unknown image type {path.suffix!r} for {path}; use .png or .jpg")
-    atomic_write(path, lambda fh: image.save(fh, format=fmt), force)
+    data = image_bytes(image, path)
+    atomic_write(path, lambda fh: fh.write(data), force)
     return path
 
 
 def save_json(data: Any, path: str | os.PathLike, force: bool = False) -> Path:
-    """Write JSON atomically; refuses to overwrite without force."""
-    text = json.dumps(data, indent=2, default=str).encode()
+    """Write strict JSON atomically; refuses to overwrite without force."""
+    text = json_bytes(data)
     atomic_write(Path(path), lambda fh: fh.write(text), force)
     return Path(path)
 
 
+def save_image_and_sidecar(image: Image.Image, metadata: Any, path: str | os.PathLike,
+                           force: bool = False) -> Path:
+    """``path`` and its ``.json`` sidecar, written as one unit (both or neither)."""
+    path = Path(path)
+    png, side = image_bytes(image, path), json_bytes(metadata)
+    atomic_write_many([(path, lambda fh: fh.write(png)),
+                       (path.with_suffix(".json"), lambda fh: fh.write(side))], force)
+    return path
+
+
 def check_writable(path: str | os.PathLike, force: bool = False) -> None:
     """Fail early (before any model work) if an output cannot be written."""
-    path = Path(path)
+    try:
+        _check_writable(Path(path), force)
+    except OSError as exc:  # a name the OS refuses (too long, ...)
+        raise OutputError(f"cannot write {show(path, 200)}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # a NUL character
+        raise OutputError(f"cannot write {show(path, 200)}: {exc}") from None
+
+
+def _check_writable(path: Path, force: bool) -> None:
+    name = show(path, 200)
+    if path.is_dir():
+        raise OutputError(f"{name} is a folder; give a file name such as {show(path / 'out.png', 200)}")
     if path.exists() and not force:
-        raise OutputError(f"{path} exists; pass --force to overwrite it or choose another --out")
-    folder = path.parent if str(path.parent) else Path(".")
+        raise OutputError(f"{name} exists; pass --force to overwrite it or choose another --out")
+    folder = _folder(path)
     probe = folder
-    while not probe.exists():
+    while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
-        raise OutputError(f"output folder {folder} cannot be created: {probe} is a file")
+        raise OutputError(f"output folder {show(folder, 200)} cannot be created: {show(probe, 200)} is a file")
     if not os.access(probe, os.W_OK):
-        raise OutputError(f"output folder {folder} is not writable; choose another --out")
+        raise OutputError(f"output folder {show(folder, 200)} is not writable; choose another --out")
+
+
+def check_output(path: str | os.PathLike, force: bool = False) -> None:
+    """Everything about an edit output that can be known before the edit: a known image suffix,
+    not a folder, not existing (without ``force``), a writable folder; the same for its
+    ``.json`` sidecar."""
+    path = Path(path)
+    check_writable(path, force)
+    image_format(path)
+    check_writable(path.with_suffix(".json"), force)
+
+
+class OutputsBusy(OutputError):
+    """Another process is writing the same output."""
+
+
+@contextlib.contextmanager
+def reserve_outputs(paths: list[Path]):
+    """Hold an exclusive lock on each output (``.NAME.lock`` beside it) while the edit runs, so
+    that a second process aiming at the same output fails at once instead of after its edit.
+    The lock is released by the OS if the process dies; the file is removed on exit."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX: no reservation
+        yield
+        return
+    held: list[tuple[Path, int]] = []
+    created: list[Path] = []  # folders made here: removed again if the edit wrote nothing
+    try:
+        for path in paths:
+            folder = _folder(Path(path))
+            missing = [f for f in [folder, *folder.parents] if not f.exists()]
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                created += missing
+                lock = folder / f".{Path(path).name}.lock"
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise OutputError(f"cannot write to {show(folder, 200)}: {exc.strerror}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise OutputsBusy(f"another diffeditor process is writing {show(path, 200)}; "
+                                  "wait for it or choose another --out") from None
+            held.append((lock, fd))
+        yield
+    finally:
+        for lock, fd in held:
+            try:
+                lock.unlink()
+            except OSError:
+                pass
+            os.close(fd)
+        for folder in created:  # deepest first
+            try:
+                folder.rmdir()  # only if empty
+            except OSError:
+                pass

@@ -159,6 +159,17 @@ class Task(abc.ABC):
     :class:`diffeditor.specs.EditSpec` whose ``task`` field is ``Literal[name]``) and implement
     :meth:`plan`. :meth:`plan` receives the validated spec, its loaded images and the geometry
     and must not touch the model: the kernel does the rest.
+
+    The order of calls for one edit: :meth:`images` (which files to load), :meth:`check` (before
+    any model loads), then :meth:`plan`. Inside the plan's energies the kernel passes *feature
+    dictionaries*: ``{level: tensor}``, one entry per decoder ``up_blocks`` index in
+    ``spec.feature_levels`` (default 1 and 2), each tensor ``(B, C_level, Hf, Wf)`` on the
+    feature grid ``geom.feature_hw`` (``feature_scale`` times the latent grid). ``current`` holds
+    the features of the latent being edited (with gradient), ``references[name]`` those of each
+    inverted image of ``plan.images`` at the same step (without gradient, batch 1).
+    The public helpers in :mod:`diffeditor.masks` (masks on each grid, points in working pixels)
+    and :mod:`diffeditor.energies` (cosine maps, masked means, the ``1 / (1 + 4 S)`` form) are
+    what the built-in tasks use; :class:`diffeditor.testing.TaskConformance` checks a task.
     """
 
     name: str
@@ -173,12 +184,29 @@ class Task(abc.ABC):
     ui_hints: dict[str, Any] = {}
 
     def images(self, spec: "EditSpec") -> dict[str, Any]:
-        """The image files this task needs, by name (``source`` is always ``spec.image``)."""
+        """The image files this task needs, by name (``source`` is always ``spec.image``).
+
+        Every name other than ``source`` (e.g. ``reference``) is loaded, inverted beside the
+        source and reaches :meth:`plan` in ``images`` and the energies in ``references``."""
         return {"source": spec.image}
 
     @abc.abstractmethod
     def plan(self, spec: "EditSpec", images: dict[str, Tensor], geom: Geometry) -> EditPlan:
-        """Build the edit plan: masks, energies, regions, attention policy and surgery."""
+        """Build the edit plan: masks, energies, regions, attention policy and surgery.
+
+        Args:
+            spec: the validated spec (paths absolute, model defaults applied).
+            images: the files named by :meth:`images`, by the same names, loaded and resized
+                to the working size: ``(1, 3, H, W)`` float in [-1, 1] with ``(H, W) =
+                geom.work_hw`` (a reference image is resized to the edited image's working size).
+            geom: the sizes of this edit (:class:`Geometry`): ``input_hw`` (the user's image,
+                in which spec points and offsets are given), ``work_hw`` (what the model sees),
+                ``latent_hw`` (``work_hw / vae_scale``: regions, SDE mask, surgery) and
+                ``feature_hw`` (energies' masks). Map points with ``geom.scale_xy``.
+
+        Put into ``EditPlan.info`` what a user needs to read the result (scaled points,
+        centroids, areas): it is written to the sidecar's ``plan``.
+        """
 
     def check(self, spec: "EditSpec", input_hw: tuple[int, int]) -> None:
         """Cross-checks that need the image size (points inside the image, mask sizes).

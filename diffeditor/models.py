@@ -48,12 +48,26 @@ def resolve_device(device: str | None) -> "torch.device":
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError as exc:
-        from .errors import ModelError
+    from .errors import ModelError
 
-        raise ModelError(f"unknown device {device!r} ({exc}); use cpu, cuda, cuda:N or mps") from None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ModelError(f"unknown device {str(device)[:40]!r} ({_first_line(exc)}); use cpu, cuda, "
+                         "cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelError(f"device {str(device)[:40]!r}: this PyTorch sees no CUDA GPU (a CPU-only "
+                             "build, or no driver); use --device cpu, or install a CUDA build of torch")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ModelError(f"device {str(device)[:40]!r}: there are only {torch.cuda.device_count()} "
+                             "CUDA device(s), numbered from 0")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ModelError(f"device {str(device)[:40]!r}: MPS is not available here; use --device cpu")
+    elif dev.type != "cpu":
+        raise ModelError(f"device {str(device)[:40]!r} is not supported; use cpu, cuda, cuda:N or mps")
+    return dev
 
 
 def resolve_dtype(dtype: str | None, device: "torch.device") -> "torch.dtype":
@@ -62,11 +76,11 @@ def resolve_dtype(dtype: str | None, device: "torch.device") -> "torch.dtype":
 
     if dtype is None or dtype == "auto":
         return torch.float32 if device.type == "cpu" else torch.float16
-    name = _DTYPES.get(str(dtype).replace("torch.", ""))
+    name = _DTYPES.get(str(dtype).replace("torch.", "")[:40])
     if name is None:
         from .errors import ModelError
 
-        raise ModelError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16")
+        raise ModelError(f"unknown dtype {str(dtype)[:40]!r}; use float32, float16 or bfloat16")
     return getattr(torch, name)
 
 
@@ -160,6 +174,53 @@ def resolve_model(model: str | None, registry=None) -> tuple[str, ModelEntry | N
     return model, None
 
 
+def quiet_libraries() -> None:
+    """Silence diffusers' and transformers' info messages, deprecation warnings and loading
+    bars (the Python API and the command line call it; ``Editor.from_pretrained(...,
+    verbose=True)`` does not). Errors are still reported."""
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*torchvision.*")
+    try:
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except Exception:  # pragma: no cover - logging setup must never fail a command
+        pass
+
+
+def content_hash(folder: str | Path) -> str | None:
+    """SHA-256 over a model folder's files (relative names and contents, sorted by name):
+    two folders with the same hash hold the same weights and settings. ``None`` for a hub id
+    that is not in the local cache."""
+    import hashlib
+
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(str(folder), local_files_only=True))
+        except Exception:
+            return None
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and ".cache" not in p.parts):
+        h.update(f.relative_to(path).as_posix().encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        h.update(b"\0")
+    return "sha256:" + h.hexdigest()
+
+
 def load_pipeline(location: str, device=None, dtype=None, local_files_only: bool | None = None):
     """Load an SD 1.x-layout diffusers pipeline from a folder or a hub id.
 
@@ -177,6 +238,8 @@ def load_pipeline(location: str, device=None, dtype=None, local_files_only: bool
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     is_dir = Path(location).is_dir()
+    if is_dir:
+        check_model_folder(location)
     if local_files_only is None:
         local_files_only = is_dir or os.environ.get("HF_HUB_OFFLINE", "") in ("1", "true")
     try:
@@ -184,7 +247,7 @@ def load_pipeline(location: str, device=None, dtype=None, local_files_only: bool
             location, dtype=dt, local_files_only=local_files_only,
             safety_checker=None, requires_safety_checker=False, feature_extractor=None,
         )
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # a library's error for a bad folder: one line, never a traceback
         if is_dir:
             raise ModelError(
                 f"{location} is not a loadable SD 1.x diffusers pipeline folder ({_first_line(exc)}); "
@@ -205,3 +268,175 @@ def load_pipeline(location: str, device=None, dtype=None, local_files_only: bool
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else type(exc).__name__
+
+
+# -- model folder checks before anything is allocated -------------------------------------------
+
+#: a config integer above this is not a real model's (the largest in SD 1.5 is 49408, the
+#: tokenizer's vocabulary); layer counts are bounded separately
+MAX_CONFIG_INT = 1_000_000
+MAX_CONFIG_LAYERS = 1000
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+             "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+
+
+def check_model_folder(folder: str | Path) -> None:
+    """Check a local diffusers pipeline folder before loading it, so that a damaged or hostile
+    folder is one :class:`ModelError` line instead of a traceback or a huge allocation:
+
+    * ``model_index.json`` and every weighted component's ``config.json`` are JSON mappings;
+    * every ``.safetensors`` file's header is complete and every tensor lies inside the file
+      (a truncated download is caught here);
+    * a ``.bin`` (pickle) weights file is read with PyTorch's weights-only unpickler: one that
+      asks to run code is refused;
+    * config integers are bounded, and the parameter count the config implies (built on the
+      ``meta`` device: no memory) must not exceed what the weights hold.
+    """
+    from .errors import ModelError
+
+    root = Path(folder)
+    index_path = root / "model_index.json"
+    if not index_path.is_file():
+        return  # from_pretrained says what is missing
+    index = _read_json(index_path)
+    for name, spec in sorted(index.items()):
+        if name.startswith("_") or not (isinstance(spec, list) and len(spec) == 2):
+            continue
+        comp = root / name
+        weights = sorted(comp.glob("*.safetensors")) or sorted(comp.glob("*.bin"))
+        if not comp.is_dir() or not weights:
+            continue
+        cfg_path = comp / "config.json"
+        cfg = _read_json(cfg_path) if cfg_path.is_file() else {}
+        _check_config_ints(cfg, cfg_path)
+        held = sum(_safetensors_elements(w) if w.suffix == ".safetensors" else _bin_elements(w)
+                   for w in weights)
+        wanted = _config_parameters(spec, comp, cfg)
+        if wanted is not None and wanted > 1.5 * held + 1_000_000:
+            raise ModelError(
+                f"{cfg_path}: the config asks for {wanted:,} parameters ({wanted * 4 / 2**30:.1f} GiB "
+                f"in float32) but the weights hold {held:,}; the config does not match the weights")
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    from .errors import ModelError
+
+    try:
+        if path.stat().st_size > 16 * 2**20:
+            raise ModelError(f"{path}: too large for a config file")
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ModelError(f"{path}: not a readable JSON file ({_first_line(exc)})") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: expected a JSON mapping")
+    return data
+
+
+def _check_config_ints(cfg: dict, path: Path) -> None:
+    from .errors import ModelError
+
+    for key, value in cfg.items():
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if type(v) is not int:
+                continue
+            limit = MAX_CONFIG_LAYERS if "layers" in key else MAX_CONFIG_INT
+            if not -limit <= v <= limit:
+                raise ModelError(f"{path}: {key} = {v} is not a real model's (at most {limit}); "
+                                 "the file is damaged")
+
+
+def _safetensors_elements(path: Path) -> int:
+    """Element count of a safetensors file, after checking its header and that every tensor
+    lies inside the file."""
+    import json
+    import math
+
+    from .errors import ModelError
+
+    def bad(why: str) -> ModelError:
+        return ModelError(f"{path}: {why}; the file is truncated or damaged: download it again")
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise bad(f"{size} bytes, shorter than a safetensors header")
+            n = int.from_bytes(head, "little")
+            if n > min(100 * 2**20, size - 8):
+                raise bad(f"header of {n} bytes in a file of {size}")
+            header = json.loads(fh.read(n))
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read it ({exc.strerror})") from None
+    except (ValueError, UnicodeDecodeError):
+        raise bad("unreadable header") from None
+    if not isinstance(header, dict):
+        raise bad("unreadable header")
+    data_len = size - 8 - n
+    total = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, end = info["data_offsets"]
+            count = math.prod(info["shape"])
+            itemsize = _ITEMSIZE[info["dtype"]]
+        except (KeyError, TypeError, ValueError):
+            raise bad(f"tensor {name[:60]!r} is described wrongly") from None
+        if not (0 <= start <= end <= data_len) or end - start != count * itemsize:
+            raise bad(f"tensor {name[:60]!r} lies beyond the end of the file")
+        total += count
+    return total
+
+
+def _bin_elements(path: Path) -> int:
+    """Element count of a PyTorch pickle weights file, read with the weights-only unpickler
+    (memory-mapped: nothing is loaded); a file asking to run code is refused."""
+    import torch
+
+    from .errors import ModelError
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        raise ModelError(f"{path}: refused: not a plain weights file ({_first_line(exc)[:150]}); "
+                         "use .safetensors weights from a source you trust") from None
+    if not isinstance(state, dict):
+        raise ModelError(f"{path}: refused: not a state dict")
+    return sum(t.numel() for t in state.values() if isinstance(t, torch.Tensor))
+
+
+def _config_parameters(spec: list, comp: Path, cfg: dict) -> int | None:
+    """Parameters of the component the config describes, built on the meta device (no memory);
+    ``None`` for a class this check does not know."""
+    import importlib
+
+    import torch
+
+    from .errors import ModelError
+
+    library, class_name = spec
+    if library not in ("diffusers", "transformers") or not isinstance(class_name, str):
+        return None
+    try:
+        cls = getattr(importlib.import_module(library), class_name)
+    except (ImportError, AttributeError):
+        return None
+    try:
+        with torch.device("meta"):
+            if library == "diffusers":
+                if not hasattr(cls, "from_config"):
+                    return None
+                model = cls.from_config(cfg)
+            else:
+                config_class = getattr(cls, "config_class", None)
+                if config_class is None:
+                    return None
+                model = cls(config_class.from_pretrained(comp))
+    except Exception as exc:
+        raise ModelError(f"{comp / 'config.json'}: not a valid {class_name} config "
+                         f"({_first_line(exc)[:150]})") from None
+    return sum(p.numel() for p in model.parameters())

@@ -1,7 +1,15 @@
 """The plugin manager: discovery of tasks, models and commands through pluggy.
 
-Set ``DIFFEDITOR_DISABLE_PLUGINS=1`` to skip entry-point autoloading (tests use it to build a
-registry by hand); set ``DIFFEDITOR_PLUGINS=name1,name2`` to load only the named entry points.
+diffeditor's own tasks (the ``diffeditor`` distribution's entry points: move, drag, appearance,
+paste, face, compose) always load when entry points are loaded. The environment selects among the
+*other* plugins: ``DIFFEDITOR_DISABLE_PLUGINS=1`` loads none of them (to rule a third-party
+plugin out as the cause of a problem), ``DIFFEDITOR_PLUGINS=name1,name2`` only the named entry
+points (a name that no installed plugin has is reported). :func:`registry_from` builds a
+registry by hand, with no entry points unless asked.
+
+A plugin that fails to import, or whose hook implementations do not match the hook
+specifications (a misspelled hook name, a wrong argument name), is skipped and recorded in
+``Registry.failures``; the process-wide registry reports each failure once, as a logged warning.
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ log = logging.getLogger(__name__)
 
 DISABLE_ENV = "DIFFEDITOR_DISABLE_PLUGINS"
 ONLY_ENV = "DIFFEDITOR_PLUGINS"
+BUILTIN_DIST = "diffeditor"
+"""The distribution whose entry points (the first-party tasks) load whatever the environment says."""
 
 
 @dataclass
@@ -94,7 +104,7 @@ class Registry:
             kwargs = {"register": register}
             impl.function(**{name: kwargs[name] for name in impl.argnames})
         except Exception as exc:  # a broken plugin must not take the others down
-            log.warning("plugin %s failed while registering: %s", info.name, exc)
+            log.debug("plugin %s failed while registering: %s", info.name, exc)
             self.failures.append(PluginFailure(info.name, info.distribution, f"{type(exc).__name__}: {exc}"))
 
     # -- queries ----------------------------------------------------------------------------
@@ -121,46 +131,82 @@ def make_plugin_manager(
 ) -> tuple[pluggy.PluginManager, list[PluginFailure]]:
     """A plugin manager with the hookspecs, entry points loaded (unless disabled) and checked.
 
-    A plugin that raises while importing is recorded in the returned failure list and skipped.
-    A hook implementation whose name matches no hookspec raises
-    :class:`pluggy.PluginValidationError` (a misspelled hook is an error, not silence).
+    A plugin that raises while importing, or whose hook implementations match no hook
+    specification (a misspelled hook is an error, not silence), is recorded in the returned
+    failure list and skipped; the others load.
     """
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     failures: list[PluginFailure] = []
     dists: dict[str, tuple[str, str]] = {}
     pm.diffeditor_dists = dists  # entry-point name -> (distribution, version)
-    if autoload is None:
-        autoload = os.environ.get(DISABLE_ENV, "").strip() not in ("1", "true", "yes")
+    third_party = autoload is True or (
+        os.environ.get(DISABLE_ENV, "").strip().lower() not in ("1", "true", "yes"))
+    autoload = True if autoload is None else autoload
+    only = {s.strip() for s in os.environ.get(ONLY_ENV, "").split(",") if s.strip()}
     if autoload:
-        only = {s.strip() for s in os.environ.get(ONLY_ENV, "").split(",") if s.strip()}
+        seen: set[str] = set()
         for ep in importlib.metadata.entry_points(group=hookspecs.PROJECT):
-            if only and ep.name not in only:
+            dist = getattr(ep, "dist", None)
+            dist_name = dist.metadata["Name"] if dist is not None else "?"
+            seen.add(ep.name)
+            if dist_name != BUILTIN_DIST and (not third_party or (only and ep.name not in only)):
                 continue
             if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
                 continue
-            dist = getattr(ep, "dist", None)
             try:
                 plugin = ep.load()
-                pm.register(plugin, name=ep.name)
-            except pluggy.PluginValidationError:
-                raise
             except Exception as exc:
-                log.warning("plugin %s could not be loaded: %s", ep.name, exc)
-                failures.append(
-                    PluginFailure(
-                        ep.name,
-                        dist.metadata["Name"] if dist is not None else "?",
-                        f"{type(exc).__name__}: {exc}",
-                    )
-                )
+                log.debug("plugin %s could not be loaded: %s", ep.name, exc)
+                failures.append(PluginFailure(ep.name, dist_name, f"{type(exc).__name__}: {exc}"))
                 continue
-            if dist is not None:
-                dists[ep.name] = (dist.metadata["Name"], dist.version)
+            if _register_checked(pm, plugin, ep.name, dist_name, failures) and dist is not None:
+                dists[ep.name] = (dist_name, dist.version)
+        if third_party:
+            for name in sorted(only - seen):
+                failures.append(PluginFailure(
+                    name, "not installed", f"{ONLY_ENV} names {name!r}, but no installed plugin has that "
+                    f"entry-point name (installed: {', '.join(sorted(seen)) or 'none'})"))
     for plugin in extra_plugins:
-        pm.register(plugin)
-    pm.check_pending()
+        _register_checked(pm, plugin, None, "(registered in code)", failures)
     return pm, failures
+
+
+def _hook_names() -> list[str]:
+    return sorted(n for n in vars(hookspecs) if n.startswith("register_"))
+
+
+def _register_checked(pm, plugin, name, dist_name: str, failures: list[PluginFailure]) -> bool:
+    """Register ``plugin``; if its hooks do not match the specifications, unregister it and
+    record why (a misspelled hook name, a wrong argument name). Returns whether it stayed."""
+    label = name or getattr(plugin, "__name__", repr(plugin))
+    try:
+        pm.register(plugin, name=name)
+        unknown = sorted(hc.name for hc in pm.get_hookcallers(plugin) or [] if not hc.has_spec())
+    except pluggy.PluginValidationError as exc:
+        if pm.is_registered(plugin):
+            pm.unregister(plugin)
+        failures.append(PluginFailure(label, dist_name, f"PluginValidationError: {_first_line(exc)}"))
+        return False
+    if unknown:
+        pm.unregister(plugin)
+        import difflib
+
+        hints = []
+        for u in unknown:
+            close = difflib.get_close_matches(u, _hook_names(), n=1)
+            hints.append(f"{u!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        failures.append(PluginFailure(
+            label, dist_name, f"PluginValidationError: unknown hook {', '.join(hints)}; the hooks "
+            f"are {', '.join(_hook_names())}"))
+        return False
+    return True
+
+
+def _first_line(exc: BaseException) -> str:
+    """The exception's message on one line."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return "; ".join(lines) if lines else type(exc).__name__
 
 
 _REGISTRY: Registry | None = None
@@ -172,6 +218,8 @@ def get_registry(refresh: bool = False) -> Registry:
     if _REGISTRY is None or refresh:
         pm, failures = make_plugin_manager()
         _REGISTRY = Registry(pm, failures)
+        for f in _REGISTRY.failures:  # reported once, here; the plugin was skipped
+            log.warning("plugin %r (%s) skipped: %s", f.name, f.distribution, f.error)
     return _REGISTRY
 
 

@@ -36,7 +36,7 @@ class Window(BaseModel):
     pin exact indices regardless of the step count.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     start: float = Field(0.0, ge=0.0, le=1.0, description="first step, as a fraction of the run")
     stop: float = Field(1.0, ge=0.0, le=1.0, description="end (exclusive), as a fraction of the run")

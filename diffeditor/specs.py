@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import json
 import operator
+import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -24,34 +26,45 @@ from pydantic import (
     field_validator,
 )
 
-from .errors import SpecError
+from .errors import SpecError, UsageError, is_file, show
 from .schedule import ScheduleSpec
 
 
 def _resolve(value: Any, info: ValidationInfo) -> Any:
     if value is None:
         return None
+    if not isinstance(value, (str, os.PathLike)) or isinstance(value, bytes):
+        raise ValueError(f"must be a file path (a string), not {type(value).__name__}")
+    if not str(value).strip():
+        raise ValueError("must be a file path, not an empty string")
+    if "\x00" in str(value):
+        raise ValueError(f"file path {show(value)} holds a NUL character")
     p = Path(value).expanduser()
     base = (info.context or {}).get("base_dir") if info.context else None
     if not p.is_absolute() and base is not None:
         p = Path(base) / p
-    return p
+    return p.absolute()  # sidecars record absolute paths: replayable from any folder
 
 
 def _must_exist(p: Path | None, info: ValidationInfo) -> Path | None:
-    if p is not None and not p.is_file():
-        raise ValueError(f"file not found: {p}")
+    if p is not None and not is_file(p):
+        raise ValueError(f"file not found: {show(p, 200)}")
     return p
 
 
 class EditSpec(BaseModel):
     """Fields common to every task. Task spec models subclass this and set ``task``."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # NaN and infinities are refused in every float field (offsets, scales, weights): they
+    # would give a black image and a sidecar that is not JSON
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
     task: str = Field(description="the editing task")
     image: Path = Field(description="the image to edit (path relative to the spec file)")
-    prompt: str = Field("", description="text prompt describing the image")
+    prompt: str = Field(
+        "", description="text prompt: describe the wanted result (for appearance and paste: the "
+        "scene with the new colour or the pasted object; measured better on the shapes model, "
+        "docs/quality.md)")
     seed: int = Field(42, ge=0, le=2**32 - 1, description="random seed (SDE noise)")
     steps: int = Field(50, ge=2, le=1000, description="DDIM steps (inversion and editing)")
     resolution: int | None = Field(
@@ -194,16 +207,23 @@ def json_schema(registry=None) -> dict:
     return schema
 
 
+#: field errors listed per spec (the rest are counted)
+MAX_ERRORS_SHOWN = 5
+
+
 def format_validation_error(err: ValidationError, source: str = "spec") -> str:
     """One readable message naming the field(s)."""
     lines = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"] if not str(x).startswith("function-after"))
-        msg = e["msg"]
+        msg = show(e["msg"], 300)
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
+        loc = show(loc, 80)
         # a whole-spec check (a model validator) names its own fields in its message
         lines.append(f"{loc}: {msg}" if loc else msg)
+    if len(lines) > MAX_ERRORS_SHOWN:  # a line, not a dump
+        lines = lines[:MAX_ERRORS_SHOWN] + [f"and {len(lines) - MAX_ERRORS_SHOWN} more"]
     return f"{source}: " + "; ".join(lines)
 
 
@@ -223,19 +243,80 @@ def apply_model_defaults(
         data.setdefault(field, value)
 
 
+def is_sidecar(data: Any) -> bool:
+    """Whether ``data`` is an output's JSON sidecar (it holds the validated spec under ``spec``)."""
+    return isinstance(data, dict) and isinstance(data.get("spec"), dict) and "versions" in data
+
+
+def spec_section(data: dict) -> dict:
+    """The spec of a spec mapping or of a sidecar (whose ``spec`` section is a complete spec with
+    absolute paths, so ``diffeditor edit OUT.json`` replays the edit from any folder)."""
+    return dict(data["spec"]) if is_sidecar(data) else data
+
+
+#: spec files larger than this are refused unread (a spec is a few hundred bytes)
+MAX_SPEC_BYTES = 1 << 20
+
+
 def read_spec_file(path: str | Path) -> dict:
-    """Parse a YAML or JSON spec file into a dict (with clear errors)."""
+    """Parse a YAML or JSON spec file into a dict (with clear, one-line errors)."""
     p = Path(path)
-    if not p.is_file():
-        raise SpecError(f"spec file not found: {p}")
-    text = p.read_text()
+    name = show(p, 200)
+    if not is_file(p):
+        raise SpecError(f"spec file not found: {name}")
     try:
-        data = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise SpecError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {exc}") from None
+        size = p.stat().st_size
+        if size > MAX_SPEC_BYTES:
+            raise SpecError(f"{name}: {size} bytes is too large for a spec file "
+                            f"(at most {MAX_SPEC_BYTES}); is this the right file?")
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise SpecError(f"{name}: cannot read the spec file ({exc.strerror})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{name}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
+                        f"{exc.start}); save the spec as UTF-8") from None
+    is_json = p.suffix.lower() == ".json"
+    if _bracket_depth(text) > MAX_SPEC_DEPTH:  # before the (recursive, slow) parsers see it
+        raise SpecError(f"{name}: nested too deeply to be a spec (more than {MAX_SPEC_DEPTH} "
+                        "levels of brackets)")
+    try:
+        data = json.loads(text) if is_json else yaml.safe_load(text)
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"{name}: not valid JSON: {exc.msg} at line {exc.lineno} "
+                        f"column {exc.colno}") from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{name}: not valid YAML: {_yaml_problem(exc)}") from None
+    except RecursionError:
+        raise SpecError(f"{name}: nested too deeply to be a spec") from None
     if not isinstance(data, dict):
-        raise SpecError(f"{p}: a spec must be a mapping with a 'task' field")
+        raise SpecError(f"{name}: a spec must be a mapping with a 'task' field, "
+                        f"not {'an empty file' if data is None else type(data).__name__}")
     return data
+
+
+#: the deepest bracket nesting a spec file may have (a real spec has 3 or 4)
+MAX_SPEC_DEPTH = 64
+_BRACKETS = re.compile(r"[\[\]{}]")
+
+
+def _bracket_depth(text: str) -> int:
+    """The deepest nesting of ``[ ]`` / ``{ }`` in ``text`` (quotes ignored: an upper bound)."""
+    depth = deepest = 0
+    for m in _BRACKETS.finditer(text):
+        depth = depth + 1 if m.group() in "[{" else max(depth - 1, 0)
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """A YAML error in one line: what is wrong and where."""
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None)
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+    text = problem or str(exc).strip().splitlines()[0]
+    return show(f"{text}{where}", 200)
 
 
 def parse_spec(
@@ -255,18 +336,33 @@ def parse_spec(
     reg = registry or get_registry()
     if isinstance(data, EditSpec):
         data, base_dir = data.model_dump(), base_dir
+    if isinstance(data, os.PathLike) and not isinstance(data, Path):
+        data = Path(data)
+    if base_dir is not None and (not isinstance(base_dir, (str, os.PathLike))
+                                 or isinstance(base_dir, bytes)):
+        raise UsageError(f"base_dir must be a folder path, not {type(base_dir).__name__}")
+    if defaults is not None and not isinstance(defaults, dict):
+        raise UsageError(f"defaults must be a dict of spec fields, not {type(defaults).__name__}")
+    if not isinstance(data, (str, Path, dict)):
+        raise UsageError(f"a spec is a YAML/JSON file path, a dict or an EditSpec, "
+                         f"not {type(data).__name__}")
     if isinstance(data, (str, Path)):
-        source = source or str(data)
-        base_dir = Path(data).resolve().parent if base_dir is None else base_dir
-        data = read_spec_file(data)
+        source = source or show(data, 200)
+        path, data = data, read_spec_file(data)
+        base_dir = Path(path).resolve().parent if base_dir is None else base_dir
     source = source or "spec"
-    data = dict(data)
+    data = dict(spec_section(data))
     task = data.get("task")
+    if task is not None and not isinstance(task, str):
+        raise SpecError(f"{source}: task: must be a task name such as 'move', not {type(task).__name__}")
     if task is None:
         raise SpecError(f"{source}: task: missing; one of {', '.join(sorted(reg.tasks))}")
+    if not isinstance(task, str):
+        raise SpecError(f"{source}: task: must be a task name (a string), not "
+                        f"{type(task).__name__}; one of {', '.join(sorted(reg.tasks))}")
     if task not in reg.tasks:
         raise SpecError(
-            f"{source}: task: unknown task {task!r}; registered tasks: {', '.join(sorted(reg.tasks))}"
+            f"{source}: task: unknown task {show(task, 60)!r}; registered tasks: {', '.join(sorted(reg.tasks))}"
         )
     model = reg.tasks[task].spec_model
     apply_model_defaults(data, task, model, defaults)
@@ -276,3 +372,5 @@ def parse_spec(
         return model.model_validate(data, context=ctx)
     except ValidationError as err:
         raise SpecError(format_validation_error(err, source)) from None
+    except RecursionError:
+        raise SpecError(f"{source}: nested too deeply to be a spec") from None

@@ -52,7 +52,7 @@ def _run_cli(capsys, *argv) -> tuple[int, str, str]:
     [
         ({"colour": "red"}, "colour", "Extra inputs are not permitted"),
         ({"offset": "left"}, "offset", "valid"),
-        ({"scale": -1}, "scale", "greater than 0"),
+        ({"scale": -1}, "scale", "greater than or equal to 0.01"),
         ({"guidance_scale": 100}, "guidance_scale", "less than or equal"),
         ({"mask": "nope.png"}, "mask", "file not found"),
         ({"steps": 1.5}, "steps", "integer"),
@@ -168,10 +168,16 @@ def test_reference_defaults_per_task(scene):
     assert (drag.energy_scale, drag.guidance_k, drag.w_inpaint) == (2000, 0.04, 0.2)
 
 
-def test_schema_file_matches_registry():
-    """specs/schema.json is generated: regenerate with `diffeditor schema --out specs/schema.json`."""
+def test_schema_file_matches_registry(monkeypatch):
+    """specs/schema.json is generated from diffeditor's own tasks (third-party plugins off):
+    regenerate with `DIFFEDITOR_DISABLE_PLUGINS=1 diffeditor schema --out specs/schema.json`."""
+    from diffeditor.plugins import DISABLE_ENV, Registry, make_plugin_manager
+
+    monkeypatch.setenv(DISABLE_ENV, "1")
+    builtin = Registry(*make_plugin_manager())
+    assert "move" in builtin.tasks and "shift" not in builtin.tasks
     on_disk = json.loads((REPO / "specs" / "schema.json").read_text())
-    assert on_disk == json.loads(json.dumps(json_schema()))
+    assert on_disk == json.loads(json.dumps(json_schema(builtin)))
 
 
 def test_schema_lists_every_task():

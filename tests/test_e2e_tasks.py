@@ -194,9 +194,10 @@ def test_dragbench_sample_runs_through_the_cli(tmp_path, shapes_registered, caps
 def test_demo_writes_its_outputs(tmp_path, shapes_registered, capsys):
     code = main(["demo", "--out-dir", str(tmp_path), "--steps", "10", "--quiet"])
     assert code == 0, capsys.readouterr().err
-    for name in ("source", "moved", "dragged", "side_by_side"):
+    for name in ("source", "moved", "dragged", "vae_only", "side_by_side"):
         assert (tmp_path / f"{name}.png").is_file()
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "VAE alone" in err
     assert "side_by_side" in out
 
 

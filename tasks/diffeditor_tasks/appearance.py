@@ -14,14 +14,14 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field
 
+from diffeditor.energies import cosine_map, inverse_energy, masked_mean, mean_feature, sim01
 from diffeditor.hookspecs import hookimpl
 from diffeditor.interfaces import AttentionPolicy, EditPlan, EnergyTerm, Geometry, Pin, Task
+from diffeditor.masks import check_mask_file, grid_mask, reference_work_mask, work_mask
 from diffeditor.schedule import Window
 from diffeditor.specs import EditSpec, path_validators
 
 from . import __version__
-from .base import check_mask_file, grid_mask, reference_work_mask, work_mask
-from .energies import cosine_map, inverse_energy, masked_mean, mean_feature, sim01
 
 MEMORY_WINDOW = Window(start=0.0, stop=0.72)  # reference: i <= 35 of 50
 
@@ -144,6 +144,9 @@ class AppearanceTask(Task):
             attention=AttentionPolicy(mode="masked", window=MEMORY_WINDOW,
                                       parts=[("source", 1 - m_base), ("reference", m_rep)]),
             masks={"object": m_base, "reference_object": m_rep},
+            info={"object_area_work_px": int(m_base.sum()),
+                  "reference_object_area_work_px": int(m_rep.sum()),
+                  "memory_window": [MEMORY_WINDOW.start, MEMORY_WINDOW.stop]},
             image_prompt_source="reference",
         )
 

@@ -1,76 +1,13 @@
-"""Helpers shared by the first-party tasks: masks on each grid, points in working pixels."""
+"""Kept for compatibility: the helpers now live in the kernel, :mod:`diffeditor.masks`."""
 
-from __future__ import annotations
-
-from pathlib import Path
-
-import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import Tensor
-
-from diffeditor.errors import SpecError
-from diffeditor.imageio import load_mask, mask_tensor
-from diffeditor.interfaces import Geometry
-
-
-def work_mask(path: Path, field: str, geom: Geometry) -> Tensor:
-    """Load a mask at the input size (checked) and resample it to the working size."""
-    m = load_mask(path, field, geom.input_hw)
-    return mask_tensor(m, geom.work_hw)
-
-
-def reference_work_mask(spec, geom: Geometry) -> Tensor:
-    """``spec.reference_mask`` (checked against ``spec.reference``'s own size) at the working
-    size: the reference image is resized to the edited image's working size."""
-    from diffeditor.imageio import image_size
-
-    ref_geom = Geometry(image_size(spec.reference, "reference"), geom.work_hw, geom.vae_scale,
-                        geom.feature_scale)
-    return work_mask(spec.reference_mask, "reference_mask", ref_geom)
-
-
-def grid_mask(mask: Tensor, hw: tuple[int, int]) -> Tensor:
-    """A working-resolution mask on a coarser grid: cells at least half covered; if that
-    leaves nothing (a tiny mask), any covered cell."""
-    if tuple(mask.shape[-2:]) == tuple(hw):
-        return (mask > 0.5).float()
-    frac = F.interpolate(mask.float(), size=hw, mode="area")
-    out = (frac >= 0.5).float()
-    if out.sum() == 0:
-        out = (frac > 0).float()
-    return out
-
-
-def scale_point(p, geom: Geometry) -> tuple[float, float]:
-    """An input-image pixel ``(x, y)`` -> working-image pixels."""
-    sx, sy = geom.scale_xy
-    return (float(p[0]) * sx, float(p[1]) * sy)
-
-
-def scale_offset(o, geom: Geometry) -> tuple[float, float]:
-    """An input-image pixel offset ``(dx, dy)`` -> working pixels (x and y scaled separately)."""
-    return scale_point(o, geom)
-
-
-def check_points(points, field: str, hw: tuple[int, int]) -> None:
-    """Every ``[x, y]`` lies inside an image of ``hw`` = (height, width)."""
-    h, w = hw
-    for k, (x, y) in enumerate(points):
-        if not (0 <= x <= w - 1 and 0 <= y <= h - 1):
-            raise SpecError(
-                f"point {k} = [{x:g}, {y:g}] lies outside the {w}x{h} image "
-                f"(x must be in 0..{w - 1}, y in 0..{h - 1})",
-                field,
-            )
-
-
-def check_mask_file(path: Path | None, field: str, hw: tuple[int, int]) -> np.ndarray | None:
-    """Validate a mask file against the image size (non-empty, same size)."""
-    if path is None:
-        return None
-    return load_mask(path, field, hw)
-
-
-def ones_like_grid(hw: tuple[int, int]) -> Tensor:
-    return torch.ones(1, 1, *hw)
+from diffeditor.masks import (  # noqa: F401
+    check_mask_file,
+    check_offset,
+    check_points,
+    grid_mask,
+    ones_like_grid,
+    reference_work_mask,
+    scale_offset,
+    scale_point,
+    work_mask,
+)

@@ -54,10 +54,13 @@ class ComposeSpec(EditSpec):
         for j, raw in enumerate(self.edits):
             if not isinstance(raw, dict) or "task" not in raw:
                 raise ValueError(f"edits[{j}] must be a mapping with a 'task' field")
+            if not isinstance(raw["task"], str):
+                raise ValueError(f"edits[{j}].task: must be a task name (a string), not "
+                                 f"{type(raw['task']).__name__}")
             if raw["task"] in ("compose", "face"):
                 raise ValueError(f"edits[{j}]: task {raw['task']!r} cannot be composed")
             if raw["task"] not in reg.tasks:
-                raise ValueError(f"edits[{j}]: unknown task {raw['task']!r}")
+                raise ValueError(f"edits[{j}]: unknown task {raw['task'][:60]!r}")
             data = dict(raw)
             # the model's defaults, except the fields inherited from the compose spec below
             apply_model_defaults(data, raw["task"], reg.tasks[raw["task"]].spec_model,
@@ -78,6 +81,12 @@ class ComposeSpec(EditSpec):
                              "paste) and none of these edits names any: use 'task', 'replace', "
                              "'concat' or 'off'")
         self._specs = specs
+        # the edits as validated: every field (model defaults included) and absolute paths, so
+        # that a sidecar's spec replays the same edit from any folder
+        self.edits = [
+            {k: v for k, v in sp.model_dump(mode="json").items()
+             if k not in INHERITED or (k == "prompt" and "prompt" in raw)}
+            for sp, raw in zip(specs, self.edits)]
         return self
 
     @property

@@ -13,14 +13,14 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
+from diffeditor.energies import cosine_map, inverse_energy, masked_mean, sim01
 from diffeditor.hookspecs import hookimpl
 from diffeditor.interfaces import AttentionPolicy, EditPlan, EnergyTerm, Geometry, Task
+from diffeditor.masks import check_mask_file, check_points, grid_mask, scale_point, work_mask
 from diffeditor.schedule import Window
 from diffeditor.specs import EditSpec, path_validators
 
 from . import __version__
-from .base import check_mask_file, check_points, grid_mask, scale_point, work_mask
-from .energies import cosine_map, inverse_energy, masked_mean, sim01
 
 Point = tuple[float, float]
 
@@ -78,8 +78,8 @@ class DragSpec(EditSpec):
 
     task: Literal["drag"] = "drag"
     mask: Path = Field(description="the editable region: white = may change")
-    handles: list[Point] = Field(min_length=1, description="[[x, y], ...] points to drag")
-    targets: list[Point] = Field(min_length=1, description="[[x, y], ...] where they go")
+    handles: list[Point] = Field(min_length=1, max_length=64, description="[[x, y], ...] points to drag")
+    targets: list[Point] = Field(min_length=1, max_length=64, description="[[x, y], ...] where they go")
     guidance_scale: float = Field(4.0, ge=1.0, le=30.0, description="classifier-free guidance")
     energy_scale: float = Field(2000.0, ge=0.0, le=1e5, description="lambda (reference 2 x 1e3)")
     guidance_k: float = Field(0.04, ge=0.0, le=10.0, description="k (reference 4e-2)")

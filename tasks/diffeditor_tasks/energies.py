@@ -1,49 +1,12 @@
-"""Energy building blocks of DiffEditor / DragonDiffusion (method reference §4).
+"""Kept for compatibility: the energy helpers now live in the kernel, :mod:`diffeditor.energies`."""
 
-Energies have the form ``w / (1 + 4*S)`` with ``S`` a mean similarity (minimising raises the
-similarity); "contrast" terms are ``w * S`` (minimising lowers it). All reductions are float32.
-Masks here are on the feature grid, ``(1, 1, Hf, Wf)`` float {0, 1}.
-"""
-
-from __future__ import annotations
-
-import torch
-import torch.nn.functional as F
-from torch import Tensor
-
-ALPHA, BETA = 1.0, 4.0  # DragonDiffusion's 1/(alpha + beta*sim)
-
-
-def cosine_map(a: Tensor, b: Tensor) -> Tensor:
-    """Channel-wise cosine similarity per cell: ``(B, C, H, W) x (B, C, H, W) -> (B, H, W)``."""
-    return F.cosine_similarity(a.float(), b.float(), dim=1, eps=1e-8)
-
-
-def sim01(c: Tensor) -> Tensor:
-    """Cosine mapped to [0, 1]."""
-    return (c + 1) / 2
-
-
-def inverse_energy(w: float, s: Tensor) -> Tensor:
-    """``w / (alpha + beta*s)``."""
-    return w / (ALPHA + BETA * s)
-
-
-def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``x`` ``(B, H, W)`` over the cells of ``mask`` ``(1, 1, H, W)``: ``(B,)``.
-
-    An empty mask gives 0 (and so a constant energy with zero gradient), never NaN.
-    """
-    m = mask[:, 0].to(x.dtype)
-    return (x * m).sum(dim=(-2, -1)) / m.sum(dim=(-2, -1)).clamp(min=1.0)
-
-
-def mean_feature(f: Tensor, mask: Tensor) -> Tensor:
-    """Mean feature vector over a mask: ``(B, C, H, W) -> (B, C)``."""
-    m = mask.to(f.dtype)
-    return (f * m).sum(dim=(-2, -1)) / m.sum(dim=(-2, -1)).clamp(min=1.0)
-
-
-def level_mean(values: list[Tensor]) -> Tensor:
-    """Average of per-level energies (the reference weights each of its two levels by 0.5)."""
-    return torch.stack(values).mean(0)
+from diffeditor.energies import (  # noqa: F401
+    ALPHA,
+    BETA,
+    cosine_map,
+    inverse_energy,
+    level_mean,
+    masked_mean,
+    mean_feature,
+    sim01,
+)

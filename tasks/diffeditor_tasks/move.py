@@ -21,15 +21,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from diffeditor.geometry import mask_centroid, similarity_warp
-from diffeditor.hookspecs import hookimpl
-from diffeditor.interfaces import AttentionPolicy, EditPlan, EnergyTerm, Geometry, Pin, Task
-from diffeditor.schedule import Window
-from diffeditor.specs import EditSpec, path_validators
-
-from . import __version__
-from .base import check_mask_file, grid_mask, scale_offset, work_mask
-from .energies import (
+from diffeditor.energies import (
     cosine_map,
     inverse_energy,
     level_mean,
@@ -37,6 +29,14 @@ from .energies import (
     mean_feature,
     sim01,
 )
+from diffeditor.geometry import mask_centroid, similarity_warp
+from diffeditor.hookspecs import hookimpl
+from diffeditor.interfaces import AttentionPolicy, EditPlan, EnergyTerm, Geometry, Pin, Task
+from diffeditor.masks import check_mask_file, check_offset, grid_mask, scale_offset, work_mask
+from diffeditor.schedule import Window
+from diffeditor.specs import EditSpec, path_validators
+
+from . import __version__
 
 
 class MoveSpec(EditSpec):
@@ -47,7 +47,7 @@ class MoveSpec(EditSpec):
     offset: tuple[float, float] = Field(
         (0.0, 0.0), description="[dx, dy]: shift of the object's centroid, input-image pixels"
     )
-    scale: float = Field(1.0, gt=0.0, le=10.0, description="resize factor about the centroid")
+    scale: float = Field(1.0, ge=0.01, le=10.0, description="resize factor about the centroid")
     inpaint_mask: Path | None = Field(
         None, description="optional region the vacated area should borrow its look from"
     )
@@ -88,7 +88,7 @@ class ResizeSpec(MoveSpec):
     """Resize the object under ``mask`` by ``scale`` (and optionally move it)."""
 
     task: Literal["resize"] = "resize"  # type: ignore[assignment]
-    scale: float = Field(..., gt=0.0, le=10.0, description="resize factor about the centroid")
+    scale: float = Field(..., ge=0.01, le=10.0, description="resize factor about the centroid")
 
 
 class MoveTask(Task):
@@ -99,6 +99,7 @@ class MoveTask(Task):
     ui_hints = {"preview": {"kind": "move", "mask": "mask", "offset": "offset", "scale": "scale"}}
 
     def check(self, spec: MoveSpec, input_hw) -> None:
+        check_offset(spec.offset, "offset", input_hw)
         check_mask_file(spec.mask, "mask", input_hw)
         check_mask_file(spec.inpaint_mask, "inpaint_mask", input_hw)
 

@@ -11,15 +11,21 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
+from diffeditor.energies import cosine_map, inverse_energy, masked_mean, sim01
 from diffeditor.geometry import mask_centroid, similarity_warp
 from diffeditor.hookspecs import hookimpl
 from diffeditor.interfaces import AttentionPolicy, EditPlan, EnergyTerm, Geometry, Pin, Task
+from diffeditor.masks import (
+    check_mask_file,
+    check_offset,
+    grid_mask,
+    reference_work_mask,
+    scale_offset,
+)
 from diffeditor.specs import EditSpec, path_validators
 
 from . import __version__
 from .appearance import MEMORY_WINDOW, content_energy
-from .base import check_mask_file, grid_mask, reference_work_mask, scale_offset
-from .energies import cosine_map, inverse_energy, masked_mean, sim01
 
 
 class PasteSpec(EditSpec):
@@ -33,7 +39,7 @@ class PasteSpec(EditSpec):
         (0.0, 0.0), description="[dx, dy]: shift from the object's place in the reference, "
         "in pixels of the edited image"
     )
-    scale: float = Field(1.0, gt=0.0, le=10.0, description="resize factor about the centroid")
+    scale: float = Field(1.0, ge=0.01, le=10.0, description="resize factor about the centroid")
     reference_prompt: str = Field("", description="text prompt describing the reference image")
     guidance_scale: float = Field(4.0, ge=1.0, le=30.0, description="classifier-free guidance")
     energy_scale: float = Field(1500.0, ge=0.0, le=1e5, description="lambda (reference 1.5 x 1e3)")
@@ -78,6 +84,7 @@ class PasteTask(Task):
     def check(self, spec: PasteSpec, input_hw) -> None:
         from diffeditor.imageio import image_size
 
+        check_offset(spec.offset, "offset", input_hw)
         check_mask_file(spec.reference_mask, "reference_mask", image_size(spec.reference, "reference"))
 
     def plan(self, spec: PasteSpec, images, geom: Geometry) -> EditPlan:

@@ -119,8 +119,9 @@ _NDARRAY = object()  # what ``numpy.ndarray`` resolves to: only a marker for _re
 def _array_from_bytes(raw: Any, dtype: Any, shape: Any, order: str) -> np.ndarray:
     if not isinstance(dtype, _DTypeStandIn):
         raise _refuse(f"an array described by {type(dtype).__name__}")
-    if not (isinstance(shape, tuple) and all(type(n) is int and n >= 0 for n in shape)):
-        raise _refuse(f"an array of shape {shape!r}")
+    if not (isinstance(shape, tuple) and len(shape) <= 32
+            and all(type(n) is int and n >= 0 for n in shape)):
+        raise _refuse(f"an array of shape {str(shape)[:80]}")
     if order not in ("C", "F"):
         raise _refuse(f"an array of order {order!r}")
     if isinstance(
@@ -165,11 +166,47 @@ def _latin1_encode(text: Any, encoding: str = "utf-8") -> bytes:
     return text.encode("latin1")
 
 
+#: the largest allocation any allowed constructor may make from a pickle's arguments (a
+#: DragBench mask of 1024 x 1024 float64 is 8 MiB); also the largest meta_data.pkl read
+MAX_PICKLE_BYTES = 64 * 2**20
+#: the deepest nesting of lists, tuples and dicts materialised (DragBench's is 3)
+MAX_DEPTH = 64
+
+
+def _bounded(constructor: type) -> Callable[..., Any]:
+    """``constructor`` (a builtin type) with every argument checked first: a pickle may call
+    ``bytearray(1_500_000_000)`` in 39 bytes; sizes are bounded before anything is allocated."""
+
+    def make(*args: Any) -> Any:
+        if len(args) > 3:
+            raise _refuse(f"{constructor.__name__} with {len(args)} arguments")
+        for a in args:
+            if isinstance(a, bool):
+                continue
+            if isinstance(a, int) and constructor in (bytes, bytearray) and a > MAX_PICKLE_BYTES:
+                raise _refuse(f"{constructor.__name__}({a}): more than {MAX_PICKLE_BYTES} bytes")
+            if isinstance(a, int) and constructor in (bytes, bytearray) and a < 0:
+                raise _refuse(f"{constructor.__name__}({a})")
+            if isinstance(a, (str, bytes, bytearray)) and len(a) > MAX_PICKLE_BYTES:
+                raise _refuse(f"{constructor.__name__} of {len(a)} items")
+            if not isinstance(a, (int, float, complex, str, bytes, bytearray, list, tuple, dict,
+                                  set, frozenset, type(None))):
+                raise _refuse(f"{constructor.__name__}() of a {type(a).__name__}")
+        try:
+            return constructor(*args)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise DragBenchFormatError(f"{constructor.__name__}(...) failed: {exc}") from None
+
+    make.__name__ = constructor.__name__
+    return make
+
+
 _BUILTINS = (list, dict, tuple, set, frozenset, str, bytes, bytearray, int, float, complex, bool)
 
 #: (module, name) -> the object the restricted unpickler hands out for it.
 ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
-    **{("builtins", t.__name__): t for t in _BUILTINS},
+    # (__builtin__: the Python 2 name, which protocol 0-2 pickles written by Python 3 use)
+    **{(m, t.__name__): _bounded(t) for t in _BUILTINS for m in ("builtins", "__builtin__")},
     **{
         (m, "_reconstruct"): _reconstruct
         for m in ("numpy.core.multiarray", "numpy._core.multiarray")
@@ -205,44 +242,104 @@ class RestrictedUnpickler(pickle.Unpickler):
         )
 
 
-def _materialize(obj: Any, seen: dict[int, Any]) -> Any:
-    """Replace the numpy stand-ins inside lists, tuples and dicts by real arrays and dtypes."""
-    if isinstance(obj, _NDArrayStandIn):
-        if obj.array is None:
-            raise _refuse("an array that was never given its data")
-        return obj.array
-    if isinstance(obj, _DTypeStandIn):
-        return obj.dtype
-    if isinstance(obj, (list, dict, tuple)):
-        if id(obj) in seen:
-            return seen[id(obj)]
+def _materialize(root: Any) -> Any:
+    """Replace the numpy stand-ins inside lists, tuples and dicts by real arrays and dtypes.
+
+    Iterative (an explicit stack, no recursion: a pickle of 10^5 nested lists is a few hundred
+    bytes) and bounded to :data:`MAX_DEPTH` levels; shared and self-referencing containers are
+    handled once (a tuple that contains itself cannot be rebuilt and is refused)."""
+    done: dict[int, Any] = {}
+
+    def leaf(obj: Any) -> Any:
+        if isinstance(obj, _NDArrayStandIn):
+            if obj.array is None:
+                raise _refuse("an array that was never given its data")
+            return obj.array
+        if isinstance(obj, _DTypeStandIn):
+            return obj.dtype
+        return obj
+
+    if not isinstance(root, (list, dict, tuple)):
+        return leaf(root)
+    # post-order walk: (container, depth, children visited?)
+    stack: list[tuple[Any, int, bool]] = [(root, 0, False)]
+    active: set[int] = set()
+    while stack:
+        obj, depth, expanded = stack.pop()
+        if id(obj) in done:
+            continue
+        if depth > MAX_DEPTH:
+            raise DragBenchFormatError(f"containers nested more than {MAX_DEPTH} deep")
+        children = list(obj.values()) if isinstance(obj, dict) else list(obj)
+        if not expanded:
+            active.add(id(obj))
+            stack.append((obj, depth, True))
+            for child in children:
+                if isinstance(child, (list, dict, tuple)) and id(child) not in done:
+                    if id(child) in active:
+                        if isinstance(child, tuple) or isinstance(obj, tuple):
+                            raise _refuse("a tuple that contains itself")
+                        continue  # a list or dict cycle: filled in place below
+                    stack.append((child, depth + 1, False))
+            continue
+        active.discard(id(obj))
+
+        def value(child: Any) -> Any:
+            if isinstance(child, (list, dict, tuple)):
+                return done.get(id(child), child)
+            return leaf(child)
+
         if isinstance(obj, list):
-            seen[id(obj)] = obj
-            obj[:] = [_materialize(v, seen) for v in obj]
+            obj[:] = [value(v) for v in obj]
+            done[id(obj)] = obj
         elif isinstance(obj, dict):
-            seen[id(obj)] = obj
             for k in list(obj):
-                obj[k] = _materialize(obj[k], seen)
+                obj[k] = value(obj[k])
+            done[id(obj)] = obj
         else:
-            seen[id(obj)] = tuple(_materialize(v, seen) for v in obj)
-        return seen[id(obj)]
-    return obj
+            done[id(obj)] = tuple(value(v) for v in obj)
+    return done[id(root)]
 
 
 def restricted_load(data: bytes) -> Any:
     """Unpickle ``data`` with :class:`RestrictedUnpickler`; numpy arrays come back as arrays."""
-    return _materialize(RestrictedUnpickler(io.BytesIO(data)).load(), {})
+    if len(data) > MAX_PICKLE_BYTES:
+        raise DragBenchFormatError(f"{len(data)} bytes; a DragBench pickle is at most "
+                                   f"{MAX_PICKLE_BYTES}")
+    try:
+        return _materialize(RestrictedUnpickler(io.BytesIO(data)).load())
+    except DragBenchFormatError:
+        raise
+    except RecursionError:
+        raise DragBenchFormatError("nested too deeply to be a DragBench pickle") from None
+    except MemoryError:
+        raise DragBenchFormatError("too large to read") from None
+    except Exception as exc:  # pickle's own errors for malformed streams are many
+        detail = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+        raise DragBenchFormatError(f"not a readable DragBench pickle ({detail})") from None
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     """Read a ``meta_data.pkl`` safely; errors name the file."""
     path = Path(path)
     try:
+        if path.stat().st_size > MAX_PICKLE_BYTES:
+            raise DragBenchFormatError(f"{path.stat().st_size} bytes; a DragBench pickle is at "
+                                       f"most {MAX_PICKLE_BYTES}")
         meta = restricted_load(path.read_bytes())
     except UnsafePickleError as exc:
         raise UnsafePickleError(f"{path}: {exc}") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
-        raise DragBenchFormatError(f"{path}: not a readable DragBench pickle ({exc})") from exc
+    except DragBenchFormatError as exc:
+        raise DragBenchFormatError(f"{path}: {exc}") from None
+    except RecursionError:
+        raise DragBenchFormatError(f"{path}: nested too deeply to be a DragBench pickle") from None
+    except MemoryError:
+        raise DragBenchFormatError(f"{path}: too large to read") from None
+    except OSError as exc:
+        raise DragBenchFormatError(f"{path}: cannot read it ({exc.strerror})") from None
+    except Exception as exc:  # pickle's own errors for malformed streams are many
+        detail = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+        raise DragBenchFormatError(f"{path}: not a readable DragBench pickle ({detail})") from None
     if not isinstance(meta, dict):
         raise DragBenchFormatError(f"{path}: expected a dict, found {type(meta).__name__}")
     missing = {"prompt", "points", "mask"} - set(meta)
@@ -337,6 +434,17 @@ def _parse_mask(mask: Any, size: tuple[int, int], meta_path: Path) -> np.ndarray
     return np.asarray(mask > 0)
 
 
+def _read_image(path: Path) -> Image.Image:
+    """An RGB image through diffeditor's reader (real bit depth, size limits, one-line errors)."""
+    from diffeditor.errors import SpecError
+    from diffeditor.imageio import load_image
+
+    try:
+        return load_image(path, "image")
+    except SpecError as exc:
+        raise DragBenchFormatError(str(exc).removeprefix("image: ")) from None
+
+
 def load_case(folder: str | os.PathLike, category: str | None = None) -> DragCase:
     """Load one case folder (``original_image.png`` + ``meta_data.pkl``), validated.
 
@@ -351,8 +459,7 @@ def load_case(folder: str | os.PathLike, category: str | None = None) -> DragCas
         if not p.is_file():
             raise DragBenchFormatError(f"{folder}: missing {p.name}")
     meta = read_meta(meta_path)
-    with Image.open(image_path) as im:
-        image = im.convert("RGB")
+    image = _read_image(image_path)
     prompt = meta["prompt"]
     if not isinstance(prompt, str):
         raise DragBenchFormatError(
@@ -387,7 +494,8 @@ def iter_dragbench(root: str | os.PathLike, *, strict: bool = True) -> Iterator[
     """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"DragBench folder {root} does not exist")
+        raise DragBenchFormatError(f"DragBench folder {root} does not exist"
+                                   + (" (it is a file)" if root.exists() else ""))
     metas = sorted(root.rglob(META_FILE))
     if not metas:
         raise DragBenchFormatError(f"{root}: no {META_FILE} found; is this a DragBench folder?")
@@ -521,8 +629,7 @@ def evaluate_dragbench(
         if path is None:
             missing.append(case.key)
             continue
-        with Image.open(path) as im:
-            edited = im.convert("RGB")
+        edited = _read_image(path)
         if edited.size != case.image.size:
             log.info(
                 "%s: edit is %s, original %s; resizing the edit",

@@ -9,7 +9,6 @@ diffusers) happen inside the handlers so that plugin discovery stays fast.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -63,6 +62,7 @@ def add_dragbench(benchmarks) -> None:
     p.add_argument(
         "--json", type=Path, metavar="OUT", help="write the per-case and summary results here"
     )
+    p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     p.add_argument(
         "--metrics",
         type=_metric_list,
@@ -101,10 +101,14 @@ def run_dragbench(args: argparse.Namespace) -> int:
     """
     import torch
 
+    from diffeditor.imageio import check_writable
+
     from . import metrics as M
     from .dragbench import evaluate_dragbench, iter_dragbench
 
     wanted = args.metrics if isinstance(args.metrics, list) else _metric_list(args.metrics)
+    if args.json:  # before any scoring: an existing file needs --force
+        check_writable(args.json, getattr(args, "force", False))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cases = list(iter_dragbench(args.bench))
 
@@ -122,9 +126,10 @@ def run_dragbench(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     result = {"benchmark": str(args.bench), "edited": str(args.edited), **result}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if args.json:  # atomically, strict JSON
+        from diffeditor.imageio import save_json
+
+        save_json(result, args.json, force=getattr(args, "force", False))
 
     print(
         f"{result['summary']['cases']} of {len(cases)} cases scored, "

@@ -133,7 +133,7 @@ def ceiling(case, steps: int, guidance_scale: float = 1.0) -> dict[str, float]:
 
 
 def _run_case(task: str, seed: int, overrides: dict, steps: int, prompt: str = "target",
-              with_ceiling: bool = False) -> dict[str, Any]:
+              with_ceiling: bool = False, save_dir: str | None = None) -> dict[str, Any]:
     from diffeditor_shapes.scenes import make_case, save_case
 
     case = make_case(task, seed)
@@ -162,6 +162,15 @@ def _run_case(task: str, seed: int, overrides: dict, steps: int, prompt: str = "
     scores["guidance_ratio_max"] = max((r["max"] for r in ratios.values()), default=0.0)
     if with_ceiling:
         scores.update(ceiling(case, steps, result.spec.guidance_scale))
+    if save_dir is not None:
+        from PIL import Image
+
+        from diffeditor.imageio import save_image
+
+        stem = Path(save_dir) / f"{task}-{seed:04d}"
+        for suffix, arr in (("", edited), ("-source", case.source), ("-truth", case.result),
+                            ("-vae", vae)):
+            save_image(Image.fromarray(arr), stem.with_name(stem.name + suffix + ".png"))
     return {"task": task, "seed": seed, "seconds": seconds, **scores}
 
 
@@ -191,14 +200,19 @@ def summarise(rows: list[dict]) -> dict[str, dict[str, float]]:
 
 def evaluate(tasks, cases: int, ablations, model: str = "shapes", device: str = "cpu",
              jobs: int = 1, steps: int = 50, seed: int = 0, overrides: dict | None = None,
-             progress=None, prompt: str = "case", with_ceiling: bool = False) -> dict[str, Any]:
-    """Run and score every (ablation, task, case). Returns per-case rows and summaries."""
+             progress=None, prompt: str = "case", with_ceiling: bool = False,
+             save_images: str | Path | None = None) -> dict[str, Any]:
+    """Run and score every (ablation, task, case). Returns per-case rows and summaries.
+    ``save_images``: write each edit (and its source, truth and VAE round trip) to
+    ``save_images/<ablation>/<task>-<seed>{,-source,-truth,-vae}.png``."""
     work = [(ab, task, seed + k) for ab in ablations for task in tasks for k in range(cases)]
     results: list[dict] = []
     threads = max(1, (os.cpu_count() or 1) // max(jobs, 1))
 
     def job_args(ab, task, s):
-        return (task, s, _deep_update(ABLATIONS[ab], overrides or {}), steps, prompt, with_ceiling)
+        folder = str(Path(save_images) / ab) if save_images is not None else None
+        return (task, s, _deep_update(ABLATIONS[ab], overrides or {}), steps, prompt, with_ceiling,
+                folder)
 
     t0 = time.perf_counter()
     if jobs <= 1:
@@ -255,7 +269,7 @@ def format_ceiling(summary: dict) -> str:
 def add_shapes_command(benchmarks) -> None:
     p = benchmarks.add_parser(
         "shapes", help="edits with a known right answer on the shapes model (CPU)",
-        description=__doc__.split("\n\n")[0],
+        description=__doc__.split("\n\n")[0].replace("``", ""),
     )
     p.add_argument("--task", action="append", choices=TASKS, help="task(s) to run (default: all)")
     p.add_argument("--cases", type=int, default=10, help="cases per task (default 10)")
@@ -271,17 +285,30 @@ def add_shapes_command(benchmarks) -> None:
     p.add_argument("--ceiling", action="store_true",
                    help="also measure what the model can do at all per case: the true result "
                    "inverted and regenerated, and plain generation from its caption")
-    p.add_argument("--model", default="shapes")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--model", default="shapes",
+                   help="model name or folder (default: shapes, the model of this world)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps per edit (default: 50)")
     p.add_argument("--seed", type=int, default=0, help="first case seed (default 0)")
     p.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
     p.add_argument("--json", type=Path, metavar="OUT", help="write per-case rows and summaries")
+    p.add_argument("--save-images", type=Path, metavar="DIR", default=None,
+                   help="write every edit to DIR/<ablation>/<task>-<seed>.png beside its -source, "
+                   "-truth and -vae (VAE round trip) pictures; DIR must be new or empty "
+                   "(default: no images)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     p.set_defaults(func=run_shapes)
 
 
 def run_shapes(args) -> int:
     from diffeditor.errors import SpecError
+    from diffeditor.imageio import check_writable
+
+    if args.json:  # before minutes of edits, not after
+        check_writable(args.json, args.force)
+    for name in ("cases", "steps", "jobs"):
+        if getattr(args, name) < 1:
+            raise SpecError(f"--{name} must be at least 1")
 
     overrides: dict[str, Any] = {}
     for item in args.set:
@@ -299,14 +326,28 @@ def run_shapes(args) -> int:
         node[parts[-1]] = parsed
     ablations = sorted(ABLATIONS) if args.all_ablations else (args.ablation or ["full"])
     tasks = args.task or list(TASKS)
+    if args.save_images is not None:
+        folder = args.save_images
+        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+            from diffeditor.errors import OutputError
+
+            raise OutputError(f"--save-images {folder} exists and is not an empty folder; "
+                              "choose a new or empty folder")
+    total = len(tasks) * args.cases * len(ablations)
+    print(f"eval shapes: {total} edits ({', '.join(tasks)} x {args.cases} cases x "
+          f"{len(ablations)} ablation(s)) on {args.model}, {args.steps} steps, {args.jobs} job(s); "
+          "loading the model", file=sys.stderr, flush=True)
+    done = [0]
 
     def tick(row):
-        print(f"{row['ablation']:<16} {row['task']:<10} seed {row['seed']:<4} land {row['land']:.0f} "
+        done[0] += 1
+        print(f"[{done[0]}/{total}] {row['ablation']:<16} {row['task']:<10} seed {row['seed']:<4} land {row['land']:.0f} "
               f"IoU {row['iou']:.2f} err {row['centroid_error_px']:5.1f}px PSNR {row['psnr_outside_db']:.1f}",
-              file=sys.stderr)
+              file=sys.stderr, flush=True)
 
     report = evaluate(tasks, args.cases, ablations, args.model, args.device, args.jobs, args.steps,
-                      args.seed, overrides, tick, args.prompt, args.ceiling)
+                      args.seed, overrides, tick, args.prompt, args.ceiling,
+                      save_images=args.save_images)
     print(format_table(report["summary"]))
     if args.ceiling:
         print("\n" + format_ceiling(report["summary"]))
@@ -314,5 +355,5 @@ def run_shapes(args) -> int:
     if args.json:
         from diffeditor.imageio import save_json
 
-        save_json(report, args.json, force=True)
+        save_json(report, args.json, force=args.force)
     return 0

@@ -1,0 +1,129 @@
+"""Everything about an edit that can be checked before any model loads.
+
+``diffeditor edit`` (and the per-task commands) run :func:`check_edits` first: every spec is
+parsed and its images and masks decoded (at their real bit depth) and cross-checked, every
+output path checked (a known image suffix, not a folder, not existing without ``--force``, a
+writable folder, not one of the inputs, not twice in the batch) and the options checked (device
+present, dtype known, positive sizes). All problems are collected, one line each naming the spec
+file and the field, and raised together as :class:`~diffeditor.errors.CheckErrors`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckErrors, DiffEditorError, show
+
+#: above this working resolution a CPU edit takes minutes per step: warn (not an error)
+CPU_RESOLUTION_WARNING = 1024
+
+
+def _input_files(spec) -> list[Path]:
+    """Every file a validated spec reads (its own and, for compose, its edits')."""
+    files = [p for p in spec.input_paths().values() if p is not None]
+    for sub in getattr(spec, "sub_specs", None) or []:
+        files += _input_files(sub)
+    return files
+
+
+def _key(path: Path) -> str:
+    try:
+        return os.path.realpath(path)
+    except (OSError, ValueError):
+        return str(path)
+
+
+def check_edits(sources: list[tuple[str, Any]], outputs: list[Path], args,
+                defaults: dict | None = None, base_dir: Path | None = None) -> list:
+    """Parse and check a batch. ``sources`` are ``(label, spec file path or dict)``; returns
+    the validated specs or raises :class:`CheckErrors` listing every problem found."""
+    from .editor import check_spec
+    from .imageio import check_output
+    from .specs import parse_spec
+
+    errors: list[str] = []
+    specs = []
+    inputs: dict[str, str] = {}
+    for label, source in sources:
+        try:
+            spec = parse_spec(source, base_dir=base_dir, defaults=defaults, source=label)
+        except DiffEditorError as exc:
+            errors.append(str(exc))
+            continue
+        try:
+            check_spec(spec)
+        except DiffEditorError as exc:
+            errors.append(f"{label}: {exc}")
+            continue
+        specs.append(spec)
+        if isinstance(source, (str, os.PathLike)):
+            inputs.setdefault(_key(Path(source)), f"spec file of {label}")
+        for f in _input_files(spec):
+            inputs.setdefault(_key(f), f"an input of {label}")
+
+    seen: dict[str, Path] = {}
+    for out in outputs:
+        try:
+            check_output(out, getattr(args, "force", False))
+        except DiffEditorError as exc:
+            errors.append(str(exc))
+            continue
+        for path in (out, out.with_suffix(".json")):
+            key = _key(path)
+            if key in inputs:
+                errors.append(f"{show(path, 200)} is {inputs[key]}; inputs are never "
+                              "overwritten: choose another --out")
+            elif key in seen:
+                errors.append(f"{show(path, 200)} would be written twice in this batch; "
+                              "give the specs different names")
+            seen[key] = path
+
+    errors += check_options(args)
+    if errors:
+        raise CheckErrors(errors)
+    _warn_slow(specs, sources, args)
+    return specs
+
+
+def check_options(args) -> list[str]:
+    """The model and device options, checked without loading anything."""
+    from .editor import check_load_options
+
+    errors = []
+    try:
+        check_load_options(getattr(args, "model", None), getattr(args, "device", None),
+                           getattr(args, "dtype", None),
+                           attention_slice=getattr(args, "attention_slice", None),
+                           compile=getattr(args, "compile", None))
+    except DiffEditorError as exc:
+        msg = str(exc).replace("attention_slice must", "--attention-slice must")
+        errors.append(msg)
+    weights = getattr(args, "image_prompt_weights", None)
+    encoder = getattr(args, "image_prompt_encoder", None)
+    if bool(weights) != bool(encoder):
+        errors.append("give both --image-prompt-weights and --image-prompt-encoder")
+    elif weights and encoder:
+        if not Path(weights).is_file():
+            errors.append(f"--image-prompt-weights: file not found: {show(weights, 200)}")
+        if not Path(encoder).is_dir():
+            errors.append(f"--image-prompt-encoder: folder not found: {show(encoder, 200)}")
+    return errors
+
+
+def _warn_slow(specs, sources, args) -> None:
+    from .models import resolve_device
+
+    try:
+        device = resolve_device(getattr(args, "device", None))
+    except DiffEditorError:  # pragma: no cover - checked above
+        return
+    if device.type != "cpu":
+        return
+    for spec, (label, _) in zip(specs, sources):
+        if spec.resolution is not None and spec.resolution > CPU_RESOLUTION_WARNING:
+            print(f"diffeditor: warning: {label}: resolution {spec.resolution} on a CPU takes "
+                  "minutes per step; use a GPU or a resolution of at most "
+                  f"{CPU_RESOLUTION_WARNING}", file=sys.stderr)
