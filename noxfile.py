@@ -8,7 +8,8 @@ import shutil
 import nox
 
 nox.options.sessions = ["lint", "tests"]
-PLUGINS = ["./plugins/diffeditor-shapes", "./plugins/diffeditor-eval", "./plugins/diffeditor-example"]
+PLUGINS = ["./plugins/diffeditor-shapes", "./plugins/diffeditor-eval", "./plugins/diffeditor-example",
+           "./plugins/diffeditor-ui[test]"]
 
 
 def _install(session: nox.Session) -> None:

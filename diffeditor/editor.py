@@ -252,10 +252,12 @@ class Editor:
     def edit(
         self, spec: EditSpec | dict | str | Path, base_dir: str | Path | None = None,
         progress: Callable | None = None, spec_path: str | Path | None = None,
+        callback: Callable | None = None,
     ) -> EditResult:
         """Run one edit. ``spec`` is a spec object, a dict (paths relative to ``base_dir``), a
         YAML/JSON spec file or an earlier output's JSON sidecar (which replays that edit).
-        ``spec_path`` names the file a spec object came from, for the sidecar."""
+        ``spec_path`` names the file a spec object came from, for the sidecar. ``callback(i, z,
+        x0)`` is called after each denoising step (see :meth:`Engine.edit`)."""
         import datetime
 
         t0 = time.perf_counter()
@@ -267,7 +269,7 @@ class Editor:
                              f"{type(progress).__name__}")
         spec = self.parse(spec, base_dir)
         task, plan, geom = self.prepare(spec)
-        out = self.engine.edit(plan, spec, progress)
+        out = self.engine.edit(plan, spec, progress, callback)
         if not bool(torch.isfinite(out.image).all()):
             raise DiffEditorError(
                 "the edit produced non-finite values (NaN or infinity), so there is no image to "

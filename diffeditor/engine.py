@@ -36,6 +36,7 @@ from .schedule import Schedule
 log = logging.getLogger(__name__)
 
 ProgressFactory = Callable[[int, str], Any]
+StepCallback = Callable[[int, Tensor, Tensor], Any]
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs
 
@@ -627,8 +628,13 @@ class Engine:
         return out
 
     # -- editing -------------------------------------------------------------------------------
-    def edit(self, plan: EditPlan, spec, progress: ProgressFactory | None = None) -> EditOutput:
-        """Run one edit plan; returns the edited latent and image."""
+    def edit(self, plan: EditPlan, spec, progress: ProgressFactory | None = None,
+             callback: StepCallback | None = None) -> EditOutput:
+        """Run one edit plan; returns the edited latent and image.
+
+        ``callback(i, z, x0)``, if given, is called after each denoising step ``i`` with the new
+        latent and the step's predicted x̂0 (of its last pass); it must not modify them, and may
+        raise to stop the edit between steps (the inversion stays cached)."""
         timings: dict[str, float] = {}
         before = Counters(**self.counters.as_dict())
         t0 = time.perf_counter()
@@ -714,7 +720,7 @@ class Engine:
                     noise = None
                     if sde:
                         noise = torch.randn(z.shape, generator=gen).to(self.device)
-                    z_prev, _ = regional_step(
+                    z_prev, x0 = regional_step(
                         z, eps, a_t, a_prev, eps_hat=eps_hat, mask=sde_mask,
                         eta_in=eta_in if sde else 0.0,
                         eta_out=(eta_in if sde_mask is None else eta_out) if sde else 0.0,
@@ -731,6 +737,8 @@ class Engine:
                         z = mask * target(zs) + (1 - mask) * z
                 if bar is not None:
                     bar.update(1)
+                if callback is not None:
+                    callback(i, z, x0)
         if bar is not None:
             bar.close()
         timings["sampling"] = time.perf_counter() - t1

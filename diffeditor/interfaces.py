@@ -176,6 +176,12 @@ class Task(abc.ABC):
     version: str = "0.0.0"
     description: str = ""
     spec_model: type["EditSpec"]
+    #: optional hints for user interfaces (``diffeditor ui``), plain data: ``images`` (field ->
+    #: the image field a mask or point list is drawn on; default by name: ``reference_mask`` on
+    #: ``reference``, others on ``image``), ``masks`` (extra mask fields), ``main`` (fields shown
+    #: outside the "advanced" fold) and ``preview`` (``{"kind": "move" | "paste" | "landmarks",
+    #: ...field names}``: a live preview drawn on the image)
+    ui_hints: dict[str, Any] = {}
 
     def images(self, spec: "EditSpec") -> dict[str, Any]:
         """The image files this task needs, by name (``source`` is always ``spec.image``).

@@ -23,6 +23,7 @@ from loop_oracle import UNCOND_IP, analytic_engine, reference_edit
 from PIL import Image
 
 from diffeditor.editor import Editor
+from diffeditor.sampling import DDIMTimesteps
 
 N = 10
 ATOL = 5e-4  # float32 sums in another order: measured up to 1.8e-4 (one thread, paste with
@@ -344,3 +345,40 @@ def test_guidance_size_is_reported_and_bounded(oracle, scenes, name):
     # a bound above every ratio changes nothing
     out3, *_ = _run(oracle, scenes, name, guidance_clip=ratios[-1] * 1.01)
     torch.testing.assert_close(out3.latent, out.latent, atol=1e-6, rtol=0)
+
+
+def test_step_callback_sees_each_step_and_can_stop_the_edit(oracle, scenes):
+    """``Engine.edit(callback=...)``: called once per denoising step with the new latent and
+    the step's x̂0 (the UI's live previews); raising in it stops the edit between steps, and the
+    next edit (same inversion, now cached) is the uninterrupted one."""
+    eng = oracle.engine
+    seen = []
+    spec = oracle.parse({**COMMON, **SPECS["drag"]}, base_dir=scenes)
+    _, plan, _ = oracle.prepare(spec)
+    eng.cache = type(eng.cache)(4)
+    out = eng.edit(plan, spec, callback=lambda i, z, x0: seen.append((i, z.clone(), x0.clone())))
+    assert [i for i, *_ in seen] == list(range(N))
+    torch.testing.assert_close(seen[-1][1], out.latent, atol=0, rtol=0)
+    for _, z, x0 in seen:
+        assert x0.shape == z.shape and not torch.equal(x0, z)
+    # the last step is nearly noise-free (alpha_prev ~ 1): its x̂0 is close to the result
+    a_last = float(DDIMTimesteps.from_scheduler(eng.scheduler, N).alphas_prev[-1])
+    assert a_last > 0.99
+    assert (seen[-1][2] - out.latent).abs().max() < 0.1 * out.latent.abs().max()
+    assert (seen[0][2] - out.latent).abs().max() > (seen[-1][2] - out.latent).abs().max()
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_3(i, z, x0):
+        if i == 3:
+            raise Stop
+
+    eng.unet.calls.clear()
+    with pytest.raises(Stop):
+        eng.edit(plan, spec, callback=stop_at_3)
+    stopped = len(eng.unet.calls)
+    eng.unet.calls.clear()
+    again = eng.edit(plan, spec)
+    assert again.inversion_cached and stopped < len(eng.unet.calls)
+    torch.testing.assert_close(again.latent, out.latent, atol=0, rtol=0)

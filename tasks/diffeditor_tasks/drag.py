@@ -106,6 +106,7 @@ class DragTask(Task):
     version = __version__
     description = "drag content by handle -> target point pairs inside an editable mask"
     spec_model = DragSpec
+    ui_hints = {"images": {"handles": "image", "targets": "image"}}
 
     def check(self, spec: DragSpec, input_hw) -> None:
         check_points(spec.handles, "handles", input_hw)

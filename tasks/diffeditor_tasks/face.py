@@ -52,6 +52,8 @@ class FaceTask(Task):
     version = __version__
     description = "drag a face's 68 landmarks to a reference face's (needs the 'face' extra)"
     spec_model = FaceSpec
+    ui_hints = {"preview": {"kind": "landmarks", "images": ["image", "reference"],
+                            "detector": "diffeditor_tasks.landmarks:detect_landmarks"}}
 
     def images(self, spec):
         return {"source": spec.image, "reference": spec.reference}

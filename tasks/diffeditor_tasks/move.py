@@ -96,6 +96,7 @@ class MoveTask(Task):
     version = __version__
     description = "move an object (optionally resizing it); vacated area is filled in"
     spec_model = MoveSpec
+    ui_hints = {"preview": {"kind": "move", "mask": "mask", "offset": "offset", "scale": "scale"}}
 
     def check(self, spec: MoveSpec, input_hw) -> None:
         check_offset(spec.offset, "offset", input_hw)

@@ -75,6 +75,8 @@ class PasteTask(Task):
     version = __version__
     description = "paste an object from a reference image"
     spec_model = PasteSpec
+    ui_hints = {"preview": {"kind": "paste", "reference": "reference", "mask": "reference_mask",
+                            "offset": "offset", "scale": "scale"}}
 
     def images(self, spec):
         return {"source": spec.image, "reference": spec.reference}
