@@ -1,0 +1,45 @@
+"""Every example spec in ``specs/`` gives the same PNG, bit for bit, as when the hashes in
+``tests/data/spec_hashes.json`` were written (shapes model, CPU, float32, the spec's seed,
+``steps`` overridden to a small count where every schedule window is still non-empty).
+
+A refactor of the sampler must keep these green. Regenerate the file only for a deliberate
+change of the maths: ``OMP_NUM_THREADS=1 python tools/spec_hashes.py --write``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if REPO.name == "mutants":
+    REPO = REPO.parent
+DATA = json.loads((REPO / "tests" / "data" / "spec_hashes.json").read_text())
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("spec_hashes", REPO / "tools" / "spec_hashes.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_every_example_spec_has_a_hash():
+    tool = _tool()
+    names = {p.name for p in (REPO / "specs").glob("*.yaml")} | set(tool.EXTRA)
+    assert names == set(DATA["sha256"]), "run tools/spec_hashes.py --write for new specs"
+    assert tool.STEPS == DATA["steps"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(DATA["sha256"]))
+def test_example_spec_png_is_bit_identical(name, editor_shapes):
+    if name == "face.yaml":
+        pytest.importorskip("dlib", reason="the face task needs the 'face' extra")
+    tool = _tool()
+    file, overrides = tool.EXTRA.get(name, (name, None))
+    got = tool.spec_hash(editor_shapes, REPO / "specs" / file, DATA["steps"], overrides)
+    assert got == DATA["sha256"][name]

@@ -1,0 +1,88 @@
+"""SHA-256 of the PNG each example spec in ``specs/`` gives on the shapes model (CPU, float32).
+
+The hashes pin the sampler bit for bit through refactors: ``tests/test_spec_hashes.py``
+recomputes them and compares with ``tests/data/spec_hashes.json``. Regenerate that file only
+when the maths changes on purpose (and say so in the commit)::
+
+    OMP_NUM_THREADS=1 python tools/spec_hashes.py --write
+
+Every spec runs with ``steps`` overridden to ``STEPS`` (fast) and its own seed. The image is
+encoded with PIL's PNG writer at fixed settings, so the hash is of the pixels plus PNG framing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SPECS = REPO / "specs"
+OUT = REPO / "tests" / "data" / "spec_hashes.json"
+STEPS = 12  # the smallest count where every window (guidance, SDE, time travel) is non-empty
+
+
+#: extra cases: name -> (spec file, field overrides). ``dragondiffusion`` pins the
+#: DragonDiffusion configuration as it was run through spec overrides before it became a
+#: registered sampler: ``sampler: dragondiffusion`` must give the same PNG.
+EXTRA: dict[str, tuple[str, dict]] = {
+    "move.yaml+dragondiffusion": ("move.yaml", {
+        "image_prompt_scale": 0.0, "sde_strength": 0.0, "sde_strength_outside": 0.0,
+        "schedule": {"guidance": [{"start": 0.0, "stop": 0.6}], "time_travel_repeats": 1}}),
+}
+
+
+def spec_files() -> list[Path]:
+    return sorted(SPECS.glob("*.yaml"))
+
+
+def png_sha256(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", optimize=False, compress_level=6)
+    return hashlib.sha256(buf.getvalue()).hexdigest()
+
+
+def spec_hash(editor, path: Path, steps: int = STEPS, overrides: dict | None = None) -> str:
+    import yaml
+
+    data = yaml.safe_load(path.read_text())
+    data.update(overrides or {})
+    data["steps"] = steps
+    result = editor.edit(data, base_dir=path.parent)
+    return png_sha256(result.image)
+
+
+def compute(editor, names=None) -> dict[str, str]:
+    out = {p.name: spec_hash(editor, p) for p in spec_files() if names is None or p.name in names}
+    for name, (file, overrides) in EXTRA.items():
+        if names is None or name in names:
+            out[name] = spec_hash(editor, SPECS / file, overrides=overrides)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--write", action="store_true", help=f"write {OUT.relative_to(REPO)}")
+    args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    from diffeditor import Editor
+    from diffeditor.cli import _quiet_libraries
+
+    _quiet_libraries()
+    editor = Editor.from_pretrained("shapes", device="cpu", dtype="float32")
+    hashes = compute(editor)
+    text = json.dumps({"steps": STEPS, "model": "shapes", "device": "cpu", "dtype": "float32",
+                       "sha256": hashes}, indent=2) + "\n"
+    if args.write:
+        OUT.write_text(text)
+    sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
