@@ -7,6 +7,7 @@ stay in float32; the UNet runs in its own dtype; energies are reduced in float32
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
@@ -20,23 +21,25 @@ import torch
 from torch import Tensor
 
 from .attention import MemoryBank, memory_bank_patch, set_attention_slicing
+from .denoisers import (
+    CFGDenoiser,
+    Denoiser,
+    ImagePromptSwitch,
+    MemoryBankSwitch,
+    Pins,
+    RegionalGuidance,
+    Settings,
+)
 from .errors import SpecError
 from .features import decoder_features, output_and_features
 from .interfaces import EditPlan, Features
-from .sampling import (
-    DDIMTimesteps,
-    bound_guidance,
-    combine_cfg,
-    ddim_invert,
-    ddim_invert_step,
-    regional_step,
-)
+from .samplers import DIFFEDITOR, Sampler, StepCallback, sample_ddim
+from .sampling import DDIMTimesteps, bound_guidance, combine_cfg, ddim_invert
 from .schedule import Schedule
 
 log = logging.getLogger(__name__)
 
 ProgressFactory = Callable[[int, str], Any]
-StepCallback = Callable[[int, Tensor, Tensor], Any]
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs
 
@@ -628,9 +631,31 @@ class Engine:
         return out
 
     # -- editing -------------------------------------------------------------------------------
+    def settings(self, plan: EditPlan, spec, sampler=None, schedules: dict | None = None) -> Settings:
+        """The spec's values the sampler and the denoiser read, resolved for this plan: step
+        windows as index sets (``schedule.preset`` filled in from ``schedules``), the sampler's
+        own adjustments, no guided steps when the plan has no energy to minimise."""
+        from .schedule import BUILTIN_SCHEDULES
+
+        schedules = BUILTIN_SCHEDULES if schedules is None else schedules
+        try:
+            sched_spec = spec.schedule.with_preset(schedules)
+        except KeyError as exc:
+            raise SpecError(exc.args[0], "schedule.preset") from None
+        sched = Schedule.resolve(sched_spec, spec.steps, plan.attention.window)
+        sde_mask = plan.sde_mask if spec.sde_region == "regional" else None
+        s = Settings.from_spec(spec, sched, None if sde_mask is None else sde_mask.to(self.device))
+        s = (sampler or DIFFEDITOR).settings(s, schedules)
+        if not (s.energy_scale > 0 and plan.energies):
+            s = s.replace(schedule=dataclasses.replace(s.schedule, guidance=frozenset()))
+        return s
+
     def edit(self, plan: EditPlan, spec, progress: ProgressFactory | None = None,
-             callback: StepCallback | None = None) -> EditOutput:
-        """Run one edit plan; returns the edited latent and image.
+             callback: StepCallback | None = None, sampler: Sampler | None = None,
+             schedules: dict | None = None) -> EditOutput:
+        """Run one edit plan with ``sampler`` (default: DiffEditor's); returns the edited latent
+        and image. ``schedules``: the named schedules (by name) a spec's ``schedule.preset`` or
+        the sampler may refer to (default: the built-in ones).
 
         ``callback(i, z, x0)``, if given, is called after each denoising step ``i`` with the new
         latent and the step's predicted x̂0 (of its last pass); it must not modify them, and may
@@ -638,107 +663,41 @@ class Engine:
         timings: dict[str, float] = {}
         before = Counters(**self.counters.as_dict())
         t0 = time.perf_counter()
-        grid = DDIMTimesteps.from_scheduler(self.scheduler, spec.steps)
-        sched = Schedule.resolve(spec.schedule, spec.steps, plan.attention.window)
-        guided_steps = sched.guidance if (spec.energy_scale > 0 and plan.energies) else frozenset()
+        sampler = sampler or DIFFEDITOR
+        s = self.settings(plan, spec, sampler, schedules)
+        sched = s.schedule
+        grid = DDIMTimesteps.from_scheduler(self.scheduler, s.steps)
         policy = plan.attention
-        if spec.memory_bank not in ("task",):
-            policy = type(policy)(**{**policy.__dict__, "mode": spec.memory_bank})
+        if s.memory_bank not in ("task",):
+            policy = type(policy)(**{**policy.__dict__, "mode": s.memory_bank})
         if policy.mode == "masked" and not policy.parts:  # specs refuse this before any model loads
             raise SpecError("the plan names no parts to mix: use another policy", "memory_bank")
         # the bank keeps only the steps it will inject at
         bank_steps = frozenset() if policy.mode == "off" else sched.memory_bank
         if self.image_prompt is not None:
             self.image_prompt.set_image(plan.images[plan.image_prompt_source])
-        ip_inversion = ((spec.image_prompt_scale, sched.image_prompt)
-                        if spec.image_prompt_inversion and spec.image_prompt_scale > 0 else None)
+        ip_inversion = ((s.image_prompt_scale, sched.image_prompt)
+                        if s.image_prompt_inversion and s.image_prompt_scale > 0 else None)
         inv, cached = self.invert(plan, grid, progress, bank_steps, ip_inversion)
         timings["inversion"] = 0.0 if cached else inv.seconds
         bank = inv.bank
         bank.policy = policy
         bank._mask_cache.clear()
-        net32 = self._float32_net() if spec.guidance_precision == "float32" else None
-        n = grid.num_steps
         z = plan.surgery({k: v[-1] for k, v in inv.latents.items()}) if plan.surgery else inv.latents["source"][-1]
         z = z.to(self.device, torch.float32)
-        source_prompt = plan.prompts.get("source", "")
-        cond = self.encode_text([source_prompt])
-        context = torch.cat([self.encode_text([""]), cond])
-        ref_names = list(plan.images)
-        ref_contexts = self.encode_text([plan.prompts.get(k, "") for k in ref_names])
-        sde_mask = plan.sde_mask if spec.sde_region == "regional" else None
-        if sde_mask is not None:
-            sde_mask = sde_mask.to(self.device)
-        eta_in, eta_out = spec.sde_strength, spec.sde_strength_outside
-        pins = [(p.mask.to(self.device, torch.float32), p.target, int(round(p.until * n)))
-                for p in plan.pins if p.until > 0]
-        if spec.background_blend > 0 and plan.sde_mask is not None:
-            from .geometry import dilate
-
-            keep = (1 - dilate(plan.sde_mask.to(self.device), 1)).to(torch.float32)
-            pins.insert(0, (keep, lambda zs: zs["source"], int(round(spec.background_blend * n))))
-        gen = torch.Generator("cpu").manual_seed(spec.seed)
         guidance_log: list[dict] = []  # per guided pass: RMS(k·∇E) / RMS(ε) in each region
-        bar = progress(n, "editing") if progress else None
+        model = self.denoiser(plan, s, inv, policy, guidance_log)
+        bar = progress(grid.num_steps, "editing") if progress else None
+
+        def on_step(i: int, z: Tensor, x0: Tensor) -> None:
+            if bar is not None:
+                bar.update(1)
+            if callback is not None:
+                callback(i, z, x0)
+
         t1 = time.perf_counter()
         with memory_bank_patch(self.unet, bank):
-            for i in range(n):
-                t = grid.timesteps[i].to(self.device)
-                a_t, a_prev = grid.alphas[i], grid.alphas_prev[i]
-                guided = i in guided_steps
-                passes = sched.passes(i) if guided else 1
-                ref_feats: dict[str, Features] | None = None
-                for u in range(passes):
-                    # 1. CFG noise prediction with the memory bank and the image prompt
-                    bank.step = i
-                    bank.mode = "inject" if (i in sched.memory_bank and policy.mode != "off") else "off"
-                    gamma = spec.image_prompt_scale if i in sched.image_prompt else 0.0
-                    self._set_image_prompt(gamma)
-                    if guided and ref_feats is None and self.merge_reference_pass and (
-                            gamma == 0 or self.image_prompt is None):
-                        # the reference-feature pass rides in the same UNet call (exact: rows
-                        # are independent; the bank skips its rows, the image prompt is off)
-                        zz, ctx, rows = self._cfg_rows(z, cond, context, spec.guidance_scale)
-                        out, ref_feats = self._eps_with_references(
-                            zz, ctx, rows, inv, ref_names, ref_contexts, i, t, spec, bank)
-                        eps = self._cfg_combine(out, spec.guidance_scale)
-                    else:
-                        eps = self.cfg_eps(z, t, cond, context, spec.guidance_scale)
-                    bank.mode = "off"
-                    self._set_image_prompt(0.0)
-                    # 2. regional gradient guidance (enters through x0 only)
-                    eps_hat = eps
-                    if guided:
-                        if ref_feats is None:  # cached across time-travel repeats
-                            ref_feats = self._reference_features(inv, ref_names, ref_contexts, i, t, spec)
-                        ratios: list = []
-                        eps_hat = eps + spec.guidance_k * self.guidance(z, t, cond, ref_feats, plan, spec,
-                                                                        net32, eps, ratios)
-                        guidance_log.append({"step": i, "pass": u, "ratio": dict(ratios)})
-                    # 3. regional SDE/ODE step
-                    sde = i in sched.sde and (eta_in > 0 or eta_out > 0)
-                    noise = None
-                    if sde:
-                        noise = torch.randn(z.shape, generator=gen).to(self.device)
-                    z_prev, x0 = regional_step(
-                        z, eps, a_t, a_prev, eps_hat=eps_hat, mask=sde_mask,
-                        eta_in=eta_in if sde else 0.0,
-                        eta_out=(eta_in if sde_mask is None else eta_out) if sde else 0.0,
-                        noise=noise,
-                    )
-                    # 4. time travel: roll back to t by one DDIM inversion step, except after the last pass
-                    if u < passes - 1:
-                        z = self._rollback(z_prev, i, grid, cond)
-                z = z_prev
-                active = [(mask, target) for mask, target, until in pins if i < until]
-                if active:
-                    zs = {k: v[n - i - 1].to(z) for k, v in inv.latents.items()}
-                    for mask, target in active:
-                        z = mask * target(zs) + (1 - mask) * z
-                if bar is not None:
-                    bar.update(1)
-                if callback is not None:
-                    callback(i, z, x0)
+            z = sampler.fn(model, z, grid, s, on_step)
         if bar is not None:
             bar.close()
         timings["sampling"] = time.perf_counter() - t1
@@ -754,13 +713,38 @@ class Engine:
             guidance=[{**g, "ratio": {r: float(v) for r, v in g["ratio"].items()}} for g in guidance_log],
         )
 
+    def denoiser(self, plan: EditPlan, s: Settings, inv: Inversion, policy, log: list | None = None) -> Denoiser:
+        """The edit's denoiser: CFG UNet, memory bank, image prompt, regional guidance, pins."""
+        cond = self.encode_text([plan.prompts.get("source", "")])
+        context = torch.cat([self.encode_text([""]), cond])
+        names = list(plan.images)
+        ref_contexts = self.encode_text([plan.prompts.get(k, "") for k in names])
+        n = s.steps
+        pins = [(p.mask.to(self.device, torch.float32), p.target, int(round(p.until * n)))
+                for p in plan.pins if p.until > 0]
+        if s.background_blend > 0 and plan.sde_mask is not None:
+            from .geometry import dilate
+
+            keep = (1 - dilate(plan.sde_mask.to(self.device), 1)).to(torch.float32)
+            pins.insert(0, (keep, lambda zs: zs["source"], int(round(s.background_blend * n))))
+        net32 = self._float32_net() if s.guidance_precision == "float32" else None
+        model: Denoiser = CFGDenoiser(self, cond, context, s.guidance_scale, inv.bank,
+                                      s.feature_levels, s.feature_scale)
+        model = ImagePromptSwitch(model, self.image_prompt, s.image_prompt_scale, s.schedule.image_prompt)
+        bank_steps = s.schedule.memory_bank if policy.mode != "off" else frozenset()
+        model = MemoryBankSwitch(model, inv.bank, bank_steps)
+        model = RegionalGuidance(model, self, plan, s, inv, names, ref_contexts, cond, net32,
+                                 self.merge_reference_pass, log)
+        return Pins(model, pins, inv.latents)
+
     def _reference_latents(self, inv: Inversion, names, i: int) -> Tensor:
         n = len(inv.latents[names[0]]) - 1
         return torch.cat([inv.latents[k][n - i] for k in names]).to(self.device)
 
     @torch.no_grad()
     def _eps_with_references(self, zz: Tensor, ctx: Tensor, rows: list[bool], inv: Inversion, names,
-                             contexts, i: int, t, spec, bank: MemoryBank) -> tuple[Tensor, dict[str, Features]]:
+                             contexts, i: int, t, levels, scale: int,
+                             bank: MemoryBank) -> tuple[Tensor, dict[str, Features]]:
         """The noise prediction for ``zz`` and the reference features of step ``i`` in one UNet
         call; returns ``(eps of zz's rows, features by image name)``."""
         k = zz.shape[0]
@@ -771,7 +755,7 @@ class Engine:
         try:
             out, feats = output_and_features(
                 self.net, batch, t, torch.cat([ctx, contexts]), slice(k, None),
-                tuple(spec.feature_levels), spec.feature_scale,
+                tuple(levels), scale,
                 self._unet_kwargs(batch.shape[0], rows + [True] * len(names)),
             )
         finally:
@@ -782,14 +766,6 @@ class Engine:
     def _reference_features(self, inv: Inversion, names, contexts, i: int, t, spec) -> dict[str, Features]:
         zs = self._reference_latents(inv, names, i)
         return _by_image(self.features(zs, t, contexts, spec.feature_levels, spec.feature_scale), names)
-
-    @torch.no_grad()
-    def _rollback(self, z_prev: Tensor, i: int, grid: DDIMTimesteps, cond: Tensor) -> Tensor:
-        """One deterministic DDIM-inversion step from t_prev back to t_i (conditional prompt,
-        no CFG, memory bank and image prompt off). As the method (reference §5), ε is
-        evaluated where z_prev sits: ε_θ(z_{t-Δ}, t-Δ), the lower timestep."""
-        eps = self.eps(z_prev, grid.timesteps_prev[i].to(self.device), cond, [True])
-        return ddim_invert_step(z_prev, eps, grid.alphas_prev[i], grid.alphas[i])
 
     @torch.no_grad()
     def reconstruct(self, image: Tensor, prompt: str = "", steps: int = 50,
@@ -803,13 +779,7 @@ class Engine:
         grid = DDIMTimesteps.from_scheduler(self.scheduler, steps)
         inv, _ = self.invert(plan, grid, bank_steps=frozenset())
         z = inv.latents["source"][-1].to(self.device)
-        cond = self.encode_text([prompt])
-        context = torch.cat([self.encode_text([""]), cond])
-        for i in range(grid.num_steps):
-            t = grid.timesteps[i].to(self.device)
-            eps = self.cfg_eps(z, t, cond, context, guidance_scale)
-            z, _ = regional_step(z, eps, grid.alphas[i], grid.alphas_prev[i])
-        return self.decode(z)
+        return self.decode(sample_ddim(self._plain_denoiser(prompt, guidance_scale), z, grid))
 
     @torch.no_grad()
     def generate(self, prompt: str, steps: int = 50, guidance_scale: float = 7.5,
@@ -820,10 +790,8 @@ class Engine:
         c = self.unet.config.in_channels
         z = torch.randn((1, c, hw[0] // self.vae_scale, hw[1] // self.vae_scale), generator=gen)
         z = z.to(self.device)
+        return self.decode(sample_ddim(self._plain_denoiser(prompt, guidance_scale), z, grid))
+
+    def _plain_denoiser(self, prompt: str, guidance_scale: float) -> CFGDenoiser:
         cond = self.encode_text([prompt])
-        context = torch.cat([self.encode_text([""]), cond])
-        for i in range(grid.num_steps):
-            t = grid.timesteps[i].to(self.device)
-            eps = self.cfg_eps(z, t, cond, context, guidance_scale)
-            z, _ = regional_step(z, eps, grid.alphas[i], grid.alphas_prev[i])
-        return self.decode(z)
+        return CFGDenoiser(self, cond, torch.cat([self.encode_text([""]), cond]), guidance_scale)

@@ -96,6 +96,32 @@ class ScheduleSpec(BaseModel):
     memory_bank: Window | None = Field(
         None, description="steps where the memory bank is injected; default: the task's own"
     )
+    preset: str | None = Field(
+        None, description="a named schedule (diffeditor schedules: see `diffeditor plugins`) "
+        "whose windows serve for every field this spec leaves out; default: the fields' defaults",
+    )
+
+    def with_preset(self, presets: dict[str, NamedSchedule]) -> ScheduleSpec:
+        """This schedule with the fields it leaves out taken from its named ``preset``.
+        Raises ``KeyError`` (one line, listing the known names) for an unknown name."""
+        if self.preset is None:
+            return self
+        if self.preset not in presets:
+            known = ", ".join(sorted(presets)) or "none"
+            raise KeyError(f"unknown schedule preset {self.preset!r}; installed: {known}")
+        base = presets[self.preset].spec
+        given = {k: getattr(self, k) for k in self.model_fields_set if k != "preset"}
+        return base.model_copy(update={**given, "preset": None})
+
+
+@dataclass(frozen=True)
+class NamedSchedule:
+    """A registered schedule (hook ``register_schedules``): named windows a spec selects with
+    ``schedule: {preset: NAME}`` and a sampler may read (DragonDiffusion's guidance window)."""
+
+    name: str
+    spec: ScheduleSpec
+    description: str = ""
 
 
 @dataclass(frozen=True)
@@ -127,3 +153,16 @@ class Schedule:
     def passes(self, i: int) -> int:
         """Guided evaluations at step ``i``: U inside the time-travel window, else 1."""
         return self.time_travel_repeats if (i in self.time_travel and i in self.guidance) else 1
+
+
+BUILTIN_SCHEDULES: dict[str, NamedSchedule] = {
+    "diffeditor": NamedSchedule(
+        "diffeditor", ScheduleSpec(), "the reference's windows (the table above; the default)"),
+    "dragondiffusion": NamedSchedule(
+        "dragondiffusion",
+        ScheduleSpec(guidance=(Window(start=0.0, stop=0.6),), sde=Window(start=0.0, stop=0.0),
+                     time_travel=Window(start=0.0, stop=0.0), time_travel_repeats=1,
+                     image_prompt=Window(start=0.0, stop=0.0)),
+        "DragonDiffusion's: guidance at every step of the first 60%; no SDE, time travel or "
+        "image prompt"),
+}
