@@ -18,7 +18,7 @@ from PIL import Image
 
 from . import __version__
 from .engine import Engine
-from .errors import DiffEditorError, UsageError, show
+from .errors import DiffEditorError, SpecError, UsageError, show
 from .imageio import load_image, save_image_and_sidecar, to_pil, to_tensor
 from .interfaces import Geometry
 from .models import ModelEntry, load_pipeline, resolve_model
@@ -75,7 +75,27 @@ def check_spec(spec: EditSpec, registry=None) -> tuple[int, int]:
         if name == "source":
             hw = (im.height, im.width)
     task.check(spec, hw)
+    sampler_and_schedules(spec, reg)
     return hw
+
+
+def sampler_and_schedules(spec: EditSpec, registry) -> tuple[Any, dict]:
+    """The registered sampler a spec names and the named schedules; :class:`SpecError` (one
+    line, listing the installed names) for an unknown sampler or schedule preset. A registry
+    built without diffeditor's own entry point (``registry_from``) gets the built-in ones."""
+    from .samplers import BUILTIN_SAMPLERS
+    from .schedule import BUILTIN_SCHEDULES
+
+    samplers = registry.samplers or BUILTIN_SAMPLERS
+    schedules = registry.schedules or BUILTIN_SCHEDULES
+    if spec.sampler not in samplers:
+        raise SpecError(f"unknown sampler {spec.sampler!r}; installed samplers: "
+                        f"{', '.join(sorted(samplers))}", "sampler")
+    try:
+        spec.schedule.with_preset(schedules)
+    except KeyError as exc:
+        raise SpecError(exc.args[0], "schedule.preset") from None
+    return samplers[spec.sampler], schedules
 
 
 @dataclass
@@ -269,7 +289,8 @@ class Editor:
                              f"{type(progress).__name__}")
         spec = self.parse(spec, base_dir)
         task, plan, geom = self.prepare(spec)
-        out = self.engine.edit(plan, spec, progress, callback)
+        sampler, schedules = sampler_and_schedules(spec, self.registry)
+        out = self.engine.edit(plan, spec, progress, callback, sampler=sampler, schedules=schedules)
         if not bool(torch.isfinite(out.image).all()):
             raise DiffEditorError(
                 "the edit produced non-finite values (NaN or infinity), so there is no image to "

@@ -8,6 +8,9 @@ Masks here are on the feature grid, ``(1, 1, Hf, Wf)`` float {0, 1}.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -48,3 +51,55 @@ def mean_feature(f: Tensor, mask: Tensor) -> Tensor:
 def level_mean(values: list[Tensor]) -> Tensor:
     """Average of per-level energies (the reference weights each of its two levels by 0.5)."""
     return torch.stack(values).mean(0)
+
+
+# -- named, reusable energy terms (hook ``register_energies``) ---------------------------------
+
+def mean_feature_energy(mask: Tensor, reference: str, reference_mask: Tensor):
+    """Make the mean feature inside ``mask`` match the mean feature of image ``reference``
+    inside ``reference_mask``: ``Σ_levels 1/(1 + 4·sim01(cos(mean_f, mean_ref)))``. The one
+    mean-feature energy (appearance's edit term, move's inpainting term)."""
+
+    def energy(cur, refs):
+        ref = refs[reference]
+        return sum(
+            inverse_energy(1.0, sim01(F.cosine_similarity(
+                mean_feature(f, mask), mean_feature(ref[lv], reference_mask), dim=1)))
+            for lv, f in cur.items()
+        )
+
+    return energy
+
+
+def content_energy(mask: Tensor, reference: str = "source"):
+    """Keep everything outside ``mask`` like image ``reference``:
+    ``Σ_levels 1/(1 + 4·mean_{outside} sim01(cos(f, f_ref)))``."""
+
+    def energy(cur, refs):
+        src = refs[reference]
+        outside = 1 - mask
+        return sum(
+            inverse_energy(1.0, masked_mean(sim01(cosine_map(f, src[lv])), outside))
+            for lv, f in cur.items()
+        )
+
+    return energy
+
+
+@dataclass(frozen=True)
+class Energy:
+    """A registered energy: ``build(**params)`` returns an ``EnergyFn`` (``fn(current,
+    references) -> (B,)``) for an :class:`~diffeditor.interfaces.EnergyTerm`."""
+
+    name: str
+    build: Callable[..., Callable]
+    description: str = ""
+
+
+BUILTIN_ENERGIES: dict[str, Energy] = {
+    "mean_feature": Energy("mean_feature", mean_feature_energy,
+                           "mean feature in a mask -> an image's mean feature in its mask "
+                           "(params: mask, reference, reference_mask)"),
+    "content": Energy("content", content_energy,
+                      "features outside a mask stay like an image's (params: mask, reference)"),
+}

@@ -653,7 +653,8 @@ class Engine:
     def edit(self, plan: EditPlan, spec, progress: ProgressFactory | None = None,
              callback: StepCallback | None = None, sampler: Sampler | None = None,
              schedules: dict | None = None) -> EditOutput:
-        """Run one edit plan with ``sampler`` (default: DiffEditor's); returns the edited latent
+        """Run one edit plan with ``sampler`` (default: the built-in one ``spec.sampler``
+        names); returns the edited latent
         and image. ``schedules``: the named schedules (by name) a spec's ``schedule.preset`` or
         the sampler may refer to (default: the built-in ones).
 
@@ -663,7 +664,7 @@ class Engine:
         timings: dict[str, float] = {}
         before = Counters(**self.counters.as_dict())
         t0 = time.perf_counter()
-        sampler = sampler or DIFFEDITOR
+        sampler = sampler or self._builtin_sampler(getattr(spec, "sampler", "diffeditor"))
         s = self.settings(plan, spec, sampler, schedules)
         sched = s.schedule
         grid = DDIMTimesteps.from_scheduler(self.scheduler, s.steps)
@@ -712,6 +713,15 @@ class Engine:
             inversion_cached=cached, bank_bytes=bank.nbytes(),
             guidance=[{**g, "ratio": {r: float(v) for r, v in g["ratio"].items()}} for g in guidance_log],
         )
+
+    @staticmethod
+    def _builtin_sampler(name: str) -> Sampler:
+        from .samplers import BUILTIN_SAMPLERS
+
+        if name not in BUILTIN_SAMPLERS:
+            raise SpecError(f"{name!r} is not a built-in sampler: pass the registered one as "
+                            f"edit(sampler=...) (Editor.edit does)", "sampler")
+        return BUILTIN_SAMPLERS[name]
 
     def denoiser(self, plan: EditPlan, s: Settings, inv: Inversion, policy, log: list | None = None) -> Denoiser:
         """The edit's denoiser: CFG UNet, memory bank, image prompt, regional guidance, pins."""

@@ -48,3 +48,44 @@ def register_commands(subparsers):
     parser with ``subparsers.add_parser(name, help=...)`` and give it a handler with
     ``parser.set_defaults(func=handler)``; ``handler(args)`` returns the exit status.
     """
+
+
+@hookspec
+def register_samplers(register):
+    """Register samplers, called once when the registry is built.
+
+    Call ``register(sampler)`` once per sampler, where ``sampler`` is a
+    :class:`diffeditor.samplers.Sampler`: a unique ``name`` (what a spec's ``sampler`` field
+    selects), a one-line ``description``, and ``fn(model, z, grid, settings, callback=None)``
+    returning the final latent. ``model(z, step)`` is the edit's denoiser (CFG, memory bank,
+    image prompt, regional guidance; :mod:`diffeditor.denoisers`), ``grid`` the DDIM timesteps,
+    ``settings`` the spec's resolved values; call ``callback(i, z, x0)`` after each step.
+    Optional ``configure(settings, schedules) -> settings`` adjusts the settings first.
+    Return nothing. diffeditor's own ``diffeditor`` (the default), ``dragondiffusion`` and
+    ``ddim`` register through this hook.
+    """
+
+
+@hookspec
+def register_energies(register):
+    """Register named energy terms that task plugins can build their plans from.
+
+    Call ``register(energy)`` once per energy, where ``energy`` is a
+    :class:`diffeditor.energies.Energy`: a unique ``name``, a one-line ``description`` and
+    ``build(**params) -> fn`` returning an :data:`diffeditor.interfaces.EnergyFn`
+    (``fn(current_features, reference_features) -> (B,)`` energies to minimise). Return
+    nothing. diffeditor's ``mean_feature`` and ``content`` register through this hook.
+    """
+
+
+@hookspec
+def register_schedules(register):
+    """Register named schedules (step windows), called once when the registry is built.
+
+    Call ``register(schedule)`` once per schedule, where ``schedule`` is a
+    :class:`diffeditor.schedule.NamedSchedule`: a unique ``name``, a ``ScheduleSpec`` (when
+    guidance, the SDE, time travel, the image prompt and the memory bank apply) and a
+    ``description``. A spec selects one with ``schedule: {preset: NAME}`` (fields it gives
+    itself win); samplers may read them (DragonDiffusion's guidance window). Return nothing.
+    diffeditor's ``diffeditor`` and ``dragondiffusion`` schedules register through this hook.
+    """

@@ -58,6 +58,9 @@ class Registry:
         self.tasks: dict[str, Any] = {}
         self.task_origin: dict[str, PluginInfo] = {}
         self.models: dict[str, Any] = {}
+        self.samplers: dict[str, Any] = {}
+        self.energies: dict[str, Any] = {}
+        self.schedules: dict[str, Any] = {}
         self._collect()
 
     # -- collection -------------------------------------------------------------------------
@@ -97,6 +100,30 @@ class Registry:
                 self.models[entry.name] = entry
 
             self._call(impl, add_model, info)
+        from .energies import Energy
+        from .samplers import Sampler
+        from .schedule import NamedSchedule
+
+        for hook, store, kind, what in (
+                (self.pm.hook.register_samplers, self.samplers, Sampler, "sampler"),
+                (self.pm.hook.register_energies, self.energies, Energy, "energy"),
+                (self.pm.hook.register_schedules, self.schedules, NamedSchedule, "schedule")):
+            for impl in hook.get_hookimpls():
+                self._call(impl, self._adder(store, kind, what, self._plugin_info(impl.plugin)),
+                           self._plugin_info(impl.plugin))
+
+    @staticmethod
+    def _adder(store: dict, kind: type, what: str, info: PluginInfo):
+        """``register(obj)`` for one plugin's samplers, energies or schedules: type-checked,
+        names unique across plugins."""
+        def add(obj):
+            if not isinstance(obj, kind):
+                raise TypeError(f"plugin {info.name!r} registered {obj!r}, which is not a "
+                                f"{kind.__module__}.{kind.__name__}")
+            if obj.name in store:
+                raise ValueError(f"{what} {obj.name!r} is registered twice (again by {info.name!r})")
+            store[obj.name] = obj
+        return add
 
     def _call(self, impl, register, info: PluginInfo) -> None:
         try:
@@ -114,6 +141,15 @@ class Registry:
         except KeyError:
             known = ", ".join(sorted(self.tasks)) or "none"
             raise KeyError(f"unknown task {name!r}; registered tasks: {known}") from None
+
+    def sampler(self, name: str):
+        """The sampler registered as ``name``; ``KeyError`` (one line, listing the installed
+        ones) if there is none."""
+        try:
+            return self.samplers[name]
+        except KeyError:
+            known = ", ".join(sorted(self.samplers)) or "none"
+            raise KeyError(f"unknown sampler {name!r}; installed samplers: {known}") from None
 
     def plugins(self) -> list[PluginInfo]:
         out = []

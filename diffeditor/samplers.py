@@ -56,11 +56,13 @@ def make_step(grid: DDIMTimesteps, i: int, device, guided: bool = False) -> Step
 
 def sample_ddim(model, z: Tensor, grid: DDIMTimesteps, settings: Settings | None = None,
                 callback: StepCallback | None = None) -> Tensor:
-    """Plain deterministic DDIM (η = 0): no guidance, no SDE, no time travel."""
+    """Plain deterministic DDIM (η = 0) over the denoiser: no guidance, no SDE, no time
+    travel (the memory bank, image prompt and pins still act, on their steps)."""
     for i in range(grid.num_steps):
         step = make_step(grid, i, z.device)
         out = model(z, step)
         z, x0 = regional_step(z, out.eps, step.a_t, step.a_prev)
+        z = model.constrain(z, i)
         if callback is not None:
             callback(i, z, x0)
     return z
@@ -129,5 +131,5 @@ DRAGONDIFFUSION = Sampler(
     "dragondiffusion", sample_dragondiffusion,
     "DragonDiffusion: guidance at every early step, deterministic DDIM, no SDE, no time travel",
     _dragondiffusion_settings)
-DDIM = Sampler("ddim", sample_ddim, "plain DDIM: no guidance, no SDE, no time travel")
+DDIM = Sampler("ddim", sample_ddim, "plain DDIM over the edit's denoiser: no guidance, SDE or time travel")
 BUILTIN_SAMPLERS = {x.name: x for x in (DIFFEDITOR, DRAGONDIFFUSION, DDIM)}

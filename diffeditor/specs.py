@@ -137,6 +137,11 @@ class EditSpec(BaseModel):
         2, ge=1, le=8, description="feature grid = this x the latent grid (reference up_scale)"
     )
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec, description="step windows")
+    sampler: str = Field(
+        "diffeditor", min_length=1, max_length=100,
+        description="the sampler, by registered name (`diffeditor plugins` lists them): "
+        "diffeditor (the paper's), dragondiffusion (guidance at every early step, no SDE, no "
+        "time travel, no image prompt) or ddim (no guidance); plugins may add more")
 
     #: whether the task's plan names memory-bank parts (the images and masks that
     #: ``memory_bank: masked`` mixes); a task spec that does sets this to True

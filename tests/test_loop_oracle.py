@@ -382,3 +382,30 @@ def test_step_callback_sees_each_step_and_can_stop_the_edit(oracle, scenes):
     again = eng.edit(plan, spec)
     assert again.inversion_cached and stopped < len(eng.unet.calls)
     torch.testing.assert_close(again.latent, out.latent, atol=0, rtol=0)
+
+
+# -- the DragonDiffusion sampler ----------------------------------------------------------------
+
+DRAGON = {"schedule": {"guidance": [{"start": 0.0, "stop": 0.6}], "time_travel_repeats": 1,
+                       "sde": {"steps": []}, "time_travel": {"steps": []},
+                       "image_prompt": {"steps": []}},
+          "sde_strength": 0.0, "sde_strength_outside": 0.0, "image_prompt_scale": 0.0}
+
+
+@pytest.mark.parametrize("name", ["move", "paste"])
+def test_dragondiffusion_sampler_equals_the_transcribed_configuration(oracle, scenes, name):
+    """``sampler: dragondiffusion`` on a spec that asks for SDE, time travel and an image
+    prompt = the transcribed method with guidance at every step of the first 60%, no SDE, no
+    time travel, no image prompt (what the eval's "DragonDiffusion configuration" set by hand)."""
+    out, _, calls, *_ = _run(oracle, scenes, name, sampler="dragondiffusion")
+    spec = oracle.parse({**COMMON, **SPECS[name], **DRAGON}, base_dir=scenes)
+    _, plan, _ = oracle.prepare(spec)
+    ref = reference_edit(oracle.engine, plan, spec)
+    assert [r["guided"] for r in ref.log] == [i < 6 for i in range(N)]
+    assert not any(r["sde"] for r in ref.log)
+    torch.testing.assert_close(out.latent, ref.latent, atol=ATOL, rtol=0)
+    # every step guided once (one gradient pass per guided step), no rollback, no image prompt
+    assert sum(c.grad for c in calls) == 6 and all(c.gamma == 0.0 for c in calls)
+    assert [g["step"] for g in out.guidance] == [0, 1, 2, 3, 4, 5]
+    default, *_ = _run(oracle, scenes, name)
+    assert (default.latent - out.latent).abs().max() > 50 * ATOL

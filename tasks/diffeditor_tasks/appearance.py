@@ -14,7 +14,7 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field
 
-from diffeditor.energies import cosine_map, inverse_energy, masked_mean, mean_feature, sim01
+from diffeditor.energies import content_energy, mean_feature_energy
 from diffeditor.hookspecs import hookimpl
 from diffeditor.interfaces import AttentionPolicy, EditPlan, EnergyTerm, Geometry, Pin, Task
 from diffeditor.masks import check_mask_file, grid_mask, reference_work_mask, work_mask
@@ -40,20 +40,6 @@ def match_statistics(z: torch.Tensor, mask: torch.Tensor, ref: torch.Tensor, ref
     out = (z - mu) / (sd + 1e-5) * sd_r + mu_r
     m = mask.to(z)
     return m * out + (1 - m) * z
-
-
-def content_energy(mask_f):
-    """Keep everything outside ``mask_f`` like the source: Σ_levels 1/(1+4·mean sim01)."""
-
-    def e_content(cur, refs):
-        src = refs["source"]
-        outside = 1 - mask_f
-        return sum(
-            inverse_energy(1.0, masked_mean(sim01(cosine_map(f, src[lv])), outside))
-            for lv, f in cur.items()
-        )
-
-    return e_content
 
 
 class AppearanceSpec(EditSpec):
@@ -109,13 +95,7 @@ class AppearanceTask(Task):
         m_base_f, m_rep_f = grid_mask(m_base, fh), grid_mask(m_rep, fh)
         m_base_l = grid_mask(m_base, lh)
 
-        def e_edit(cur, refs):
-            rep = refs["reference"]
-            return sum(
-                inverse_energy(1.0, sim01(torch.nn.functional.cosine_similarity(
-                    mean_feature(f, m_base_f), mean_feature(rep[lv], m_rep_f), dim=1)))
-                for lv, f in cur.items()
-            )
+        e_edit = mean_feature_energy(m_base_f, "reference", m_rep_f)
 
         m_rep_l = grid_mask(m_rep, lh)
         plan_images = {"source": images["source"], "reference": images["reference"]}

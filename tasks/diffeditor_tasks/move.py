@@ -26,7 +26,7 @@ from diffeditor.energies import (
     inverse_energy,
     level_mean,
     masked_mean,
-    mean_feature,
+    mean_feature_energy,
     sim01,
 )
 from diffeditor.geometry import mask_centroid, similarity_warp
@@ -147,13 +147,7 @@ class MoveTask(Task):
                 masked_mean(sim01(cosine_map(f, src[lv])), m_vac_f) for lv, f in cur.items()
             ])
 
-        def e_inpaint(cur, refs):
-            src = refs["source"]
-            return sum(
-                inverse_energy(1.0, sim01(torch.nn.functional.cosine_similarity(
-                    mean_feature(f, m_vac_f), mean_feature(src[lv], m_ref_f), dim=1)))
-                for lv, f in cur.items()
-            )
+        e_inpaint = mean_feature_energy(m_vac_f, "source", m_ref_f)
 
         terms = [EnergyTerm("edit", e_edit, spec.w_edit, "edit"),
                  EnergyTerm("content", e_content, spec.w_content, "content")]

@@ -11,7 +11,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from diffeditor.energies import cosine_map, inverse_energy, masked_mean, sim01
+from diffeditor.energies import content_energy, cosine_map, inverse_energy, masked_mean, sim01
 from diffeditor.geometry import mask_centroid, similarity_warp
 from diffeditor.hookspecs import hookimpl
 from diffeditor.interfaces import AttentionPolicy, EditPlan, EnergyTerm, Geometry, Pin, Task
@@ -25,7 +25,7 @@ from diffeditor.masks import (
 from diffeditor.specs import EditSpec, path_validators
 
 from . import __version__
-from .appearance import MEMORY_WINDOW, content_energy
+from .appearance import MEMORY_WINDOW
 
 
 class PasteSpec(EditSpec):
