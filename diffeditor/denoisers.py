@@ -134,13 +134,14 @@ class CFGDenoiser(Denoiser):
             eps = eng._cfg_combine(out, self.scale)
         return Prediction(eps, eps)
 
-    @torch.no_grad()
     def rollback(self, z_prev: Tensor, step: Step) -> Tensor:
         """One deterministic DDIM-inversion step from t_prev back to t (conditional prompt, no
         CFG, memory bank and image prompt off). As the method (reference §5), ε is evaluated
-        where z_prev sits: ε_θ(z_{t-Δ}, t-Δ), the lower timestep."""
-        eps = self.engine.eps(z_prev, step.t_prev, self.cond, [True])
-        return ddim_invert_step(z_prev, eps, step.a_prev, step.a_t)
+        where z_prev sits: ε_θ(z_{t-Δ}, t-Δ), the lower timestep. (Not decorated, so mutation
+        testing reaches it.)"""
+        with torch.no_grad():
+            eps = self.engine.eps(z_prev, step.t_prev, self.cond, [True])
+            return ddim_invert_step(z_prev, eps, step.a_prev, step.a_t)
 
     def constrain(self, z: Tensor, i: int) -> Tensor:
         return z

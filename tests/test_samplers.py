@@ -138,3 +138,33 @@ def test_out_of_tree_sampler_runs_an_edit_from_a_spec(outside_plugin, editor_sha
     torch.testing.assert_close(out.latent, ddim.latent, atol=0, rtol=0)
     default = editor_shapes.edit(spec, base_dir=tmp_path)
     assert (default.latent - out.latent).abs().max() > 1e-2
+
+
+def test_schedule_preset_fills_what_the_spec_leaves_out():
+    from diffeditor.schedule import BUILTIN_SCHEDULES, Schedule, ScheduleSpec
+
+    spec = ScheduleSpec.model_validate({"preset": "dragondiffusion", "time_travel_repeats": 2})
+    resolved = Schedule.resolve(spec.with_preset(BUILTIN_SCHEDULES), 10, BUILTIN_SCHEDULES[
+        "diffeditor"].spec.guidance[0])
+    assert resolved.guidance == frozenset(range(6))  # the preset's window
+    assert resolved.sde == frozenset() and resolved.time_travel_repeats == 2  # the spec's own
+    plain = Schedule.resolve(ScheduleSpec().with_preset(BUILTIN_SCHEDULES), 10,
+                             BUILTIN_SCHEDULES["diffeditor"].spec.guidance[0])
+    assert plain.guidance == frozenset({0, 1, 2, 4}) and plain.sde == frozenset({3})
+    with pytest.raises(KeyError, match="unknown schedule preset 'x'; installed: diffeditor, "
+                                       "dragondiffusion"):
+        ScheduleSpec(preset="x").with_preset(BUILTIN_SCHEDULES)
+
+
+def test_one_mean_feature_energy():
+    """The tasks build their mean-feature terms from the kernel's one implementation."""
+    from pathlib import Path
+
+    import diffeditor_tasks
+
+    folder = Path(diffeditor_tasks.__file__).parent
+    for path in folder.glob("*.py"):
+        text = path.read_text()
+        assert "mean_feature(" not in text, path.name
+    assert "mean_feature_energy(" in (folder / "move.py").read_text()
+    assert "mean_feature_energy(" in (folder / "appearance.py").read_text()

@@ -32,7 +32,7 @@ import torch
 
 TASKS = ("move", "resize", "drag", "appearance", "paste")
 
-#: spec overrides that switch one mechanism off (or reproduce DragonDiffusion's configuration)
+#: spec overrides that switch one mechanism off (or select DragonDiffusion's sampler)
 ABLATIONS: dict[str, dict[str, Any]] = {
     "full": {},
     "no_image_prompt": {"image_prompt_scale": 0.0},
@@ -42,10 +42,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "no_time_travel": {"schedule": {"time_travel_repeats": 1}},
     "no_memory_bank": {"memory_bank": "off"},
     "no_guidance": {"energy_scale": 0.0},
-    "dragondiffusion": {
-        "image_prompt_scale": 0.0, "sde_strength": 0.0, "sde_strength_outside": 0.0,
-        "schedule": {"guidance": [{"start": 0.0, "stop": 0.6}], "time_travel_repeats": 1},
-    },
+    "dragondiffusion": {"sampler": "dragondiffusion"},  # the registered DragonDiffusion sampler
 }
 
 COLOUR_THRESHOLD = 70.0
