@@ -114,6 +114,8 @@ def cmd_plugins(args) -> int:
         print(f"{i.name:<12}  {i.distribution:<20}  {i.version:<8}  hooks: {', '.join(i.hooks)}")
     for f in reg.failures:  # (the warning on stderr said why, once)
         print(f"{f.name:<12}  {f.distribution:<20}  {'skipped':<8}  {f.error}")
+    for kind in ("samplers", "schedules", "energies"):  # what specs and tasks select by name
+        print(f"{kind + ':':<12}  {', '.join(sorted(getattr(reg, kind))) or 'none'}")
     _plugin_env_note()
     return 0
 

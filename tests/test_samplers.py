@@ -168,3 +168,13 @@ def test_one_mean_feature_energy():
         assert "mean_feature(" not in text, path.name
     assert "mean_feature_energy(" in (folder / "move.py").read_text()
     assert "mean_feature_energy(" in (folder / "appearance.py").read_text()
+
+
+def test_plugins_command_lists_samplers_schedules_and_energies(capsys):
+    from diffeditor.cli import main
+
+    assert main(["plugins"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "samplers:     ddim, diffeditor, dragondiffusion" in lines
+    assert "schedules:    diffeditor, dragondiffusion" in lines
+    assert "energies:     content, mean_feature" in lines
