@@ -562,7 +562,8 @@ class Engine:
         """Regional score-based guidance: ``Σ_r region_r ⊙ ∇_z(λ·Σ_{terms in r} w·E)``.
 
         One feature pass with gradient, one backward pass per region; energies in float32.
-        ``net`` runs that pass instead of the UNet (the float32 copy of :meth:`_float32_net`).
+        ``spec`` is the resolved :class:`~diffeditor.denoisers.Settings` (a spec object has the
+        same fields and serves too). ``net`` runs that pass instead of the UNet (the float32 copy of :meth:`_float32_net`).
         Given the step's noise prediction ``eps``, each region's term ``k·region ⊙ ∇E`` is
         measured against ``eps`` inside the region (its RMS ratio is appended to ``log`` by
         region name) and, with ``spec.guidance_clip``, scaled down to at most that ratio.
