@@ -998,3 +998,7 @@ class ImagePromptRuntime:
 
     def set_scale(self, gamma: float) -> None:
         set_image_prompt_scale(self.unet, gamma)
+
+    def detach(self) -> None:
+        """Take the image prompt off the UNet again (its own processors and projection back)."""
+        detach_image_prompt(self.unet)

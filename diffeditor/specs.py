@@ -97,6 +97,12 @@ class EditSpec(BaseModel):
         description="regional: each energy's gradient inside its own region (the paper); "
         "global: one gradient of the summed energies applied everywhere (ablation)",
     )
+    text_encoder: str = Field(
+        "clip", min_length=1, max_length=100,
+        description="the text prompt encoder, by registered name (diffeditor plugins lists them)")
+    image_encoder: str = Field(
+        "ip-adapter", min_length=1, max_length=100,
+        description="the image prompt, by registered name (models with image-prompt weights only)")
     image_prompt_scale: float = Field(
         0.1, ge=0.0, le=1.0, description="gamma: weight of the image-prompt cross-attention"
     )
@@ -152,6 +158,16 @@ class EditSpec(BaseModel):
             raise ValueError("feature levels are up_blocks indices 0..3")
         return tuple(sorted(set(v)))
 
+    @field_validator("text_encoder", "image_encoder")
+    @classmethod
+    def _known_encoder(cls, v: str, info: ValidationInfo) -> str:
+        reg = (info.context or {}).get("registry")
+        kind = "text" if info.field_name == "text_encoder" else "image"
+        if reg is not None and v not in reg.prompt_encoders[kind]:
+            known = ", ".join(sorted(reg.prompt_encoders[kind])) or "none"
+            raise ValueError(f"unknown {kind} prompt encoder {show(v, 60)!r}; installed: {known}")
+        return v
+
     @field_validator("memory_bank")
     @classmethod
     def _masked_needs_parts(cls, v: str) -> str:
@@ -186,10 +202,11 @@ def path_validators(*names: str):
 # -- the union ---------------------------------------------------------------------------------
 
 def spec_union(registry=None):
-    """A ``TypeAdapter`` for the discriminated union (on ``task``) of all registered tasks."""
-    from .plugins import get_registry
+    """A ``TypeAdapter`` for the discriminated union (on ``task``) of all registered tasks
+    (``registry``: default the installed plugins')."""
+    from .plugins import default_registry
 
-    reg = registry or get_registry()
+    reg = default_registry(registry)
     models = [t.spec_model for t in reg.tasks.values()]
     if not models:
         raise SpecError("no tasks are registered; is diffeditor installed with its tasks?")
@@ -329,11 +346,12 @@ def parse_spec(
     """Validate a spec given as a dict, a file path or a model.
 
     ``defaults`` (a model's registered defaults) fill fields the spec leaves out;
-    ``"<task>.<field>"`` keys apply to that task only. Raises :class:`SpecError`.
+    ``"<task>.<field>"`` keys apply to that task only. ``registry`` names the tasks and prompt
+    encoders (default: the installed plugins'). Raises :class:`SpecError`.
     """
-    from .plugins import get_registry
+    from .plugins import default_registry
 
-    reg = registry or get_registry()
+    reg = default_registry(registry)
     if isinstance(data, EditSpec):
         data, base_dir = data.model_dump(), base_dir
     if isinstance(data, os.PathLike) and not isinstance(data, Path):
@@ -367,7 +385,7 @@ def parse_spec(
     model = reg.tasks[task].spec_model
     apply_model_defaults(data, task, model, defaults)
     ctx = {"base_dir": Path(base_dir) if base_dir is not None else Path.cwd(),
-           "defaults": dict(defaults or {})}
+           "defaults": dict(defaults or {}), "registry": reg}
     try:
         return model.model_validate(data, context=ctx)
     except ValidationError as err:

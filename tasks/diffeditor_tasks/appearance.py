@@ -16,12 +16,20 @@ from pydantic import Field
 
 from diffeditor.energies import cosine_map, inverse_energy, masked_mean, mean_feature, sim01
 from diffeditor.hookspecs import hookimpl
-from diffeditor.interfaces import AttentionPolicy, EditPlan, EnergyTerm, Geometry, Pin, Task
+from diffeditor.interfaces import (
+    AttentionPolicy,
+    BenchScene,
+    EditPlan,
+    EnergyTerm,
+    Geometry,
+    Pin,
+    Task,
+)
 from diffeditor.masks import check_mask_file, grid_mask, reference_work_mask, work_mask
 from diffeditor.schedule import Window
 from diffeditor.specs import EditSpec, path_validators
 
-from . import __version__
+from . import __version__, scenes
 
 MEMORY_WINDOW = Window(start=0.0, stop=0.72)  # reference: i <= 35 of 50
 
@@ -154,3 +162,8 @@ class AppearanceTask(Task):
 @hookimpl
 def register_tasks(register):
     register(AppearanceTask())
+
+
+@hookimpl
+def register_bench_scenes(register):
+    register(BenchScene("appearance", scenes.appearance_scene))

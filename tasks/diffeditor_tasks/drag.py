@@ -15,12 +15,12 @@ from pydantic import Field, model_validator
 
 from diffeditor.energies import cosine_map, inverse_energy, masked_mean, sim01
 from diffeditor.hookspecs import hookimpl
-from diffeditor.interfaces import AttentionPolicy, EditPlan, EnergyTerm, Geometry, Task
+from diffeditor.interfaces import AttentionPolicy, BenchScene, EditPlan, EnergyTerm, Geometry, Task
 from diffeditor.masks import check_mask_file, check_points, grid_mask, scale_point, work_mask
 from diffeditor.schedule import Window
 from diffeditor.specs import EditSpec, path_validators
 
-from . import __version__
+from . import __version__, scenes
 
 Point = tuple[float, float]
 
@@ -161,3 +161,8 @@ class DragTask(Task):
 @hookimpl
 def register_tasks(register):
     register(DragTask())
+
+
+@hookimpl
+def register_bench_scenes(register):
+    register(BenchScene("drag", scenes.drag_scene, default=True))  # bench's default

@@ -31,12 +31,20 @@ from diffeditor.energies import (
 )
 from diffeditor.geometry import mask_centroid, similarity_warp
 from diffeditor.hookspecs import hookimpl
-from diffeditor.interfaces import AttentionPolicy, EditPlan, EnergyTerm, Geometry, Pin, Task
+from diffeditor.interfaces import (
+    AttentionPolicy,
+    BenchScene,
+    EditPlan,
+    EnergyTerm,
+    Geometry,
+    Pin,
+    Task,
+)
 from diffeditor.masks import check_mask_file, check_offset, grid_mask, scale_offset, work_mask
 from diffeditor.schedule import Window
 from diffeditor.specs import EditSpec, path_validators
 
-from . import __version__
+from . import __version__, scenes
 
 
 class MoveSpec(EditSpec):
@@ -198,3 +206,9 @@ class ResizeTask(MoveTask):
 def register_tasks(register):
     register(MoveTask())
     register(ResizeTask())
+
+
+@hookimpl
+def register_bench_scenes(register):
+    register(BenchScene("move", scenes.move_scene))
+    register(BenchScene("resize", scenes.resize_scene))

@@ -14,7 +14,15 @@ from pydantic import Field
 from diffeditor.energies import cosine_map, inverse_energy, masked_mean, sim01
 from diffeditor.geometry import mask_centroid, similarity_warp
 from diffeditor.hookspecs import hookimpl
-from diffeditor.interfaces import AttentionPolicy, EditPlan, EnergyTerm, Geometry, Pin, Task
+from diffeditor.interfaces import (
+    AttentionPolicy,
+    BenchScene,
+    EditPlan,
+    EnergyTerm,
+    Geometry,
+    Pin,
+    Task,
+)
 from diffeditor.masks import (
     check_mask_file,
     check_offset,
@@ -24,7 +32,7 @@ from diffeditor.masks import (
 )
 from diffeditor.specs import EditSpec, path_validators
 
-from . import __version__
+from . import __version__, scenes
 from .appearance import MEMORY_WINDOW, content_energy
 
 
@@ -146,3 +154,8 @@ class PasteTask(Task):
 @hookimpl
 def register_tasks(register):
     register(PasteTask())
+
+
+@hookimpl
+def register_bench_scenes(register):
+    register(BenchScene("paste", scenes.paste_scene))
