@@ -7,8 +7,10 @@ Paths inside a spec file are relative to that file.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
+import logging
 import operator
 import os
 import re
@@ -24,10 +26,13 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from .errors import SpecError, UsageError, is_file, show
 from .schedule import ScheduleSpec
+
+log = logging.getLogger(__name__)
 
 
 def _resolve(value: Any, info: ValidationInfo) -> Any:
@@ -144,9 +149,37 @@ class EditSpec(BaseModel):
     )
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec, description="step windows")
 
+    #: a task's own defaults of the shared fields above, e.g. ``{"energy_scale": 2000.0}``: each
+    #: shared field is declared once, here, with its bounds and description, and a task spec
+    #: only says where its default differs (``field_notes`` replaces a description)
+    task_defaults: ClassVar[dict[str, Any]] = {}
+    field_notes: ClassVar[dict[str, str]] = {}
+
     #: whether the task's plan names memory-bank parts (the images and masks that
     #: ``memory_bank: masked`` mixes); a task spec that does sets this to True
     bank_parts: ClassVar[bool] = False
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        """Apply the subclass's ``task_defaults`` / ``field_notes`` to the inherited fields."""
+        super().__pydantic_init_subclass__(**kwargs)
+        defaults = cls.__dict__.get("task_defaults") or {}
+        notes = cls.__dict__.get("field_notes") or {}
+        if not defaults and not notes:
+            return
+        fields = cls.__pydantic_fields__
+        for name in (*defaults, *notes):
+            if name not in fields:
+                raise TypeError(f"{cls.__name__}.task_defaults/field_notes: no field {name!r}")
+        for name in {*defaults, *notes}:
+            f = copy.copy(fields[name])
+            f._attributes_set = dict(f._attributes_set)
+            if name in defaults:
+                f.default = f._attributes_set["default"] = defaults[name]
+            if name in notes:
+                f.description = f._attributes_set["description"] = notes[name]
+            fields[name] = f
+        cls.model_rebuild(force=True)
 
     resolve_image_path = field_validator("image", mode="before")(_resolve)
     check_image_path = field_validator("image", mode="after")(_must_exist)
@@ -197,6 +230,25 @@ def path_validators(*names: str):
     )
 
 
+
+
+def renamed_field(old: str, new: str):
+    """A validator that accepts a field's old name ``old`` for ``new`` with a deprecation
+    message (a logged warning); both at once is an error. Use as ``rename_OLD =
+    renamed_field("OLD", "NEW")`` in a spec class body (a public name: pydantic ignores
+    validators bound to private names)."""
+
+    def rename(cls, data: Any) -> Any:
+        if isinstance(data, dict) and old in data:
+            if new in data:
+                raise ValueError(f"{old} is the old name of {new}: give only {new}")
+            data = dict(data)
+            data[new] = data.pop(old)
+            log.warning("spec field %r is deprecated: it is now called %r (same meaning); "
+                        "rename it in the spec", old, new)
+        return data
+
+    return model_validator(mode="before")(classmethod(rename))
 
 
 # -- the union ---------------------------------------------------------------------------------

@@ -447,3 +447,117 @@ def test_bench_scenes_come_from_the_task_plugins(diffeditor_registry, tmp_path):
         folder.mkdir()
         spec = parse_spec(scene.build(128, folder), base_dir=folder, registry=diffeditor_registry)
         assert spec.task == name
+
+
+# -- spec housekeeping -------------------------------------------------------------------------
+
+#: fields renamed since tests/data/task_defaults.json was taken: (task, old) -> new
+RENAMED = {("drag", "w_inpaint"): "w_handle_contrast", ("face", "w_inpaint"): "w_handle_contrast"}
+
+
+def test_each_tasks_resolved_defaults_are_unchanged():
+    """The shared fields are declared once (EditSpec) with per-task defaults: every task's
+    resolved defaults are still those dumped before (tools/dump_task_defaults.py), up to the
+    documented renames."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        from dump_task_defaults import resolved_defaults
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    import diffeditor_tasks.appearance as a
+    import diffeditor_tasks.compose as c
+    import diffeditor_tasks.drag as d
+    import diffeditor_tasks.face as f
+    import diffeditor_tasks.move as m
+    import diffeditor_tasks.paste as p
+
+    from diffeditor.plugins import registry_from
+
+    before = json.loads((ROOT / "tests" / "data" / "task_defaults.json").read_text())
+    for (task, old), new in RENAMED.items():
+        before[task][new] = before[task].pop(old)
+    now = resolved_defaults(registry_from([a, c, d, f, m, p]))
+    assert set(now) == set(before)
+    for task in before:
+        assert now[task] == before[task], task
+
+
+def test_task_specs_do_not_redeclare_the_shared_fields():
+    from diffeditor.specs import EditSpec
+
+    shared = set(EditSpec.model_fields) - {"task"}
+    bad = []
+    for path in (ROOT / "tasks").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and node.name.endswith("Spec"):
+                for stmt in node.body:
+                    if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                            and stmt.target.id in shared):
+                        bad.append(f"{path.name}:{node.name}.{stmt.target.id}")
+    assert not bad, f"shared fields declared again (use task_defaults): {bad}"
+
+
+def test_task_defaults_change_only_defaults():
+    """A task default keeps the shared field's bounds; a field_note replaces its description."""
+    from diffeditor_tasks.drag import DragSpec
+
+    from diffeditor.specs import EditSpec
+
+    f, base = DragSpec.model_fields["energy_scale"], EditSpec.model_fields["energy_scale"]
+    assert (f.default, base.default) == (2000.0, 500.0)
+    assert f.metadata == base.metadata
+    assert f.description == "lambda (reference 2 x 1e3)"
+    assert EditSpec.model_fields["energy_scale"].default == 500.0  # the base is untouched
+
+
+def test_old_name_w_inpaint_is_accepted_with_a_deprecation_message(tmp_path, caplog):
+    from PIL import Image
+
+    from diffeditor.errors import SpecError
+    from diffeditor.specs import parse_spec
+
+    Image.new("RGB", (64, 64), "gray").save(tmp_path / "i.png")
+    Image.new("L", (64, 64), 255).save(tmp_path / "m.png")
+    base = {"task": "drag", "image": "i.png", "mask": "m.png", "handles": [[10, 10]],
+            "targets": [[20, 10]]}
+    with caplog.at_level("WARNING"):
+        spec = parse_spec(dict(base, w_inpaint=0.7), base_dir=tmp_path)
+    assert spec.w_handle_contrast == 0.7
+    assert "'w_inpaint' is deprecated: it is now called 'w_handle_contrast'" in caplog.text
+    assert "w_inpaint" not in spec.model_dump()
+    with pytest.raises(SpecError, match="w_inpaint is the old name of w_handle_contrast"):
+        parse_spec(dict(base, w_inpaint=0.7, w_handle_contrast=0.1), base_dir=tmp_path)
+    # move keeps its own w_inpaint (the inpainting energy of the vacated area)
+    move = parse_spec({"task": "move", "image": "i.png", "mask": "m.png", "offset": [4, 0]},
+                      base_dir=tmp_path)
+    assert move.w_inpaint == 0.8
+
+
+def test_every_example_spec_validates():
+    from diffeditor.specs import parse_spec
+
+    files = sorted((ROOT / "specs").glob("*.yaml"))  # (specs/edits/: compose's edits)
+    assert len(files) >= 7
+    for path in files:
+        parse_spec(path)
+
+
+def test_version_is_written_once_and_the_kernel_is_typed():
+    import importlib.metadata
+    import re
+
+    import diffeditor_tasks
+
+    import diffeditor
+
+    text = (ROOT / "pyproject.toml").read_text()
+    project = text.split("[project]", 1)[1].split("\n[", 1)[0]
+    assert not re.search(r"^version\s*=", project, re.M), "the version is diffeditor.__version__"
+    assert 'version = { attr = "diffeditor.__version__" }' in text
+    assert importlib.metadata.version("diffeditor") == diffeditor.__version__
+    assert diffeditor_tasks.__version__ == diffeditor.__version__
+    assert (KERNEL / "py.typed").is_file()
+    assert 'diffeditor = ["py.typed"]' in text

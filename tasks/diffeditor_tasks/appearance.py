@@ -9,7 +9,7 @@ image alone (64 tokens through the image projections), and the text path sees on
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -73,11 +73,18 @@ class AppearanceSpec(EditSpec):
     reference: Path = Field(description="the image holding the reference object")
     reference_mask: Path = Field(description="the reference object (white), reference's size")
     reference_prompt: str = Field("", description="text prompt describing the reference image")
-    guidance_scale: float = Field(5.0, ge=1.0, le=30.0, description="classifier-free guidance")
-    energy_scale: float = Field(2000.0, ge=0.0, le=1e5, description="lambda (reference 2 x 1e3)")
-    guidance_k: float = Field(0.04, ge=0.0, le=10.0, description="k (reference 4e-2)")
-    w_edit: float = Field(3.5, ge=0.0, le=100.0, description="weight of the appearance energy")
-    w_content: float = Field(5.0, ge=0.0, le=100.0, description="weight of the content energy")
+    task_defaults: ClassVar[dict[str, Any]] = {
+        "guidance_scale": 5.0,
+        "energy_scale": 2000.0,
+        "guidance_k": 0.04,
+        "w_edit": 3.5,
+        "w_content": 5.0,
+    }
+    field_notes: ClassVar[dict[str, str]] = {
+        "energy_scale": "lambda (reference 2 x 1e3)",
+        "guidance_k": "k (reference 4e-2)",
+        "w_edit": "weight of the appearance energy",
+    }
 
     object_blend: float = Field(
         0.0, ge=0.0, le=1.0,

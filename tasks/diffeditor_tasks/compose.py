@@ -41,8 +41,14 @@ class ComposeSpec(EditSpec):
     edits: list[dict[str, Any]] = Field(
         min_length=1, description="the edits: specs of registered tasks, without 'image'"
     )
-    energy_scale: float = Field(1000.0, ge=0.0, le=1e5, description="lambda of the combined guidance")
-    guidance_k: float = Field(0.04, ge=0.0, le=10.0, description="k of the combined guidance")
+    task_defaults: ClassVar[dict[str, Any]] = {
+        "energy_scale": 1000.0,
+        "guidance_k": 0.04,
+    }
+    field_notes: ClassVar[dict[str, str]] = {
+        "energy_scale": "lambda of the combined guidance",
+        "guidance_k": "k of the combined guidance",
+    }
     _specs: list[EditSpec] = PrivateAttr(default_factory=list)
     _tasks: list[Task] = PrivateAttr(default_factory=list)  # the edits' tasks, from that registry
 

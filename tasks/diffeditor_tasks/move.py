@@ -16,7 +16,7 @@ Differences from the reference implementation, on purpose:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -59,11 +59,17 @@ class MoveSpec(EditSpec):
     inpaint_mask: Path | None = Field(
         None, description="optional region the vacated area should borrow its look from"
     )
-    guidance_scale: float = Field(4.0, ge=1.0, le=30.0, description="classifier-free guidance")
-    energy_scale: float = Field(500.0, ge=0.0, le=1e5, description="lambda (reference 0.5 x 1e3)")
-    guidance_k: float = Field(0.08, ge=0.0, le=10.0, description="k (reference 8e-2 for move)")
-    w_edit: float = Field(4.0, ge=0.0, le=100.0, description="weight of the edit energy")
-    w_content: float = Field(6.0, ge=0.0, le=100.0, description="weight of the content energy")
+    task_defaults: ClassVar[dict[str, Any]] = {
+        "guidance_scale": 4.0,
+        "energy_scale": 500.0,
+        "guidance_k": 0.08,
+        "w_edit": 4.0,
+        "w_content": 6.0,
+    }
+    field_notes: ClassVar[dict[str, str]] = {
+        "energy_scale": "lambda (reference 0.5 x 1e3)",
+        "guidance_k": "k (reference 8e-2 for move)",
+    }
     w_contrast: float = Field(
         0.2, ge=0.0, le=100.0, description="push the vacated area away from the old object"
     )
