@@ -23,7 +23,7 @@ CPU_RESOLUTION_WARNING = 1024
 
 def _input_files(spec) -> list[Path]:
     """Every file a validated spec reads (its own and, for compose, its edits')."""
-    files = [p for p in spec.input_paths().values() if p is not None]
+    files = [v for v in vars(spec).values() if isinstance(v, Path)]
     for sub in getattr(spec, "sub_specs", None) or []:
         files += _input_files(sub)
     return files

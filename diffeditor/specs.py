@@ -212,12 +212,6 @@ class EditSpec(BaseModel):
                 f"'concat' or 'off'")
         return v
 
-    def input_paths(self) -> dict[str, Path]:
-        """Every file the spec refers to, by field name."""
-        return {
-            k: v for k, v in self.__dict__.items() if isinstance(v, Path)
-        }
-
 
 def path_validators(*names: str):
     """Validators that resolve the named path fields against the spec file and check they exist.
