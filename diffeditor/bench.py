@@ -1,5 +1,10 @@
 """``diffeditor bench``: time a full edit against a plain CFG generation with the same
-components, in one process, and print one JSON line."""
+components, in one process, and print one JSON line.
+
+The command registers itself through the ``diffeditor`` entry-point group (entry point
+``bench``, hook ``register_commands``); nothing in the kernel imports this module. The scenes it
+times come from the plugins (hook ``register_bench_scenes``: diffeditor's own tasks register a
+disc scene each), so it knows no task names and no model names."""
 
 from __future__ import annotations
 
@@ -9,37 +14,21 @@ import tempfile
 import time
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from .hookspecs import hookimpl
 
 
-def _scene(size: int, folder: Path) -> dict:
-    """A disc on a gray background with its mask: a small case every task can use."""
-    im = Image.new("RGB", (size, size), (128, 128, 128))
-    m = Image.new("L", (size, size), 0)
-    r = size // 6
-    box = (size // 3 - r, size // 2 - r, size // 3 + r, size // 2 + r)
-    ImageDraw.Draw(im).ellipse(box, fill=(220, 40, 40))
-    ImageDraw.Draw(m).ellipse(box, fill=255)
-    im.save(folder / "image.png")
-    m.save(folder / "mask.png")
-    ed = Image.new("L", (size, size), 0)
-    ImageDraw.Draw(ed).rectangle((size // 6, size // 4, size - size // 6, 3 * size // 4), fill=255)
-    ed.save(folder / "editable.png")
-    cx, cy, d = size // 3, size // 2, size // 4
-    return {
-        "move": {"task": "move", "image": "image.png", "mask": "mask.png", "offset": [d, 0]},
-        "resize": {"task": "resize", "image": "image.png", "mask": "mask.png", "scale": 1.3},
-        "drag": {"task": "drag", "image": "image.png", "mask": "editable.png",
-                 "handles": [[cx, cy]], "targets": [[cx + d, cy]]},
-        "appearance": {"task": "appearance", "image": "image.png", "mask": "mask.png",
-                       "reference": "image.png", "reference_mask": "mask.png"},
-        "paste": {"task": "paste", "image": "image.png", "reference": "image.png",
-                  "reference_mask": "mask.png", "offset": [d, 0]},
-    }
+def _registered_tokenizer(registry) -> str | None:
+    """The tokenizer folder of the first registered model (by name) that has one on disk."""
+    for _, entry in sorted(registry.models.items()):
+        folder = Path(entry.location) / "tokenizer"
+        if folder.is_dir():
+            return str(folder)
+    return None
 
 
-def random_sd15(device: str, dtype: str, tokenizer_folder: str | None = None):
-    """SD 1.5's exact architecture with random weights (same compute, no download)."""
+def random_sd15(device: str, dtype: str, tokenizer_folder: str | None = None, registry=None):
+    """SD 1.5's exact architecture with random weights (same compute, no download); the
+    tokenizer comes from ``tokenizer_folder`` or a model of ``registry`` that has one."""
     from diffusers import (
         AutoencoderKL,
         DDIMScheduler,
@@ -67,12 +56,12 @@ def random_sd15(device: str, dtype: str, tokenizer_folder: str | None = None):
                                         num_attention_heads=12, max_position_embeddings=77,
                                         vocab_size=49408, hidden_act="quick_gelu"))
     if tokenizer_folder is None:
-        from .plugins import get_registry
+        tokenizer_folder = _registered_tokenizer(registry) if registry is not None else None
+        if tokenizer_folder is None:
+            from .errors import DiffEditorError
 
-        models = get_registry().models
-        if "shapes" not in models:
-            raise RuntimeError("--random-sd15 needs SD's tokenizer: install diffeditor-shapes or pass --tokenizer")
-        tokenizer_folder = str(Path(models["shapes"].location) / "tokenizer")
+            raise DiffEditorError("--random-sd15 needs SD's tokenizer: pass --tokenizer DIR, or "
+                                  "install a model plugin whose folder has one")
     tok = CLIPTokenizer.from_pretrained(tokenizer_folder)
     sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                           clip_sample=False, set_alpha_to_one=False, steps_offset=1)
@@ -121,10 +110,12 @@ def load_bench_editor(args):
     from .engine import Engine
 
     if args.random_sd15:
-        pipe = random_sd15(args.device, args.dtype, args.tokenizer)
-        editor = Editor(Engine(pipe, model_id="random-sd15"), None, "random-sd15")
+        pipe = random_sd15(args.device, args.dtype, args.tokenizer, args.registry)
+        editor = Editor(Engine(pipe, model_id="random-sd15"), None, "random-sd15",
+                        registry=args.registry)
     else:
-        editor = Editor.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+        editor = Editor.from_pretrained(args.model, device=args.device, dtype=args.dtype,
+                                        registry=args.registry)
     eng = editor.engine
     eng.set_memory_options(args.attention_slice, args.vae_slicing)
     if args.no_merge:
@@ -167,9 +158,10 @@ def _bench_spec(args, editor, res: int, folder: Path):
     """The benchmark's scene written to ``folder`` and the spec of ``args.task`` on it."""
     from .specs import parse_spec
 
-    data = dict(_scene(res, folder)[args.task], steps=args.steps, resolution=res, prompt=PROMPT)
+    scene = editor.registry.bench_scenes[args.task]
+    data = dict(scene.build(res, folder), steps=args.steps, resolution=res, prompt=PROMPT)
     defaults = {} if args.reference_settings else editor.defaults()
-    return parse_spec(data, base_dir=folder, defaults=defaults)
+    return parse_spec(data, base_dir=folder, defaults=defaults, registry=editor.registry)
 
 
 def _header(args, editor, res: int) -> dict:
@@ -316,7 +308,19 @@ def run_ablation(args, editor, switch: str, resolution: int | None = None) -> di
     }
 
 
-def add_bench_command(subparsers) -> None:
+@hookimpl
+def register_commands(subparsers, registry):
+    add_bench_command(subparsers, registry)
+
+
+def add_bench_command(subparsers, registry=None) -> None:
+    """Add ``bench``; its ``--task`` choices are the tasks with a registered scene (of
+    ``registry``, default the installed plugins')."""
+    from .plugins import default_registry
+
+    table = default_registry(registry).bench_scenes
+    scenes = sorted(table)
+    default = next((n for n in scenes if table[n].default), scenes[0] if scenes else None)
     p = subparsers.add_parser(
         "bench", help="time an edit against a plain generation (one JSON line)",
         description="Time a full edit (inversion, guided sampling, decode), the same edit again "
@@ -330,8 +334,8 @@ def add_bench_command(subparsers) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
     p.add_argument("--dtype", default=None,
                    help="float32, float16 or bfloat16 (default: float32 on CPU, float16 on GPU)")
-    p.add_argument("--task", default="drag", choices=["move", "resize", "drag", "appearance", "paste"],
-                   help="the edit timed, on a generated disc scene (default: drag)")
+    p.add_argument("--task", default=default, choices=scenes,
+                   help=f"the edit timed, on the scene its task plugin registers (default: {default})")
     p.add_argument("--resolution", type=int, nargs="+", default=None, metavar="PX",
                    help="square working size (default: the model's); several give one line each")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps of every timed run (default: 50)")
@@ -358,8 +362,8 @@ def add_bench_command(subparsers) -> None:
                       help="one batched backward for all regions, or one per region (auto: batched on GPU)")
 
     def handler(args) -> int:
-        from .cli import _quiet_libraries
         from .errors import CheckErrors
+        from .models import quiet_libraries
         from .preflight import check_options
 
         errors = check_options(args)  # before any model loads, as for edits
@@ -373,7 +377,7 @@ def add_bench_command(subparsers) -> None:
                 errors.append(f"--resolution {res}: must be within 64..2048")
         if errors:
             raise CheckErrors(errors)
-        _quiet_libraries()
+        quiet_libraries()
         _say(f"bench: loading {'random-sd15' if args.random_sd15 else args.model or 'the default model'}")
         editor = load_bench_editor(args)
         for res in args.resolution or [None]:

@@ -84,9 +84,7 @@ def _add_output_options(p: argparse.ArgumentParser, default_name: str) -> None:
 # -- commands ----------------------------------------------------------------------------------
 
 def cmd_tasks(args) -> int:
-    from .plugins import get_registry
-
-    reg = get_registry()
+    reg = args.registry
     rows = [(name, reg.tasks[name].version, reg.task_origin[name].distribution,
              reg.tasks[name].description) for name in sorted(reg.tasks)]
     if args.json:
@@ -100,9 +98,7 @@ def cmd_tasks(args) -> int:
 
 
 def cmd_plugins(args) -> int:
-    from .plugins import get_registry
-
-    reg = get_registry()
+    reg = args.registry
     infos = reg.plugins()
     if args.json:
         print(json.dumps([{"name": i.name, "distribution": i.distribution, "version": i.version,
@@ -122,9 +118,8 @@ def cmd_plugins(args) -> int:
 
 def cmd_models(args) -> int:
     from .models import DEFAULT_MODEL
-    from .plugins import get_registry
 
-    reg = get_registry()
+    reg = args.registry
     for name, entry in sorted(reg.models.items()):
         print(f"{name:<12}  {entry.location}  {entry.description}")
         for key, value in sorted(entry.defaults.items()):
@@ -147,17 +142,16 @@ def _plugin_env_note() -> None:
 
 
 def cmd_schema(args) -> int:
-    from .plugins import get_registry
     from .specs import json_schema
 
+    reg = args.registry
     if args.task:
-        reg = get_registry()
         if args.task not in reg.tasks:
             raise SpecError(f"unknown task {args.task!r}; registered tasks: {', '.join(sorted(reg.tasks))}")
         schema = reg.tasks[args.task].spec_model.model_json_schema()
         schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     else:
-        schema = json_schema()
+        schema = json_schema(reg)
     text = json.dumps(schema, indent=2)
     if args.out:
         from .imageio import atomic_write
@@ -201,11 +195,12 @@ def cmd_edit(args) -> int:
 
     if args.model is None:
         args.model = _sidecar_model(args.specs)
-    _, entry = resolve_model(args.model)
+    _, entry = resolve_model(args.model, args.registry)
     defaults = dict(entry.defaults) if entry else {}
     outputs = [] if args.check else _outputs_for(args.specs, args)
     # every spec, image, mask, output and option, before any model loads (all errors at once)
-    specs = check_edits([(show(p, 200), p) for p in args.specs], outputs, args, defaults)
+    specs = check_edits([(show(p, 200), p) for p in args.specs], outputs, args, defaults,
+                        registry=args.registry)
     if args.check:
         return _print_checked(args.specs, specs, args.model, defaults)
     with reserve_outputs(outputs):
@@ -249,7 +244,7 @@ def _run(specs, outputs, args, sources=None) -> int:
     editor = Editor.from_pretrained(args.model, device=args.device, dtype=args.dtype, image_prompt=ip,
                                     cache_dir=args.cache_dir, vae_tiling=args.vae_tiling,
                                     vae_slicing=args.vae_slicing, attention_slice=args.attention_slice,
-                                    compile=args.compile)
+                                    compile=args.compile, registry=args.registry)
     editor.command_line = shlex.join(["diffeditor", *(sys.argv[1:] if _ARGV is None else _ARGV)])
     n = len(specs)
     failed: list[str] = []
@@ -281,7 +276,7 @@ def _run(specs, outputs, args, sources=None) -> int:
 def cmd_download(args) -> int:
     from .models import DEFAULT_MODEL, resolve_model
 
-    location, _ = resolve_model(args.model or DEFAULT_MODEL)
+    location, _ = resolve_model(args.model or DEFAULT_MODEL, args.registry)
     if Path(location).is_dir():
         print(f"{location} is a local folder; nothing to download")
         return 0
@@ -405,10 +400,9 @@ def _add_task_commands(subparsers, registry) -> None:
         p.set_defaults(func=_make_task_command(name, task))
 
 
-def _edit_arg(text: str, field: str) -> dict:
+def _edit_arg(text: str, field: str, registry) -> dict:
     """One ``--edit``: inline JSON (paths relative to the current folder) or a spec file (paths
     relative to that file); the paths are made absolute here."""
-    from .plugins import get_registry
     from .specs import read_spec_file
 
     text = text.strip()
@@ -423,7 +417,7 @@ def _edit_arg(text: str, field: str) -> dict:
         base = Path(text).resolve().parent
     if not isinstance(data, dict):
         raise SpecError("each --edit must be a mapping with a 'task' field", field)
-    task = get_registry().tasks.get(data.get("task"))
+    task = registry.tasks.get(data.get("task"))
     if task is not None:
         for key, value in list(data.items()):
             f = task.spec_model.model_fields.get(key)
@@ -445,16 +439,17 @@ def _make_task_command(name: str, task):
             value = getattr(args, fname)
             ann = field.annotation
             if typing.get_origin(ann) is list and typing.get_origin(typing.get_args(ann)[0]) is dict:
-                value = [_edit_arg(v, f"{fname}[{j}]") for j, v in enumerate(value)]
+                value = [_edit_arg(v, f"{fname}[{j}]", args.registry) for j, v in enumerate(value)]
             elif typing.get_origin(ann) is list and isinstance(value, list):
                 if len(value) % 2:
                     raise SpecError(f"give x y pairs (got {len(value)} numbers)", fname)
                 value = [value[i : i + 2] for i in range(0, len(value), 2)]
             data[fname] = value
-        _, entry = resolve_model(args.model)
+        _, entry = resolve_model(args.model, args.registry)
         out = args.out or (args.out_dir or Path(".")) / f"{args.image.stem}.{name}.png"
         specs = check_edits([("arguments", data)], [out], args,
-                            dict(entry.defaults) if entry else {}, base_dir=Path.cwd())
+                            dict(entry.defaults) if entry else {}, base_dir=Path.cwd(),
+                            registry=args.registry)
         with reserve_outputs([out]):
             return _run(specs, [out], args, sources=None)
 
@@ -464,9 +459,11 @@ def _make_task_command(name: str, task):
 # -- entry point --------------------------------------------------------------------------------
 
 def build_parser(registry=None) -> argparse.ArgumentParser:
-    from .plugins import get_registry
+    """The command line of the tasks, models and commands ``registry`` has (default: the
+    installed plugins'); every command finds the registry in ``args.registry``."""
+    from .plugins import default_registry
 
-    reg = registry or get_registry()
+    reg = default_registry(registry)
     parser = argparse.ArgumentParser(
         prog="diffeditor",
         description="DiffEditor image editing: move, resize, drag, appearance, paste and face "
@@ -477,6 +474,7 @@ def build_parser(registry=None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"diffeditor {__version__}",
                         help="print the version and exit")
     parser.add_argument("--verbose", "-v", action="store_true", help="log details (and show tracebacks)")
+    parser.set_defaults(registry=reg)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser(
@@ -524,13 +522,11 @@ def build_parser(registry=None) -> argparse.ArgumentParser:
                    help="hub id (default: stable-diffusion-v1-5/stable-diffusion-v1-5)")
     p.add_argument("--image-prompt", action="store_true", help="also fetch the image-prompt weights")
     p.set_defaults(func=cmd_download)
-    from .bench import add_bench_command
-
-    add_bench_command(sub)
     _add_task_commands(sub, reg)
     for impl in reg.pm.hook.register_commands.get_hookimpls():
         try:  # a plugin whose commands fail to build is reported; the others still work
-            impl.function(**{name: sub for name in impl.argnames})
+            given = {"subparsers": sub, "registry": reg}
+            impl.function(**{name: given[name] for name in impl.argnames})
         except Exception as exc:
             if not _BROKEN_COMMANDS.get(impl.plugin_name):
                 _BROKEN_COMMANDS[impl.plugin_name] = True
@@ -557,7 +553,9 @@ def _exit_cleanly_on_sigterm() -> None:
         pass
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, registry=None) -> int:
+    """The ``diffeditor`` command; ``registry`` (default: the installed plugins') is the one
+    place the command line's registry comes from."""
     global _ARGV
     argv = list(sys.argv[1:] if argv is None else argv)
     _ARGV = argv
@@ -566,7 +564,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     _exit_cleanly_on_sigterm()
     try:
-        parser = build_parser()
+        parser = build_parser(registry)
         args = parser.parse_args(argv)
         if getattr(args, "func", None) is None:
             parser.print_help()

@@ -22,7 +22,6 @@ from .errors import DiffEditorError, SpecError, UsageError, show
 from .imageio import load_image, save_image_and_sidecar, to_pil, to_tensor
 from .interfaces import Geometry
 from .models import ModelEntry, load_pipeline, resolve_model
-from .plugins import get_registry
 from .specs import EditSpec, parse_spec
 
 log = logging.getLogger(__name__)
@@ -65,8 +64,11 @@ def check_load_options(model=None, device=None, dtype=None, cache_size: int = 4,
 
 def check_spec(spec: EditSpec, registry=None) -> tuple[int, int]:
     """Validate a spec's inputs without any model: images decode, masks match, points lie
-    inside the image. Returns the input image's ``(height, width)``."""
-    reg = registry or get_registry()
+    inside the image (``registry``: default the installed plugins'). Returns the input image's
+    ``(height, width)``."""
+    from .plugins import default_registry
+
+    reg = default_registry(registry)
     task = reg.task(spec.task)
     paths = task.images(spec)
     hw = None
@@ -167,11 +169,15 @@ class Editor:
     >>> result.save("moved.png")            # image + JSON sidecar      # doctest: +SKIP
     """
 
-    def __init__(self, engine: Engine, entry: ModelEntry | None = None, model: str = ""):
+    def __init__(self, engine: Engine, entry: ModelEntry | None = None, model: str = "",
+                 registry=None):
+        from .plugins import default_registry
+
         self.engine = engine
         self.entry = entry
         self.model = model
-        self.registry = get_registry()
+        #: the tasks, prompt encoders and plugins this editor uses (default: the installed ones)
+        self.registry = default_registry(registry)
         #: recorded in every sidecar: the command line that asked for the edits (the CLI sets it)
         self.command_line: str | None = None
         self._model_hash: str | None | bool = False  # computed on the first edit
@@ -182,7 +188,7 @@ class Editor:
         cache_size: int = 4, image_prompt: dict[str, str] | None = None,
         cache_dir: str | Path | None = None, vae_tiling: bool = False,
         attention_slice: int | None = None, vae_slicing: bool = False, compile: str | None = None,
-        verbose: bool = False,
+        verbose: bool = False, registry=None,
     ) -> "Editor":
         """Load a registered model name (``shapes``), a local folder or a hub id.
 
@@ -194,7 +200,8 @@ class Editor:
         self-attention N queries at a time. ``compile`` (``"default"``, ``"reduce-overhead"``
         for CUDA graphs, ``"max-autotune"``) compiles the UNet with ``torch.compile``
         (see :meth:`Engine.compile`). diffusers' and transformers' warnings and loading bars
-        are silenced unless ``verbose``.
+        are silenced unless ``verbose``. ``registry`` (default: the installed plugins') names
+        the models, tasks and prompt encoders.
         """
         check_load_options(model, device, dtype, cache_size, attention_slice, compile)
         import os
@@ -205,27 +212,50 @@ class Editor:
             quiet_libraries()
 
         cache_dir = cache_dir or os.environ.get("DIFFEDITOR_CACHE_DIR") or None
-        location, entry = resolve_model(model)
+        from .plugins import default_registry
+
+        registry = default_registry(registry)
+        location, entry = resolve_model(model, registry)
         pipe = load_pipeline(location, device, dtype)
         name = str(model or location)
-        if name not in get_registry().models and Path(name).expanduser().is_dir():
+        if name not in registry.models and Path(name).expanduser().is_dir():
             # a folder is named absolutely in sidecars, so they replay from anywhere
             name = str(Path(name).expanduser().absolute())
         editor = cls(Engine(pipe, model_id=str(model or location), cache_size=cache_size,
-                            cache_dir=cache_dir), entry, name)
+                            cache_dir=cache_dir), entry, name, registry=registry)
         editor._attach_image_prompt(image_prompt)
         editor.engine.set_memory_options(attention_slice, vae_slicing, vae_tiling)
         if compile:
             editor.engine.compile(compile)
         return editor
 
-    def _attach_image_prompt(self, info: dict[str, str] | None = None) -> None:
+    def _attach_image_prompt(self, info: dict[str, str] | None = None,
+                             adapter: str | None = None) -> None:
+        """Attach the image prompt ``info`` names (``{"weights": ..., "encoder": ...}``; default
+        the model's own) with the registered image prompt ``adapter`` (default: ``info``'s
+        ``"adapter"``, else ``ip-adapter``)."""
         info = info or (self.entry.image_prompt if self.entry else None)
         if not info:
             return
-        from .image_prompt import ImagePromptRuntime
+        self._image_prompt_info = dict(info)
+        name = adapter or info.get("adapter") or "ip-adapter"
+        current = self.engine.image_prompt
+        if current is not None and getattr(self, "_image_prompt_name", None) == name:
+            return
+        if current is not None and hasattr(current, "detach"):
+            current.detach()
+        self.engine.image_prompt = self.registry.prompt_encoder(name, "image").load(
+            self.engine, info["weights"], info["encoder"])
+        self._image_prompt_name = name
 
-        self.engine.image_prompt = ImagePromptRuntime.load(self.engine, info["weights"], info["encoder"])
+    def _select_encoders(self, spec: EditSpec) -> None:
+        """Put the spec's prompt encoders (``text_encoder``, ``image_encoder``) on the engine."""
+        try:
+            self.engine.text_prompt_encoder = self.registry.prompt_encoder(spec.text_encoder, "text")
+            if self.engine.image_prompt is not None:
+                self._attach_image_prompt(self._image_prompt_info, spec.image_encoder)
+        except KeyError as exc:
+            raise SpecError(exc.args[0]) from None
 
     # -- specs --------------------------------------------------------------------------------
     def defaults(self) -> dict[str, Any]:
@@ -235,7 +265,7 @@ class Editor:
         """Validate a spec (object, dict or file path) with this model's defaults."""
         if isinstance(spec, EditSpec):
             return spec
-        return parse_spec(spec, base_dir=base_dir, defaults=self.defaults())
+        return parse_spec(spec, base_dir=base_dir, defaults=self.defaults(), registry=self.registry)
 
     def default_resolution(self) -> int:
         cfg = self.engine.unet.config
@@ -289,6 +319,7 @@ class Editor:
                              f"{type(progress).__name__}")
         spec = self.parse(spec, base_dir)
         task, plan, geom = self.prepare(spec)
+        self._select_encoders(spec)
         sampler, schedules = sampler_and_schedules(spec, self.registry)
         out = self.engine.edit(plan, spec, progress, callback, sampler=sampler, schedules=schedules)
         if not bool(torch.isfinite(out.image).all()):
@@ -343,28 +374,59 @@ class Editor:
                                      f"{type(value).__name__}")
             return self.edit(spec)
 
-    def move(self, image, mask, offset, scale: float = 1.0, **fields) -> EditResult:
-        """Move the object under ``mask`` by ``offset`` = (dx, dy) pixels."""
-        return self._quick("move", {"image": image, "mask": mask}, offset=offset, scale=scale, **fields)
+    def __getattr__(self, name: str):
+        """``editor.TASK(...)`` for every registered task (built-in or a plugin's): see
+        :func:`task_helper`."""
+        if name.startswith("_"):
+            raise AttributeError(name)
+        registry = self.__dict__.get("registry")
+        if registry is not None and name in registry.tasks:
+            return task_helper(self, registry.tasks[name])
+        raise AttributeError(f"'Editor' object has no attribute {name!r}"
+                             + (f"; registered tasks: {', '.join(sorted(registry.tasks))}"
+                                if registry is not None else ""))
 
-    def resize(self, image, mask, scale: float, offset=(0, 0), **fields) -> EditResult:
-        """Resize the object under ``mask`` by ``scale`` about its centroid."""
-        return self._quick("resize", {"image": image, "mask": mask}, offset=offset, scale=scale, **fields)
+    def __dir__(self):
+        registry = self.__dict__.get("registry")
+        return sorted(set(super().__dir__()) | set(registry.tasks if registry is not None else ()))
 
-    def drag(self, image, mask, handles, targets, **fields) -> EditResult:
-        """Drag content from ``handles`` to ``targets`` inside the editable ``mask``."""
-        return self._quick("drag", {"image": image, "mask": mask}, handles=handles, targets=targets, **fields)
 
-    def appearance(self, image, mask, reference, reference_mask, **fields) -> EditResult:
-        """Give the object under ``mask`` the appearance of the reference object."""
-        return self._quick("appearance", {"image": image, "mask": mask, "reference": reference,
-                                          "reference_mask": reference_mask}, **fields)
+def _is_file_field(field) -> bool:
+    return "Path" in str(field.annotation)
 
-    def paste(self, image, reference, reference_mask, offset=(0, 0), scale: float = 1.0, **fields) -> EditResult:
-        """Paste the reference object into ``image``, shifted by ``offset`` from its place."""
-        return self._quick("paste", {"image": image, "reference": reference,
-                                     "reference_mask": reference_mask}, offset=offset, scale=scale, **fields)
 
-    def face(self, image, reference, **fields) -> EditResult:
-        """Move the face's 68 landmarks to those of the reference face."""
-        return self._quick("face", {"image": image, "reference": reference}, **fields)
+def task_helper(editor: Editor, task) -> Callable[..., EditResult]:
+    """The helper ``editor.<task.name>(...)``, generated from the task's spec model: the spec's
+    required fields are its positional parameters (in declaration order), every other field a
+    keyword with the spec's default. File fields (``image``, ``mask``, ...) take a path or a PIL
+    image; ``prompt``, ``seed`` and the rest are keywords too."""
+    import inspect
+
+    model = task.spec_model
+    fields = {k: f for k, f in model.model_fields.items() if k != "task"}
+    required = [k for k, f in fields.items() if f.is_required()]
+    optional = [k for k in fields if k not in required]
+    P = inspect.Parameter
+    params = ([P(k, P.POSITIONAL_OR_KEYWORD) for k in required]
+              + [P(k, P.KEYWORD_ONLY, default=fields[k].get_default(call_default_factory=True))
+                 for k in optional])
+    sig = inspect.Signature(params, return_annotation=EditResult)
+
+    def helper(*args, **kwargs) -> EditResult:
+        try:
+            bound = sig.bind_partial(*args, **kwargs)
+        except TypeError as exc:
+            raise UsageError(f"{task.name}(): {exc}; parameters: {sig}") from None
+        given = dict(bound.arguments)
+        missing = [k for k in required if k not in given]
+        if missing:
+            raise UsageError(f"{task.name}(): missing {', '.join(missing)}; parameters: {sig}")
+        images = {k: given.pop(k) for k in list(given) if _is_file_field(fields[k])}
+        return editor._quick(task.name, images, **given)
+
+    helper.__name__ = helper.__qualname__ = task.name
+    helper.__signature__ = sig  # type: ignore[attr-defined]
+    helper.__doc__ = (f"{task.description or task.name} (task {task.name!r}, generated from its "
+                      f"spec model {model.__name__}).\n\nRequired: {', '.join(required)}; every other "
+                      "spec field is a keyword argument.")
+    return helper

@@ -30,6 +30,7 @@ from .denoisers import (
     RegionalGuidance,
     Settings,
 )
+from .encoders import CLIP
 from .errors import SpecError
 from .features import decoder_features, output_and_features
 from .interfaces import EditPlan, Features
@@ -275,6 +276,8 @@ class Engine:
         self.scheduler = pipe.scheduler
         self.model_id = model_id
         self.image_prompt = None  # an ImagePromptEncoder, when the model has image-prompt weights
+        #: the text prompt encoder (a registered TextPromptEncoder; the Editor sets the spec's)
+        self.text_prompt_encoder = CLIP
         self.cache = InversionCache(cache_size, cache_dir)
         self.counters = Counters()
         # all regions' gradients in one (vmapped) backward pass: fewer kernel launches on a GPU;
@@ -285,7 +288,7 @@ class Engine:
         self.merge_reference_pass = True
         self.options: dict[str, Any] = {"attention_slice": None, "vae_slicing": False,
                                         "vae_tiling": False, "compile": None}
-        self._text_cache: dict[str, Tensor] = {}
+        self._text_cache: dict[tuple[str, str], Tensor] = {}
         self._unet32 = None  # float32 copy for guidance_precision: float32 (made on first use)
         for module in (self.unet, self.vae, self.text_encoder):
             module.requires_grad_(False)
@@ -362,17 +365,16 @@ class Engine:
     # -- encoders ------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> Tensor:
-        """Text embeddings ``(B, 77, D)``, cached per prompt."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
+        """Text embeddings ``(B, 77, D)`` from :attr:`text_prompt_encoder`, cached per
+        (encoder, prompt)."""
+        enc = self.text_prompt_encoder
+        keys = [(enc.name, p) for p in prompts]
+        missing = [k for k in dict.fromkeys(keys) if k not in self._text_cache]
         if missing:
-            ids = self.tokenizer(
-                missing, padding="max_length", max_length=self.tokenizer.model_max_length,
-                truncation=True, return_tensors="pt",
-            ).input_ids.to(self.text_encoder.device)
-            emb = self.text_encoder(ids)[0]
-            for p, e in zip(missing, emb):
-                self._text_cache[p] = e.to(self.dtype)
-        return torch.stack([self._text_cache[p] for p in prompts])
+            emb = enc.encode(self, [p for _, p in missing])
+            for k, e in zip(missing, emb):
+                self._text_cache[k] = e.to(self.device, self.dtype)
+        return torch.stack([self._text_cache[k] for k in keys])
 
     @torch.no_grad()
     def encode_image(self, image: Tensor) -> Tensor:

@@ -51,13 +51,6 @@ def mask_centroid(mask: Tensor, image_hw: tuple[int, int]) -> tuple[float, float
     return (float((m.sum(0) * xs).sum() / total), float((m.sum(1) * ys).sum() / total))
 
 
-def resize_mask(mask: Tensor, hw: tuple[int, int]) -> Tensor:
-    """A binary ``(1, 1, H, W)`` mask on another grid: a cell is set when any of it is covered."""
-    if tuple(mask.shape[-2:]) == tuple(hw):
-        return (mask > 0.5).float()
-    return (F.interpolate(mask.float(), size=hw, mode="area") > 0).float()
-
-
 def dilate(mask: Tensor, cells: int) -> Tensor:
     """Binary dilation of a ``(1, 1, h, w)`` mask by a square of half-width ``cells``."""
     if cells <= 0:

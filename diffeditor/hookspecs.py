@@ -41,12 +41,40 @@ def register_models(register):
 
 
 @hookspec
-def register_commands(subparsers):
+def register_commands(subparsers, registry):
     """Add sub-commands to the ``diffeditor`` command line.
 
     ``subparsers`` is the :mod:`argparse` sub-parser action of the top-level parser. Add a
     parser with ``subparsers.add_parser(name, help=...)`` and give it a handler with
     ``parser.set_defaults(func=handler)``; ``handler(args)`` returns the exit status.
+    ``registry`` is the command line's :class:`diffeditor.plugins.Registry` (tasks, models,
+    ...); the handler finds the same one in ``args.registry``.
+    """
+
+
+@hookspec
+def register_prompt_encoders(register):
+    """Register prompt encoders: what turns a spec's prompt (text) or a reference image (image)
+    into the UNet's conditioning.
+
+    Call ``register(encoder)`` with an instance of
+    :class:`diffeditor.interfaces.TextPromptEncoder` (its ``encode(engine, prompts)`` returns
+    ``(B, tokens, cross_attention_dim)`` embeddings) or of
+    :class:`diffeditor.interfaces.ImagePromptAdapter` (its ``load(engine, weights, encoder)``
+    attaches an image prompt to the engine's UNet). The ``name`` is unique per kind; a spec
+    selects one with ``text_encoder: NAME`` / ``image_encoder: NAME``. The built-in ``clip``
+    text encoder and ``ip-adapter`` image prompt register through this hook too.
+    """
+
+
+@hookspec
+def register_bench_scenes(register):
+    """Register the scenes ``diffeditor bench`` can time.
+
+    Call ``register(scene)`` with a :class:`diffeditor.interfaces.BenchScene`: a task name and
+    ``build(size, folder) -> spec dict`` that writes the scene's images into ``folder`` and
+    returns a spec of that task on them (paths relative to ``folder``). Task plugins register a
+    scene for their task; ``diffeditor bench --task NAME`` picks it.
     """
 
 

@@ -14,9 +14,8 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
 
-import torch
 from torch import Tensor
 
 from .schedule import Window
@@ -217,12 +216,57 @@ class Task(abc.ABC):
         return None
 
 
-@runtime_checkable
-class PromptEncoder(Protocol):
-    """Turns prompts into conditioning tokens for the UNet's cross-attention."""
+class TextPromptEncoder(abc.ABC):
+    """A text prompt encoder: turns prompts into the UNet's cross-attention conditioning.
 
-    def encode(self, prompts: list[str]) -> Tensor:  # (B, tokens, dim)
-        ...
+    Registered through :func:`diffeditor.hookspecs.register_prompt_encoders`; a spec selects it
+    by ``name`` (``text_encoder: NAME``). The built-in one is ``clip`` (the model's own CLIP
+    text model and tokenizer).
+    """
+
+    kind: ClassVar[str] = "text"
+    name: str = ""
+    description: str = ""
+
+    @abc.abstractmethod
+    def encode(self, engine: Any, prompts: list[str]) -> Tensor:
+        """``(len(prompts), tokens, cross_attention_dim)`` embeddings for ``engine``'s UNet
+        (any dtype and device: the engine moves them). Called without gradients; the engine
+        caches the result per (encoder, prompt)."""
+
+
+class ImagePromptAdapter(abc.ABC):
+    """An image prompt: a reference image's tokens added to the UNet's cross-attention.
+
+    Registered through :func:`diffeditor.hookspecs.register_prompt_encoders`; a spec selects it
+    by ``name`` (``image_encoder: NAME``). The built-in one is ``ip-adapter`` (the paper's
+    IP-Adapter-style image prompt, :mod:`diffeditor.image_prompt`).
+    """
+
+    kind: ClassVar[str] = "image"
+    name: str = ""
+    description: str = ""
+
+    @abc.abstractmethod
+    def load(self, engine: Any, weights: str, encoder: str) -> Any:
+        """Attach the image prompt to ``engine``'s UNet and return the runtime the engine
+        drives: ``set_image(image)``, ``set_scale(gamma)``, ``added_cond_kwargs(batch,
+        cond_rows)`` and ``detach()``."""
+
+
+PromptEncoder = TextPromptEncoder | ImagePromptAdapter
+"""Either kind of prompt encoder."""
+
+
+@dataclass
+class BenchScene:
+    """A scene ``diffeditor bench`` times: ``build(size, folder)`` writes the images into
+    ``folder`` and returns a spec dict of ``task`` on them (paths relative to ``folder``).
+    ``default``: the scene ``bench`` times when no ``--task`` is given (one plugin sets it)."""
+
+    task: str
+    build: Callable[[int, Any], dict]
+    default: bool = False
 
 
 @runtime_checkable
@@ -237,9 +281,3 @@ class EnergyFunction(Protocol):
     """The callable inside an :class:`EnergyTerm`."""
 
     def __call__(self, current: Features, references: dict[str, Features]) -> Tensor: ...
-
-
-def latent_mask(mask: Tensor, latent_hw: tuple[int, int]) -> Tensor:
-    """An image-resolution mask ``(1, 1, H, W)`` resized to a grid (area average, then > 0)."""
-    m = torch.nn.functional.interpolate(mask.float(), size=latent_hw, mode="area")
-    return (m > 0).float()

@@ -14,7 +14,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -92,7 +91,3 @@ def check_mask_file(path: Path | None, field: str, hw: tuple[int, int]) -> np.nd
     if path is None:
         return None
     return load_mask(path, field, hw)
-
-
-def ones_like_grid(hw: tuple[int, int]) -> Tensor:
-    return torch.ones(1, 1, *hw)

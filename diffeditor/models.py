@@ -134,9 +134,9 @@ def read_model_card(folder: str | Path, registry=None, check_fields: bool = True
 
 def _check_default_keys(defaults: dict, path: Path, registry=None) -> None:
     from .errors import ModelError
-    from .plugins import get_registry
+    from .plugins import default_registry
 
-    reg = registry or get_registry()
+    reg = default_registry(registry)
     specs = {name: task.spec_model for name, task in reg.tasks.items()}
     for key in defaults:
         task, _, name = key.rpartition(".")
@@ -152,10 +152,10 @@ def resolve_model(model: str | None, registry=None) -> tuple[str, ModelEntry | N
 
     The entry is the registered one for a name, the folder's ``diffeditor.json`` for a folder
     that has one (so a registered model's folder, or a copy of it, behaves as its name)."""
-    from .plugins import get_registry
+    from .plugins import default_registry
 
     model = model or DEFAULT_MODEL
-    reg = registry or get_registry()
+    reg = default_registry(registry)
     if model in reg.models:
         entry = reg.models[model]
         return entry.location, entry

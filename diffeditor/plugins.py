@@ -1,4 +1,5 @@
-"""The plugin manager: discovery of tasks, models and commands through pluggy.
+"""The plugin manager: discovery of tasks, models, prompt encoders, bench scenes and commands
+through pluggy.
 
 diffeditor's own tasks (the ``diffeditor`` distribution's entry points: move, drag, appearance,
 paste, face, compose) always load when entry points are loaded. The environment selects among the
@@ -30,6 +31,9 @@ DISABLE_ENV = "DIFFEDITOR_DISABLE_PLUGINS"
 ONLY_ENV = "DIFFEDITOR_PLUGINS"
 BUILTIN_DIST = "diffeditor"
 """The distribution whose entry points (the first-party tasks) load whatever the environment says."""
+BUILTIN_ENCODERS = "prompt-encoders"
+"""The entry-point name of the built-in prompt encoders (``clip``, ``ip-adapter``): registered
+even in a registry built by hand, so that every registry can encode a prompt."""
 
 
 @dataclass
@@ -61,6 +65,10 @@ class Registry:
         self.samplers: dict[str, Any] = {}
         self.energies: dict[str, Any] = {}
         self.schedules: dict[str, Any] = {}
+        #: prompt encoders by kind ("text", "image") and name
+        self.prompt_encoders: dict[str, dict[str, Any]] = {"text": {}, "image": {}}
+        #: ``diffeditor bench`` scenes by task name
+        self.bench_scenes: dict[str, Any] = {}
         self._collect()
 
     # -- collection -------------------------------------------------------------------------
@@ -112,6 +120,31 @@ class Registry:
                 self._call(impl, self._adder(store, kind, what, self._plugin_info(impl.plugin)),
                            self._plugin_info(impl.plugin))
 
+        for impl in self.pm.hook.register_prompt_encoders.get_hookimpls():
+            info = self._plugin_info(impl.plugin)
+
+            def add_encoder(encoder, _info=info):
+                from .interfaces import ImagePromptAdapter, TextPromptEncoder
+
+                if not isinstance(encoder, (TextPromptEncoder, ImagePromptAdapter)):
+                    raise TypeError(
+                        f"plugin {_info.name!r} registered {encoder!r}, which is neither a "
+                        "diffeditor.interfaces.TextPromptEncoder nor an ImagePromptAdapter")
+                table = self.prompt_encoders[encoder.kind]
+                if not encoder.name or encoder.name in table:
+                    raise ValueError(f"{encoder.kind} prompt encoder {encoder.name!r} is registered "
+                                     f"twice or has no name (plugin {_info.name!r})")
+                table[encoder.name] = encoder
+
+            self._call(impl, add_encoder, info)
+        for impl in self.pm.hook.register_bench_scenes.get_hookimpls():
+            info = self._plugin_info(impl.plugin)
+
+            def add_scene(scene, _info=info):
+                self.bench_scenes[scene.task] = scene
+
+            self._call(impl, add_scene, info)
+
     @staticmethod
     def _adder(store: dict, kind: type, what: str, info: PluginInfo):
         """``register(obj)`` for one plugin's samplers, energies or schedules: type-checked,
@@ -150,6 +183,17 @@ class Registry:
         except KeyError:
             known = ", ".join(sorted(self.samplers)) or "none"
             raise KeyError(f"unknown sampler {name!r}; installed samplers: {known}") from None
+
+    def prompt_encoder(self, name: str, kind: str = "text"):
+        """The registered ``kind`` ("text" or "image") prompt encoder called ``name``; an unknown
+        name is a one-line :class:`KeyError` listing the installed ones."""
+        table = self.prompt_encoders[kind]
+        try:
+            return table[name]
+        except KeyError:
+            known = ", ".join(sorted(table)) or "none"
+            raise KeyError(f"unknown {kind} prompt encoder {name!r}; installed {kind} encoders: "
+                           f"{known}") from None
 
     def plugins(self) -> list[PluginInfo]:
         out = []
@@ -203,6 +247,10 @@ def make_plugin_manager(
                 failures.append(PluginFailure(
                     name, "not installed", f"{ONLY_ENV} names {name!r}, but no installed plugin has that "
                     f"entry-point name (installed: {', '.join(sorted(seen)) or 'none'})"))
+    if pm.get_plugin(BUILTIN_ENCODERS) is None:  # a registry built by hand: still has clip
+        from . import encoders
+
+        _register_checked(pm, encoders, BUILTIN_ENCODERS, BUILTIN_DIST, failures)
     for plugin in extra_plugins:
         _register_checked(pm, plugin, None, "(registered in code)", failures)
     return pm, failures
@@ -249,7 +297,11 @@ _REGISTRY: Registry | None = None
 
 
 def get_registry(refresh: bool = False) -> Registry:
-    """The process-wide registry, built on first use."""
+    """The process-wide registry of the installed plugins, built on first use.
+
+    Only the edges use it as a default (the command line, :class:`diffeditor.Editor` when it is
+    given no registry, the conformance kit and the pytest fixture); everything inside is handed a
+    registry explicitly."""
     global _REGISTRY
     if _REGISTRY is None or refresh:
         pm, failures = make_plugin_manager()
@@ -257,6 +309,12 @@ def get_registry(refresh: bool = False) -> Registry:
         for f in _REGISTRY.failures:  # reported once, here; the plugin was skipped
             log.warning("plugin %r (%s) skipped: %s", f.name, f.distribution, f.error)
     return _REGISTRY
+
+
+def default_registry(registry: Registry | None = None) -> Registry:
+    """``registry``, or the process-wide one when it is ``None``: the one place a public
+    function's ``registry=None`` becomes the installed plugins' registry."""
+    return registry if registry is not None else get_registry()
 
 
 def registry_from(plugins: list[object], autoload: bool = False) -> Registry:

@@ -23,7 +23,7 @@ CPU_RESOLUTION_WARNING = 1024
 
 def _input_files(spec) -> list[Path]:
     """Every file a validated spec reads (its own and, for compose, its edits')."""
-    files = [p for p in spec.input_paths().values() if p is not None]
+    files = [v for v in vars(spec).values() if isinstance(v, Path)]
     for sub in getattr(spec, "sub_specs", None) or []:
         files += _input_files(sub)
     return files
@@ -37,9 +37,10 @@ def _key(path: Path) -> str:
 
 
 def check_edits(sources: list[tuple[str, Any]], outputs: list[Path], args,
-                defaults: dict | None = None, base_dir: Path | None = None) -> list:
-    """Parse and check a batch. ``sources`` are ``(label, spec file path or dict)``; returns
-    the validated specs or raises :class:`CheckErrors` listing every problem found."""
+                defaults: dict | None = None, base_dir: Path | None = None, *, registry) -> list:
+    """Parse and check a batch against ``registry``'s tasks. ``sources`` are ``(label, spec
+    file path or dict)``; returns the validated specs or raises :class:`CheckErrors` listing
+    every problem found."""
     from .editor import check_spec
     from .imageio import check_output
     from .specs import parse_spec
@@ -49,12 +50,13 @@ def check_edits(sources: list[tuple[str, Any]], outputs: list[Path], args,
     inputs: dict[str, str] = {}
     for label, source in sources:
         try:
-            spec = parse_spec(source, base_dir=base_dir, defaults=defaults, source=label)
+            spec = parse_spec(source, base_dir=base_dir, defaults=defaults, source=label,
+                              registry=registry)
         except DiffEditorError as exc:
             errors.append(str(exc))
             continue
         try:
-            check_spec(spec)
+            check_spec(spec, registry=registry)
         except DiffEditorError as exc:
             errors.append(f"{label}: {exc}")
             continue

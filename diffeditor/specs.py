@@ -7,8 +7,10 @@ Paths inside a spec file are relative to that file.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
+import logging
 import operator
 import os
 import re
@@ -24,10 +26,13 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from .errors import SpecError, UsageError, is_file, show
 from .schedule import ScheduleSpec
+
+log = logging.getLogger(__name__)
 
 
 def _resolve(value: Any, info: ValidationInfo) -> Any:
@@ -97,6 +102,12 @@ class EditSpec(BaseModel):
         description="regional: each energy's gradient inside its own region (the paper); "
         "global: one gradient of the summed energies applied everywhere (ablation)",
     )
+    text_encoder: str = Field(
+        "clip", min_length=1, max_length=100,
+        description="the text prompt encoder, by registered name (diffeditor plugins lists them)")
+    image_encoder: str = Field(
+        "ip-adapter", min_length=1, max_length=100,
+        description="the image prompt, by registered name (models with image-prompt weights only)")
     image_prompt_scale: float = Field(
         0.1, ge=0.0, le=1.0, description="gamma: weight of the image-prompt cross-attention"
     )
@@ -143,9 +154,37 @@ class EditSpec(BaseModel):
         "diffeditor (the paper's), dragondiffusion (guidance at every early step, no SDE, no "
         "time travel, no image prompt) or ddim (no guidance); plugins may add more")
 
+    #: a task's own defaults of the shared fields above, e.g. ``{"energy_scale": 2000.0}``: each
+    #: shared field is declared once, here, with its bounds and description, and a task spec
+    #: only says where its default differs (``field_notes`` replaces a description)
+    task_defaults: ClassVar[dict[str, Any]] = {}
+    field_notes: ClassVar[dict[str, str]] = {}
+
     #: whether the task's plan names memory-bank parts (the images and masks that
     #: ``memory_bank: masked`` mixes); a task spec that does sets this to True
     bank_parts: ClassVar[bool] = False
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        """Apply the subclass's ``task_defaults`` / ``field_notes`` to the inherited fields."""
+        super().__pydantic_init_subclass__(**kwargs)
+        defaults = cls.__dict__.get("task_defaults") or {}
+        notes = cls.__dict__.get("field_notes") or {}
+        if not defaults and not notes:
+            return
+        fields = cls.__pydantic_fields__
+        for name in (*defaults, *notes):
+            if name not in fields:
+                raise TypeError(f"{cls.__name__}.task_defaults/field_notes: no field {name!r}")
+        for name in {*defaults, *notes}:
+            f = copy.copy(fields[name])
+            f._attributes_set = dict(f._attributes_set)
+            if name in defaults:
+                f.default = f._attributes_set["default"] = defaults[name]
+            if name in notes:
+                f.description = f._attributes_set["description"] = notes[name]
+            fields[name] = f
+        cls.model_rebuild(force=True)
 
     resolve_image_path = field_validator("image", mode="before")(_resolve)
     check_image_path = field_validator("image", mode="after")(_must_exist)
@@ -157,6 +196,16 @@ class EditSpec(BaseModel):
             raise ValueError("feature levels are up_blocks indices 0..3")
         return tuple(sorted(set(v)))
 
+    @field_validator("text_encoder", "image_encoder")
+    @classmethod
+    def _known_encoder(cls, v: str, info: ValidationInfo) -> str:
+        reg = (info.context or {}).get("registry")
+        kind = "text" if info.field_name == "text_encoder" else "image"
+        if reg is not None and v not in reg.prompt_encoders[kind]:
+            known = ", ".join(sorted(reg.prompt_encoders[kind])) or "none"
+            raise ValueError(f"unknown {kind} prompt encoder {show(v, 60)!r}; installed: {known}")
+        return v
+
     @field_validator("memory_bank")
     @classmethod
     def _masked_needs_parts(cls, v: str) -> str:
@@ -167,12 +216,6 @@ class EditSpec(BaseModel):
                 f"reference object) and task {task!r} names none: use 'task', 'replace', "
                 f"'concat' or 'off'")
         return v
-
-    def input_paths(self) -> dict[str, Path]:
-        """Every file the spec refers to, by field name."""
-        return {
-            k: v for k, v in self.__dict__.items() if isinstance(v, Path)
-        }
 
 
 def path_validators(*names: str):
@@ -188,13 +231,33 @@ def path_validators(*names: str):
 
 
 
+def renamed_field(old: str, new: str):
+    """A validator that accepts a field's old name ``old`` for ``new`` with a deprecation
+    message (a logged warning); both at once is an error. Use as ``rename_OLD =
+    renamed_field("OLD", "NEW")`` in a spec class body (a public name: pydantic ignores
+    validators bound to private names)."""
+
+    def rename(cls, data: Any) -> Any:
+        if isinstance(data, dict) and old in data:
+            if new in data:
+                raise ValueError(f"{old} is the old name of {new}: give only {new}")
+            data = dict(data)
+            data[new] = data.pop(old)
+            log.warning("spec field %r is deprecated: it is now called %r (same meaning); "
+                        "rename it in the spec", old, new)
+        return data
+
+    return model_validator(mode="before")(classmethod(rename))
+
+
 # -- the union ---------------------------------------------------------------------------------
 
 def spec_union(registry=None):
-    """A ``TypeAdapter`` for the discriminated union (on ``task``) of all registered tasks."""
-    from .plugins import get_registry
+    """A ``TypeAdapter`` for the discriminated union (on ``task``) of all registered tasks
+    (``registry``: default the installed plugins')."""
+    from .plugins import default_registry
 
-    reg = registry or get_registry()
+    reg = default_registry(registry)
     models = [t.spec_model for t in reg.tasks.values()]
     if not models:
         raise SpecError("no tasks are registered; is diffeditor installed with its tasks?")
@@ -334,11 +397,12 @@ def parse_spec(
     """Validate a spec given as a dict, a file path or a model.
 
     ``defaults`` (a model's registered defaults) fill fields the spec leaves out;
-    ``"<task>.<field>"`` keys apply to that task only. Raises :class:`SpecError`.
+    ``"<task>.<field>"`` keys apply to that task only. ``registry`` names the tasks and prompt
+    encoders (default: the installed plugins'). Raises :class:`SpecError`.
     """
-    from .plugins import get_registry
+    from .plugins import default_registry
 
-    reg = registry or get_registry()
+    reg = default_registry(registry)
     if isinstance(data, EditSpec):
         data, base_dir = data.model_dump(), base_dir
     if isinstance(data, os.PathLike) and not isinstance(data, Path):
@@ -372,7 +436,7 @@ def parse_spec(
     model = reg.tasks[task].spec_model
     apply_model_defaults(data, task, model, defaults)
     ctx = {"base_dir": Path(base_dir) if base_dir is not None else Path.cwd(),
-           "defaults": dict(defaults or {})}
+           "defaults": dict(defaults or {}), "registry": reg}
     try:
         return model.model_validate(data, context=ctx)
     except ValidationError as err:

@@ -165,7 +165,7 @@ def test_reference_defaults_per_task(scene):
         4, 500, 0.08, 4, 6, 0.2, 0.8, 0.4, 0.1)
     drag = parse_spec({"task": "drag", "image": "image.png", "mask": "mask.png", "handles": [[1, 1]],
                        "targets": [[2, 2]]}, base_dir=scene)
-    assert (drag.energy_scale, drag.guidance_k, drag.w_inpaint) == (2000, 0.04, 0.2)
+    assert (drag.energy_scale, drag.guidance_k, drag.w_handle_contrast) == (2000, 0.04, 0.2)
 
 
 def test_schema_file_matches_registry(monkeypatch):

@@ -409,7 +409,7 @@ def test_cancel_stops_between_steps_and_a_re_edit_reuses_the_inversion(page):
     step = int(re.search(r"after step (\d+)", msg).group(1))
     assert step < 19
     # a re-edit (same image, prompt and steps; another weight) reuses the inversion
-    set_number(page, "drag-w_inpaint", 0.5)
+    set_number(page, "drag-w_handle_contrast", 0.5)
     page.click("#drag-run")
     done = wait_status(page, "drag", r"^(done|diffeditor)")
     assert done.startswith("done") and "(cached inversion)" in done, done

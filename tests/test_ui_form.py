@@ -43,7 +43,8 @@ def test_drag_form_from_its_spec():
     assert form.point_groups() == {"image": ["handles", "targets"]}  # clicks alternate
     assert form.masks_on("image") == ["mask"]
     f = form.by_name()
-    assert f["w_inpaint"].kind == "slider" and (f["w_inpaint"].minimum, f["w_inpaint"].maximum) == (0, 100)
+    assert f["w_handle_contrast"].kind == "slider" and (
+        f["w_handle_contrast"].minimum, f["w_handle_contrast"].maximum) == (0, 100)
     assert f["steps"].kind == "slider" and f["steps"].integer and f["steps"].step == 1
     assert f["seed"].kind == "number"  # 0..2**32-1: too wide for a slider
     assert f["resolution"].kind == "number" and f["resolution"].default == 128  # the model's
@@ -51,7 +52,8 @@ def test_drag_form_from_its_spec():
     assert f["schedule"].kind == "json" and f["feature_levels"].kind == "json"
     assert f["sde_region"].kind == "choice" and f["sde_region"].choices == ["regional", "global"]
     shown = {x.name for x in form.fields if not x.advanced}
-    assert shown == {"image", "mask", "handles", "targets", "prompt", "seed", "steps", "w_inpaint"}
+    assert shown == {"image", "mask", "handles", "targets", "prompt", "seed", "steps",
+                     "w_handle_contrast"}
 
 
 def test_move_paste_and_face_forms():

@@ -9,19 +9,27 @@ image alone (64 tokens through the image projections), and the text path sees on
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
 
 from diffeditor.energies import content_energy, mean_feature_energy
 from diffeditor.hookspecs import hookimpl
-from diffeditor.interfaces import AttentionPolicy, EditPlan, EnergyTerm, Geometry, Pin, Task
+from diffeditor.interfaces import (
+    AttentionPolicy,
+    BenchScene,
+    EditPlan,
+    EnergyTerm,
+    Geometry,
+    Pin,
+    Task,
+)
 from diffeditor.masks import check_mask_file, grid_mask, reference_work_mask, work_mask
 from diffeditor.schedule import Window
 from diffeditor.specs import EditSpec, path_validators
 
-from . import __version__
+from . import __version__, scenes
 
 MEMORY_WINDOW = Window(start=0.0, stop=0.72)  # reference: i <= 35 of 50
 
@@ -51,11 +59,18 @@ class AppearanceSpec(EditSpec):
     reference: Path = Field(description="the image holding the reference object")
     reference_mask: Path = Field(description="the reference object (white), reference's size")
     reference_prompt: str = Field("", description="text prompt describing the reference image")
-    guidance_scale: float = Field(5.0, ge=1.0, le=30.0, description="classifier-free guidance")
-    energy_scale: float = Field(2000.0, ge=0.0, le=1e5, description="lambda (reference 2 x 1e3)")
-    guidance_k: float = Field(0.04, ge=0.0, le=10.0, description="k (reference 4e-2)")
-    w_edit: float = Field(3.5, ge=0.0, le=100.0, description="weight of the appearance energy")
-    w_content: float = Field(5.0, ge=0.0, le=100.0, description="weight of the content energy")
+    task_defaults: ClassVar[dict[str, Any]] = {
+        "guidance_scale": 5.0,
+        "energy_scale": 2000.0,
+        "guidance_k": 0.04,
+        "w_edit": 3.5,
+        "w_content": 5.0,
+    }
+    field_notes: ClassVar[dict[str, str]] = {
+        "energy_scale": "lambda (reference 2 x 1e3)",
+        "guidance_k": "k (reference 4e-2)",
+        "w_edit": "weight of the appearance energy",
+    }
 
     object_blend: float = Field(
         0.0, ge=0.0, le=1.0,
@@ -134,3 +149,8 @@ class AppearanceTask(Task):
 @hookimpl
 def register_tasks(register):
     register(AppearanceTask())
+
+
+@hookimpl
+def register_bench_scenes(register):
+    register(BenchScene("appearance", scenes.appearance_scene))

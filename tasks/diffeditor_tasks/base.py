@@ -5,7 +5,6 @@ from diffeditor.masks import (  # noqa: F401
     check_offset,
     check_points,
     grid_mask,
-    ones_like_grid,
     reference_work_mask,
     scale_offset,
     scale_point,

@@ -41,15 +41,23 @@ class ComposeSpec(EditSpec):
     edits: list[dict[str, Any]] = Field(
         min_length=1, description="the edits: specs of registered tasks, without 'image'"
     )
-    energy_scale: float = Field(1000.0, ge=0.0, le=1e5, description="lambda of the combined guidance")
-    guidance_k: float = Field(0.04, ge=0.0, le=10.0, description="k of the combined guidance")
+    task_defaults: ClassVar[dict[str, Any]] = {
+        "energy_scale": 1000.0,
+        "guidance_k": 0.04,
+    }
+    field_notes: ClassVar[dict[str, str]] = {
+        "energy_scale": "lambda of the combined guidance",
+        "guidance_k": "k of the combined guidance",
+    }
     _specs: list[EditSpec] = PrivateAttr(default_factory=list)
+    _tasks: list[Task] = PrivateAttr(default_factory=list)  # the edits' tasks, from that registry
 
     @model_validator(mode="after")
     def _validate_edits(self, info: ValidationInfo) -> "ComposeSpec":
-        from diffeditor.plugins import get_registry
+        from diffeditor.plugins import default_registry
 
-        reg = get_registry()
+        # the registry parse_spec validates with (a direct model_validate: the installed one)
+        reg = default_registry((info.context or {}).get("registry"))
         specs = []
         for j, raw in enumerate(self.edits):
             if not isinstance(raw, dict) or "task" not in raw:
@@ -81,6 +89,7 @@ class ComposeSpec(EditSpec):
                              "paste) and none of these edits names any: use 'task', 'replace', "
                              "'concat' or 'off'")
         self._specs = specs
+        self._tasks = [reg.task(sp.task) for sp in specs]
         # the edits as validated: every field (model defaults included) and absolute paths, so
         # that a sidecar's spec replays the same edit from any folder
         self.edits = [
@@ -126,10 +135,8 @@ class ComposeTask(Task):
     spec_model = ComposeSpec
 
     def _tasks(self, spec: ComposeSpec):
-        from diffeditor.plugins import get_registry
-
-        reg = get_registry()
-        return [(reg.task(s.task), s) for s in spec.sub_specs]
+        """The edits' (task, spec) pairs, the tasks from the registry the spec was parsed with."""
+        return list(zip(spec._tasks, spec.sub_specs))
 
     def images(self, spec: ComposeSpec):
         out = {"source": spec.image}

@@ -8,19 +8,19 @@ patches are clipped to the grid on the right axes (the reference clipped x with 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
 
 from diffeditor.energies import cosine_map, inverse_energy, masked_mean, sim01
 from diffeditor.hookspecs import hookimpl
-from diffeditor.interfaces import AttentionPolicy, EditPlan, EnergyTerm, Geometry, Task
+from diffeditor.interfaces import AttentionPolicy, BenchScene, EditPlan, EnergyTerm, Geometry, Task
 from diffeditor.masks import check_mask_file, check_points, grid_mask, scale_point, work_mask
 from diffeditor.schedule import Window
-from diffeditor.specs import EditSpec, path_validators
+from diffeditor.specs import EditSpec, path_validators, renamed_field
 
-from . import __version__
+from . import __version__, scenes
 
 Point = tuple[float, float]
 
@@ -80,14 +80,22 @@ class DragSpec(EditSpec):
     mask: Path = Field(description="the editable region: white = may change")
     handles: list[Point] = Field(min_length=1, max_length=64, description="[[x, y], ...] points to drag")
     targets: list[Point] = Field(min_length=1, max_length=64, description="[[x, y], ...] where they go")
-    guidance_scale: float = Field(4.0, ge=1.0, le=30.0, description="classifier-free guidance")
-    energy_scale: float = Field(2000.0, ge=0.0, le=1e5, description="lambda (reference 2 x 1e3)")
-    guidance_k: float = Field(0.04, ge=0.0, le=10.0, description="k (reference 4e-2)")
-    w_edit: float = Field(4.0, ge=0.0, le=100.0, description="weight of the drag energy")
-    w_content: float = Field(6.0, ge=0.0, le=100.0, description="weight of the content energy")
-    w_inpaint: float = Field(
-        0.2, ge=0.0, le=100.0, description="push the handle patch away from its old content"
+    task_defaults: ClassVar[dict[str, Any]] = {
+        "guidance_scale": 4.0,
+        "energy_scale": 2000.0,
+        "guidance_k": 0.04,
+        "w_edit": 4.0,
+        "w_content": 6.0,
+    }
+    field_notes: ClassVar[dict[str, str]] = {
+        "energy_scale": "lambda (reference 2 x 1e3)",
+        "guidance_k": "k (reference 4e-2)",
+        "w_edit": "weight of the drag energy",
+    }
+    w_handle_contrast: float = Field(
+        0.2, ge=0.0, le=100.0, description="push the handle patch away from its old content (old name: w_inpaint)"
     )
+    rename_w_inpaint = renamed_field("w_inpaint", "w_handle_contrast")
 
     resolve_paths, check_paths = path_validators("mask")
 
@@ -147,7 +155,7 @@ class DragTask(Task):
             regions={"edit": m_user_l, "content": 1 - m_user_l},
             energies=[
                 EnergyTerm("edit", e_edit, spec.w_edit, "edit"),
-                EnergyTerm("handle_contrast", e_handle, spec.w_inpaint, "edit"),
+                EnergyTerm("handle_contrast", e_handle, spec.w_handle_contrast, "edit"),
                 EnergyTerm("content", e_content, spec.w_content, "content"),
             ],
             sde_mask=m_user_l,
@@ -161,3 +169,8 @@ class DragTask(Task):
 @hookimpl
 def register_tasks(register):
     register(DragTask())
+
+
+@hookimpl
+def register_bench_scenes(register):
+    register(BenchScene("drag", scenes.drag_scene, default=True))  # bench's default

@@ -4,14 +4,15 @@ the face in ``image`` to those of the face in ``reference``.
 Both images are brought to the working size and landmarks are detected there (the reference
 additionally FFHQ-aligns both faces first; aligned inputs give the best results). Needs the
 optional ``face`` extra: ``pip install 'diffeditor[face]'``. A photo with no face gives a clear
-error. ``w_inpaint`` (exposed but unused in the reference) is the handle-contrast weight of the
-drag energy here and defaults to 0, which reproduces the reference.
+error. ``w_handle_contrast`` (the reference's ``w_inpaint``, exposed but unused there; the old
+name is still accepted) is the handle-contrast weight of the drag energy here and defaults to 0,
+which reproduces the reference.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -20,7 +21,7 @@ from diffeditor.errors import SpecError
 from diffeditor.hookspecs import hookimpl
 from diffeditor.interfaces import AttentionPolicy, EditPlan, EnergyTerm, Geometry, Task
 from diffeditor.schedule import Window
-from diffeditor.specs import EditSpec, path_validators
+from diffeditor.specs import EditSpec, path_validators, renamed_field
 
 from . import __version__
 from .drag import drag_energies
@@ -31,18 +32,31 @@ class FaceSpec(EditSpec):
 
     task: Literal["face"] = "face"
     reference: Path = Field(description="a face photo whose 68 landmarks are the targets")
-    prompt: str = Field("a photo of a human face", description="text prompt (reference: fixed)")
-    guidance_scale: float = Field(4.0, ge=1.0, le=30.0, description="classifier-free guidance")
-    energy_scale: float = Field(3000.0, ge=0.0, le=1e5, description="lambda (reference 3 x 1e3)")
-    guidance_k: float = Field(0.04, ge=0.0, le=10.0, description="k (reference 4e-2)")
-    w_edit: float = Field(12.0, ge=0.0, le=100.0, description="weight of the landmark energy")
-    w_content: float = Field(0.0, ge=0.0, le=100.0, description="unused: face has no content energy")
-    w_inpaint: float = Field(
-        0.0, ge=0.0, le=100.0, description="handle-contrast weight (reference: 0.4, unused)"
+    task_defaults: ClassVar[dict[str, Any]] = {
+        "prompt": "a photo of a human face",
+        "guidance_scale": 4.0,
+        "energy_scale": 3000.0,
+        "guidance_k": 0.04,
+        "w_edit": 12.0,
+        "w_content": 0.0,
+        "sde_strength": 0.2,
+        "sde_strength_outside": 0.2,
+        "image_prompt_scale": 0.05,
+    }
+    field_notes: ClassVar[dict[str, str]] = {
+        "prompt": "text prompt (reference: fixed)",
+        "energy_scale": "lambda (reference 3 x 1e3)",
+        "guidance_k": "k (reference 4e-2)",
+        "w_edit": "weight of the landmark energy",
+        "w_content": "unused: face has no content energy",
+        "sde_strength": "eta (global SDE for faces)",
+        "sde_strength_outside": "eta outside (= inside)",
+        "image_prompt_scale": "gamma (reference 0.05)",
+    }
+    w_handle_contrast: float = Field(
+        0.0, ge=0.0, le=100.0, description="handle-contrast weight (reference: 0.4, unused) (old name: w_inpaint)"
     )
-    sde_strength: float = Field(0.2, ge=0.0, le=1.0, description="eta (global SDE for faces)")
-    sde_strength_outside: float = Field(0.2, ge=0.0, le=1.0, description="eta outside (= inside)")
-    image_prompt_scale: float = Field(0.05, ge=0.0, le=1.0, description="gamma (reference 0.05)")
+    rename_w_inpaint = renamed_field("w_inpaint", "w_handle_contrast")
 
     resolve_paths, check_paths = path_validators("reference")
 
@@ -81,7 +95,7 @@ class FaceTask(Task):
             prompts={"source": spec.prompt},
             regions={"global": ones},
             energies=[EnergyTerm("edit", e_edit, spec.w_edit, "global"),
-                      EnergyTerm("handle_contrast", e_handle, spec.w_inpaint, "global")],
+                      EnergyTerm("handle_contrast", e_handle, spec.w_handle_contrast, "global")],
             sde_mask=None,
             attention=AttentionPolicy(mode="concat", window=Window(start=0.1, stop=1.0)),
             info={"handles_work_px": handles, "targets_work_px": targets},

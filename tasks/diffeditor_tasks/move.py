@@ -16,7 +16,7 @@ Differences from the reference implementation, on purpose:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -31,12 +31,20 @@ from diffeditor.energies import (
 )
 from diffeditor.geometry import mask_centroid, similarity_warp
 from diffeditor.hookspecs import hookimpl
-from diffeditor.interfaces import AttentionPolicy, EditPlan, EnergyTerm, Geometry, Pin, Task
+from diffeditor.interfaces import (
+    AttentionPolicy,
+    BenchScene,
+    EditPlan,
+    EnergyTerm,
+    Geometry,
+    Pin,
+    Task,
+)
 from diffeditor.masks import check_mask_file, check_offset, grid_mask, scale_offset, work_mask
 from diffeditor.schedule import Window
 from diffeditor.specs import EditSpec, path_validators
 
-from . import __version__
+from . import __version__, scenes
 
 
 class MoveSpec(EditSpec):
@@ -51,11 +59,17 @@ class MoveSpec(EditSpec):
     inpaint_mask: Path | None = Field(
         None, description="optional region the vacated area should borrow its look from"
     )
-    guidance_scale: float = Field(4.0, ge=1.0, le=30.0, description="classifier-free guidance")
-    energy_scale: float = Field(500.0, ge=0.0, le=1e5, description="lambda (reference 0.5 x 1e3)")
-    guidance_k: float = Field(0.08, ge=0.0, le=10.0, description="k (reference 8e-2 for move)")
-    w_edit: float = Field(4.0, ge=0.0, le=100.0, description="weight of the edit energy")
-    w_content: float = Field(6.0, ge=0.0, le=100.0, description="weight of the content energy")
+    task_defaults: ClassVar[dict[str, Any]] = {
+        "guidance_scale": 4.0,
+        "energy_scale": 500.0,
+        "guidance_k": 0.08,
+        "w_edit": 4.0,
+        "w_content": 6.0,
+    }
+    field_notes: ClassVar[dict[str, str]] = {
+        "energy_scale": "lambda (reference 0.5 x 1e3)",
+        "guidance_k": "k (reference 8e-2 for move)",
+    }
     w_contrast: float = Field(
         0.2, ge=0.0, le=100.0, description="push the vacated area away from the old object"
     )
@@ -192,3 +206,9 @@ class ResizeTask(MoveTask):
 def register_tasks(register):
     register(MoveTask())
     register(ResizeTask())
+
+
+@hookimpl
+def register_bench_scenes(register):
+    register(BenchScene("move", scenes.move_scene))
+    register(BenchScene("resize", scenes.resize_scene))

@@ -7,14 +7,22 @@ transform moves the mask, the reference features and the reference's initial lat
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
 from diffeditor.energies import content_energy, cosine_map, inverse_energy, masked_mean, sim01
 from diffeditor.geometry import mask_centroid, similarity_warp
 from diffeditor.hookspecs import hookimpl
-from diffeditor.interfaces import AttentionPolicy, EditPlan, EnergyTerm, Geometry, Pin, Task
+from diffeditor.interfaces import (
+    AttentionPolicy,
+    BenchScene,
+    EditPlan,
+    EnergyTerm,
+    Geometry,
+    Pin,
+    Task,
+)
 from diffeditor.masks import (
     check_mask_file,
     check_offset,
@@ -24,7 +32,7 @@ from diffeditor.masks import (
 )
 from diffeditor.specs import EditSpec, path_validators
 
-from . import __version__
+from . import __version__, scenes
 from .appearance import MEMORY_WINDOW
 
 
@@ -41,11 +49,18 @@ class PasteSpec(EditSpec):
     )
     scale: float = Field(1.0, ge=0.01, le=10.0, description="resize factor about the centroid")
     reference_prompt: str = Field("", description="text prompt describing the reference image")
-    guidance_scale: float = Field(4.0, ge=1.0, le=30.0, description="classifier-free guidance")
-    energy_scale: float = Field(1500.0, ge=0.0, le=1e5, description="lambda (reference 1.5 x 1e3)")
-    guidance_k: float = Field(0.04, ge=0.0, le=10.0, description="k (reference 4e-2)")
-    w_edit: float = Field(4.0, ge=0.0, le=100.0, description="weight of the paste energy")
-    w_content: float = Field(6.0, ge=0.0, le=100.0, description="weight of the content energy")
+    task_defaults: ClassVar[dict[str, Any]] = {
+        "guidance_scale": 4.0,
+        "energy_scale": 1500.0,
+        "guidance_k": 0.04,
+        "w_edit": 4.0,
+        "w_content": 6.0,
+    }
+    field_notes: ClassVar[dict[str, str]] = {
+        "energy_scale": "lambda (reference 1.5 x 1e3)",
+        "guidance_k": "k (reference 4e-2)",
+        "w_edit": "weight of the paste energy",
+    }
 
     feature_warp: Literal["nearest", "bilinear"] = Field(
         "nearest",
@@ -146,3 +161,8 @@ class PasteTask(Task):
 @hookimpl
 def register_tasks(register):
     register(PasteTask())
+
+
+@hookimpl
+def register_bench_scenes(register):
+    register(BenchScene("paste", scenes.paste_scene))
