@@ -3,7 +3,8 @@
 ``steps`` overridden to a small count where every schedule window is still non-empty).
 
 A refactor of the sampler must keep these green. Regenerate the file only for a deliberate
-change of the maths: ``OMP_NUM_THREADS=1 python tools/spec_hashes.py --write``.
+change of the maths: ``python tools/spec_hashes.py --write`` (it pins one
+thread: the bits depend on the thread count)..
 """
 
 from __future__ import annotations
