@@ -216,7 +216,10 @@ def test_a_spec_failing_while_editing_does_not_stop_the_batch(shapes_registered,
     failure = [ln for ln in lines if "[2/3] face failed" in ln]
     assert len(failure) == 1 and "face" in failure[0], err
     assert "Traceback" not in err
-    assert lines[-1] == "2 of 3 edits written; failed: [2/3] face"
+    assert lines[-1] == (f"2 of 3 edits done (2 written, 0 already done); 1 failed: see "
+                         f"{tmp_path / 'out' / 'failures.jsonl'}")
+    failures = [json.loads(ln) for ln in (tmp_path / "out" / "failures.jsonl").read_text().splitlines()]
+    assert [f["name"] for f in failures] == ["face"] and "[2/3] face" in failures[0]["error"]
 
 
 # -- edit --check, schema TASK ------------------------------------------------------------------
