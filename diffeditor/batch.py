@@ -59,9 +59,11 @@ class Job:
     hash: str = ""
     group: str = ""  # the source image (real path): edits of one image share an inversion
 
+    where: str = ""  # the spec's file (and manifest line) as given: what messages name
+
     @property
     def label(self) -> str:
-        return self.name
+        return self.where or self.name
 
     def payload(self, args) -> dict:
         """What a worker needs to run this job (plain data: crosses process boundaries)."""
@@ -140,7 +142,7 @@ def _expand(inputs: list[Path]) -> list[tuple[Path, int | None, Any]]:
                     try:
                         found.append((path, k, json.loads(line)))
                     except json.JSONDecodeError as exc:
-                        found.append((path, k, f"line {k}: not valid JSON ({exc.msg})"))
+                        found.append((path, k, f"not valid JSON ({exc.msg})"))
         elif not path.exists() and _has_glob(text):
             matches = sorted(glob.glob(text, recursive=True))
             if not matches:
@@ -163,15 +165,16 @@ def collect(inputs: list[Path]) -> list[Job]:
     jobs = []
     for i, (path, line, data) in enumerate(found):
         rel = Path(os.path.relpath(os.path.abspath(path), root)).with_suffix("").as_posix()
-        job = Job(index=i, name=rel, source=path, spec_path=path)
+        job = Job(index=i, name=rel, source=path, spec_path=path, where=show(path, 200))
         if line is not None:  # a manifest's line: paths relative to the manifest's folder
             job.name = f"{rel}/{line:06d}"
+            job.where = f"{show(path, 200)}:{line}"
             job.base_dir = path.resolve().parent
             job.spec_path = None
             if isinstance(data, str):
-                job.error = data
+                job.error = f"{job.where}: {data}"
             elif not isinstance(data, dict):
-                job.error = f"line {line}: each line must be a JSON object (a spec)"
+                job.error = f"{job.where}: each line must be a JSON object (a spec)"
             else:
                 job.source = dict(data)
         else:
@@ -186,7 +189,7 @@ def collect(inputs: list[Path]) -> list[Job]:
             ident = job.source.pop("id")
             name = _valid_id(ident)
             if name is None:
-                job.error = (f"id: {show(ident, 80)} is not a relative name (letters, digits, "
+                job.error = (f"{job.label}: id: {show(ident, 80)} is not a relative name (letters, digits, "
                              "'/', no '..'); it names the output file")
             else:
                 job.name = name
@@ -233,9 +236,10 @@ def already_done(out: Path, digest: str) -> bool:
 def prepare(jobs: list[Job], out_dir: Path, args, defaults: dict, single_out: Path | None = None
             ) -> tuple[list[Job], list[Outcome]]:
     """Validate the jobs (before any model loads). Returns the jobs to run and the outcomes
-    already known (``skipped``: done in an earlier run; ``failed``: a broken spec). Problems of
-    the command itself (options, an output that exists, two specs writing one file) raise
-    :class:`CheckErrors`; with one spec, so does a broken spec."""
+    already known (``skipped``: done in an earlier run; ``failed``: a broken spec, with
+    ``--skip-invalid``). Broken specs (without ``--skip-invalid``) and problems of the command
+    itself (options, an output that exists, two specs writing one file) raise
+    :class:`CheckErrors`, every one listed, before anything is edited."""
     from .editor import check_spec
     from .imageio import check_output
     from .preflight import _input_files, _key, check_options
@@ -246,6 +250,7 @@ def prepare(jobs: list[Job], out_dir: Path, args, defaults: dict, single_out: Pa
     todo: list[Job] = []
     digests: dict = {}
     inputs: dict[str, str] = {}
+    invalid: list[str] = []  # broken specs: the command fails unless --skip-invalid
     for job in jobs:
         job.out = single_out if single_out is not None else out_dir / f"{job.name}.png"
         if job.error is None:
@@ -260,8 +265,9 @@ def prepare(jobs: list[Job], out_dir: Path, args, defaults: dict, single_out: Pa
             except OSError as exc:  # an input vanished or is unreadable meanwhile
                 job.error = f"{job.label}: {exc.strerror or exc}: {show(exc.filename, 200)}"
         if job.error is not None:
-            if len(jobs) == 1:
-                raise CheckErrors([job.error])
+            if len(jobs) == 1 or not getattr(args, "skip_invalid", False):
+                invalid.append(job.error)
+                continue
             task = job.source.get("task") if isinstance(job.source, dict) else None
             known.append(Outcome(job.index, job.name, "failed", str(job.out), job.error,
                                  task=task if isinstance(task, str) else "(invalid)"))
@@ -276,27 +282,29 @@ def prepare(jobs: list[Job], out_dir: Path, args, defaults: dict, single_out: Pa
             continue
         todo.append(job)
 
-    errors: list[str] = []
+    errors: list[str] = list(invalid)
     seen: set[str] = set()
+    pending = {id(j) for j in todo}
     for job in jobs:
         if job.out is None:
             continue
+        if id(job) in pending:  # (an edit already done is not written again)
+            try:
+                check_output(job.out, force)
+            except DiffEditorError as exc:
+                stale = job.out.with_suffix(".json").is_file()
+                errors.append(str(exc) + (" (made from another spec, model or input: --force "
+                                          "redoes it)" if stale else ""))
+                continue
         for path in (job.out, job.out.with_suffix(".json")):
             key = _key(path)
             if key in inputs:
                 errors.append(f"{show(path, 200)} is {inputs[key]}; inputs are never "
-                              "overwritten: choose another --out-dir")
+                              "overwritten: choose another --out or --out-dir")
             elif key in seen:
                 errors.append(f"{show(path, 200)} would be written twice in this batch; give "
                               "the specs different names or ids")
             seen.add(key)
-    for job in todo:
-        try:
-            check_output(job.out, force)
-        except DiffEditorError as exc:
-            stale = job.out.with_suffix(".json").is_file()
-            errors.append(str(exc) + (" (made from another spec, model or input: --force "
-                                      "redoes it)" if stale else ""))
     errors += check_options(args)
     if errors:
         raise CheckErrors(errors)

@@ -577,6 +577,10 @@ def build_parser(registry=None) -> argparse.ArgumentParser:
                         "with .png (a/b.yaml -> DIR/a/b.png), or its 'id' field + .png; a "
                         "second run skips edits already done (same spec hash in the sidecar), "
                         "failures are listed in DIR/failures.jsonl")
+    p.add_argument("--skip-invalid", action="store_true",
+                   help="in a batch, report a spec that fails the checks (in the summary and "
+                   "DIR/failures.jsonl) and edit the others (default: list every problem and "
+                   "edit nothing, exit status 2)")
     g = p.add_argument_group("scale-out (with the diffeditor-ray plugin)")
     g.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS|auto",
                    help="edit on a Ray cluster: auto = the running cluster, ADDRESS = "
