@@ -91,8 +91,9 @@ def plan_workers(args, n_groups: int, resources: dict, nodes: int) -> tuple[int,
 
 
 def run(todo, known, args, total: int, on_result: Callable | None = None):
-    """Run ``todo`` on Ray; returns ``(outcomes, workers)``. ``on_result(outcomes, actors)`` is
-    called in the driver after each finished group (tests kill a worker from it)."""
+    """Run ``todo`` on Ray; returns ``(outcomes, workers)``. ``on_result(outcomes, actors,
+    infos)`` is called in the driver after each finished group (a test kills a worker from it;
+    ``infos``: each worker's pid, model-load seconds and threads at start)."""
     if not todo:
         return [], 0
     import ray
@@ -138,7 +139,7 @@ def run(todo, known, args, total: int, on_result: Callable | None = None):
                     if bar is not None:
                         bar.update(1)
                 if on_result is not None:
-                    on_result(outcomes, actors)
+                    on_result(outcomes, actors, infos)
         finally:
             if bar is not None:
                 bar.close()
