@@ -340,6 +340,26 @@ def default_threads(workers_per_machine: int = 1) -> int:
     return max(1, cpu_count() // max(1, workers_per_machine))
 
 
+class torch_threads:
+    """``with torch_threads(n):`` torch's intra-op threads set to ``n`` and restored after (so a
+    batch run inside a longer-lived process, a test or the web page, leaves it as it was)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __enter__(self) -> int:
+        import torch
+
+        self.before = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+        return self.n
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        torch.set_num_threads(self.before)
+
+
 def set_threads(n: int) -> int:
     import torch
 

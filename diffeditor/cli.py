@@ -271,7 +271,13 @@ def _run_local(todo, known, args, total: int):
 
     if not todo:
         return [], 1
-    batch.set_threads(args.threads or batch.default_threads(1))
+    with batch.torch_threads(args.threads or batch.default_threads(1)):
+        return _run_local_threads(todo, known, args, total)
+
+
+def _run_local_threads(todo, known, args, total: int):
+    from . import batch
+
     _quiet_libraries()
     editor = _load_editor(args)
     editor.command_line = command_line()
@@ -323,9 +329,13 @@ def _print_checked(paths, specs, model, defaults) -> int:
 def _run(specs, outputs, args, sources=None) -> int:
     """Edit each spec on one loaded model. A spec that fails during its edit is reported in one
     line and the batch goes on; a summary ends a batch, and any failure makes the exit status 1."""
-    from .batch import default_threads, set_threads
+    from .batch import default_threads, torch_threads
 
-    set_threads(getattr(args, "threads", None) or default_threads(1))
+    with torch_threads(getattr(args, "threads", None) or default_threads(1)):
+        return _run_edits(specs, outputs, args, sources)
+
+
+def _run_edits(specs, outputs, args, sources=None) -> int:
     _quiet_libraries()
     editor = _load_editor(args)
     editor.command_line = command_line()
