@@ -392,7 +392,7 @@ def run_one(editor, payload: dict, progress=None) -> Outcome:
     except Exception as exc:  # one failing spec must not stop the batch
         log.info("edit %s failed", name, exc_info=True)
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return Outcome(index, name, "failed", str(out), f"{name}: {msg}",
+        return Outcome(index, name, "failed", str(out), f"{name} failed: {msg}",
                        time.perf_counter() - t0, payload["spec"].get("task", ""))
     return Outcome(index, name, "written", str(out), None, time.perf_counter() - t0,
                    result.spec.task, bool(result.metadata.get("inversion_cached")))

@@ -290,7 +290,7 @@ def _run_local_threads(todo, known, args, total: int):
                 outcome = batch.run_one(editor, job.payload(args),
                                         progress=_progress_factory(args.quiet, label))
                 if outcome.status == "failed" and total == 1:
-                    raise DiffEditorError(outcome.error.split(": ", 1)[1])
+                    raise DiffEditorError(outcome.error.split(" failed: ", 1)[1])
                 if outcome.status == "failed":
                     outcome.error = f"[{job.index + 1}/{total}] {outcome.error}"
                 outcomes.append(outcome)
