@@ -92,13 +92,14 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _add_output_options(p: argparse.ArgumentParser, default_name: str) -> None:
+def _add_output_options(p: argparse.ArgumentParser, default_name: str,
+                        dir_help: str | None = None) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--out", type=Path, metavar="PATH",
                    help="output image (one spec); a .json sidecar is written beside it "
                    f"(default: {default_name} in the current folder)")
     g.add_argument("--out-dir", type=Path, metavar="DIR",
-                   help=f"output folder (default: the current folder): {default_name}")
+                   help=dir_help or f"output folder (default: the current folder): {default_name}")
     p.add_argument("--force", action="store_true",
                    help="overwrite existing outputs (default: an existing file is never overwritten)")
 
@@ -583,10 +584,11 @@ def build_parser(registry=None) -> argparse.ArgumentParser:
                    help="only validate: print each resolved spec, every field with where its "
                    "value came from (spec, model default, task default); no model is loaded")
     _add_model_options(p)
-    _add_output_options(p, default_name="a spec's path below the specs' common folder, "
-                        "with .png (a/b.yaml -> DIR/a/b.png), or its 'id' field + .png; a "
-                        "second run skips edits already done (same spec hash in the sidecar), "
-                        "failures are listed in DIR/failures.jsonl")
+    _add_output_options(p, default_name="SPEC.png, from the spec file's name", dir_help=(
+        "output folder (default: the current folder): each spec's path below the specs' "
+        "common folder, with .png (a/b.yaml -> DIR/a/b.png), or its 'id' field + .png; a "
+        "second run skips edits already done (same spec hash in the sidecar), failures are "
+        "listed in DIR/failures.jsonl"))
     p.add_argument("--skip-invalid", action="store_true",
                    help="in a batch, report a spec that fails the checks (in the summary and "
                    "DIR/failures.jsonl) and edit the others (default: list every problem and "
