@@ -67,16 +67,39 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="image-prompt weights (ip_sd15_64.bin layout) to attach (default: the model's own, if any)")
     p.add_argument("--image-prompt-encoder", metavar="DIR", default=None,
                    help="CLIP vision encoder folder for the image prompt (h94/IP-Adapter models/image_encoder; default: the model's own, if any)")
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="torch CPU threads per worker (default: $OMP_NUM_THREADS if set, else "
+                   "the cores divided among the workers of one machine)")
 
 
-def _add_output_options(p: argparse.ArgumentParser, default_name: str) -> None:
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
+    return value
+
+
+def _add_output_options(p: argparse.ArgumentParser, default_name: str,
+                        dir_help: str | None = None) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--out", type=Path, metavar="PATH",
                    help="output image (one spec); a .json sidecar is written beside it "
                    f"(default: {default_name} in the current folder)")
     g.add_argument("--out-dir", type=Path, metavar="DIR",
-                   help=f"output folder (default: the current folder): {default_name}; specs "
-                   "whose names collide are numbered 000-NAME.png, 001-NAME.png, ...")
+                   help=dir_help or f"output folder (default: the current folder): {default_name}")
     p.add_argument("--force", action="store_true",
                    help="overwrite existing outputs (default: an existing file is never overwritten)")
 
@@ -162,18 +185,6 @@ def cmd_schema(args) -> int:
     return 0
 
 
-def _outputs_for(specs: list[Path], args) -> list[Path]:
-    if args.out is not None:
-        if len(specs) != 1:
-            raise OutputError("--out names one file; use --out-dir DIR for several specs")
-        return [args.out]
-    folder = args.out_dir or Path(".")
-    names = [p.stem for p in specs]
-    if len(set(names)) != len(names):
-        names = [f"{i:03d}-{n}" for i, n in enumerate(names)]
-    return [folder / f"{n}.png" for n in names]
-
-
 def _sidecar_model(paths: list[Path]) -> str | None:
     """The model named by the sidecars among ``paths``, when every spec is a sidecar of one model
     (``diffeditor edit OUT.json`` replays on the model that made OUT.png)."""
@@ -189,22 +200,108 @@ def _sidecar_model(paths: list[Path]) -> str | None:
 
 
 def cmd_edit(args) -> int:
+    """``diffeditor edit``: one spec or a batch (see :mod:`diffeditor.batch`)."""
+    from . import batch
     from .imageio import reserve_outputs
     from .models import resolve_model
-    from .preflight import check_edits
+    from .preflight import _warn_slow
 
+    if args.ray is not None and getattr(args, "ray_runner", None) is None:
+        raise DiffEditorError("--ray needs the diffeditor-ray plugin: pip install "
+                              "./plugins/diffeditor-ray (and ray)")
+    if args.ray is None and (args.workers is not None or args.gpus_per_worker is not None):
+        raise DiffEditorError("--workers and --gpus-per-worker go with --ray")
+    jobs = batch.collect(args.specs)
+    if args.out is not None and len(jobs) != 1:
+        raise OutputError("--out names one file; use --out-dir DIR for several specs")
     if args.model is None:
-        args.model = _sidecar_model(args.specs)
+        args.model = _sidecar_model([j.source for j in jobs if isinstance(j.source, Path)]
+                                    if all(isinstance(j.source, Path) for j in jobs) else [])
     _, entry = resolve_model(args.model, args.registry)
     defaults = dict(entry.defaults) if entry else {}
-    outputs = [] if args.check else _outputs_for(args.specs, args)
-    # every spec, image, mask, output and option, before any model loads (all errors at once)
-    specs = check_edits([(show(p, 200), p) for p in args.specs], outputs, args, defaults,
-                        registry=args.registry)
     if args.check:
-        return _print_checked(args.specs, specs, args.model, defaults)
-    with reserve_outputs(outputs):
-        return _run(specs, outputs, args, sources=args.specs)
+        from .preflight import check_edits
+
+        paths = [j.spec_path for j in jobs]
+        if any(p is None for p in paths) or any(j.error for j in jobs):
+            raise DiffEditorError("--check takes spec files (not manifests or ids)")
+        specs = check_edits([(show(p, 200), p) for p in paths], [], args, defaults,
+                            registry=args.registry)
+        return _print_checked(paths, specs, args.model, defaults)
+    out_dir = args.out_dir or Path(".")
+    todo, known = batch.prepare(jobs, out_dir, args, defaults, single_out=args.out,
+                                registry=args.registry)
+    _warn_slow([j.spec for j in todo], [(j.label, None) for j in todo], args)
+    failures = out_dir / batch.FAILURES_FILE if len(jobs) > 1 else None
+    for o in known:
+        if o.status == "failed":
+            batch.report(o)
+    t0 = __import__("time").perf_counter()
+    runner = args.ray_runner if args.ray is not None else _run_local
+    with reserve_outputs([failures or args.out or out_dir / f"{jobs[0].name}.png"]):
+        outcomes, workers = runner(todo, known, args, len(jobs))
+    return batch.finish(known + outcomes, failures, __import__("time").perf_counter() - t0,
+                        workers)
+
+
+def _load_editor(args):
+    from .editor import Editor
+
+    ip = None
+    if args.image_prompt_weights or args.image_prompt_encoder:
+        if not (args.image_prompt_weights and args.image_prompt_encoder):
+            raise DiffEditorError("give both --image-prompt-weights and --image-prompt-encoder")
+        ip = {"weights": args.image_prompt_weights, "encoder": args.image_prompt_encoder}
+    return Editor.from_pretrained(args.model, device=args.device, dtype=args.dtype, image_prompt=ip,
+                                  cache_dir=args.cache_dir, vae_tiling=args.vae_tiling,
+                                  vae_slicing=args.vae_slicing, attention_slice=args.attention_slice,
+                                  compile=args.compile, registry=getattr(args, "registry", None))
+
+
+def command_line() -> str:
+    import shlex
+
+    return shlex.join(["diffeditor", *(sys.argv[1:] if _ARGV is None else _ARGV)])
+
+
+def _run_local(todo, known, args, total: int):
+    """The batch in this process: one model load, edits grouped by source image."""
+    from . import batch
+
+    if not todo:
+        return [], 1
+    with batch.torch_threads(args.threads or batch.default_threads(1)):
+        return _run_local_threads(todo, known, args, total)
+
+
+def _run_local_threads(todo, known, args, total: int):
+    from . import batch
+
+    _quiet_libraries()
+    editor = _load_editor(args)
+    editor.command_line = command_line()
+    bar = batch.batch_bar(total, args.quiet, initial=len(known))
+    outcomes = []
+    try:
+        for group in batch.groups(todo):
+            for job in group:
+                label = f"[{job.index + 1}/{total}] {job.name}" if total > 1 else job.spec.task
+                outcome = batch.run_one(editor, job.payload(args),
+                                        progress=_progress_factory(args.quiet, label))
+                if outcome.status == "failed" and total == 1:
+                    raise DiffEditorError(outcome.error.split(" failed: ", 1)[1])
+                if outcome.status == "failed":
+                    outcome.error = f"[{job.index + 1}/{total}] {outcome.error}"
+                outcomes.append(outcome)
+                if bar is not None:
+                    bar.clear()
+                batch.report(outcome)
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return outcomes, 1
 
 
 def _print_checked(paths, specs, model, defaults) -> int:
@@ -231,21 +328,16 @@ def _print_checked(paths, specs, model, defaults) -> int:
 def _run(specs, outputs, args, sources=None) -> int:
     """Edit each spec on one loaded model. A spec that fails during its edit is reported in one
     line and the batch goes on; a summary ends a batch, and any failure makes the exit status 1."""
-    import shlex
+    from .batch import default_threads, torch_threads
 
-    from .editor import Editor
+    with torch_threads(getattr(args, "threads", None) or default_threads(1)):
+        return _run_edits(specs, outputs, args, sources)
 
+
+def _run_edits(specs, outputs, args, sources=None) -> int:
     _quiet_libraries()
-    ip = None
-    if args.image_prompt_weights or args.image_prompt_encoder:
-        if not (args.image_prompt_weights and args.image_prompt_encoder):
-            raise DiffEditorError("give both --image-prompt-weights and --image-prompt-encoder")
-        ip = {"weights": args.image_prompt_weights, "encoder": args.image_prompt_encoder}
-    editor = Editor.from_pretrained(args.model, device=args.device, dtype=args.dtype, image_prompt=ip,
-                                    cache_dir=args.cache_dir, vae_tiling=args.vae_tiling,
-                                    vae_slicing=args.vae_slicing, attention_slice=args.attention_slice,
-                                    compile=args.compile, registry=args.registry)
-    editor.command_line = shlex.join(["diffeditor", *(sys.argv[1:] if _ARGV is None else _ARGV)])
+    editor = _load_editor(args)
+    editor.command_line = command_line()
     n = len(specs)
     failed: list[str] = []
     for k, (spec, out) in enumerate(zip(specs, outputs)):
@@ -485,12 +577,33 @@ def build_parser(registry=None) -> argparse.ArgumentParser:
         "In a batch, a spec that fails while editing is reported in one line and the others go "
         "on; the exit status is then 1.")
     p.add_argument("specs", nargs="+", type=Path, metavar="SPEC",
-                   help="spec files (YAML or JSON) or sidecars of earlier outputs (required)")
+                   help="spec files (YAML or JSON), sidecars of earlier outputs, folders (every "
+                   "spec file below), glob patterns ('cases/**/*.json') or JSONL manifests "
+                   "(one spec per line, paths relative to the manifest; an 'id' field names "
+                   "the output) (required)")
     p.add_argument("--check", action="store_true",
                    help="only validate: print each resolved spec, every field with where its "
                    "value came from (spec, model default, task default); no model is loaded")
     _add_model_options(p)
-    _add_output_options(p, default_name="SPEC.png, from each spec file's name")
+    _add_output_options(p, default_name="SPEC.png, from the spec file's name", dir_help=(
+        "output folder (default: the current folder): each spec's path below the specs' "
+        "common folder, with .png (a/b.yaml -> DIR/a/b.png), or its 'id' field + .png; a "
+        "second run skips edits already done (same spec hash in the sidecar), failures are "
+        "listed in DIR/failures.jsonl"))
+    p.add_argument("--skip-invalid", action="store_true",
+                   help="in a batch, report a spec that fails the checks (in the summary and "
+                   "DIR/failures.jsonl) and edit the others (default: list every problem and "
+                   "edit nothing, exit status 2)")
+    g = p.add_argument_group("scale-out (with the diffeditor-ray plugin)")
+    g.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS|auto",
+                   help="edit on a Ray cluster: auto = the running cluster, ADDRESS = "
+                   "ray://host:10001 or host:port; alone: a local Ray instance on this "
+                   "machine (default: no Ray, one process)")
+    g.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+                   help="worker actors, each loading the model once (default: the cluster's "
+                   "GPUs / --gpus-per-worker, else its CPUs / --threads)")
+    g.add_argument("--gpus-per-worker", type=_positive_float, default=None, metavar="F",
+                   help="GPUs per worker actor, fractions allowed (default: 0, CPU workers)")
     p.set_defaults(func=cmd_edit)
 
     p = sub.add_parser("tasks", help="list the registered editing tasks",

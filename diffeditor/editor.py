@@ -27,6 +27,27 @@ from .specs import EditSpec, parse_spec
 log = logging.getLogger(__name__)
 
 
+#: the aspect-ratio change an edit may make without padding (1%)
+ASPECT_TOLERANCE = 0.01
+
+
+def working_geometry(input_hw: tuple[int, int], resolution: int, multiple: int = 64
+                     ) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``(content_hw, work_hw)``: the image scaled to an area of about ``resolution**2`` keeping
+    its aspect ratio (``content_hw``), inside a working image padded at the bottom and right to
+    sides that are multiples of ``multiple`` (``work_hw``; what the model needs). Where sides
+    rounded to multiples keep the aspect ratio within :data:`ASPECT_TOLERANCE` (a square image;
+    512x768 at 768 -> 640x960) the image fills the working image, unpadded, as it always did."""
+    h, w = input_hw
+    fit = working_size(input_hw, resolution, multiple)
+    if abs((fit[1] / fit[0]) / (w / h) - 1) <= ASPECT_TOLERANCE:
+        return fit, fit
+    k = resolution / math.sqrt(h * w)
+    content = (max(1, int(round(h * k))), max(1, int(round(w * k))))
+    work = tuple(max(multiple, -(-c // multiple) * multiple) for c in content)
+    return content, work  # type: ignore[return-value]
+
+
 def working_size(input_hw: tuple[int, int], resolution: int, multiple: int = 64) -> tuple[int, int]:
     """Scale to an area of about ``resolution**2`` with sides a multiple of ``multiple``
     (the reference's ``resize_numpy_image``)."""
@@ -282,11 +303,17 @@ class Editor:
         input_hw = (pil["source"].height, pil["source"].width)
         task.check(spec, input_hw)
         resolution = spec.resolution or self.default_resolution()
-        work_hw = working_size(input_hw, resolution)
-        geom = Geometry(input_hw, work_hw, self.engine.vae_scale, spec.feature_scale)
-        tensors = {name: to_tensor(im, work_hw) for name, im in pil.items()}
+        content_hw, work_hw = working_geometry(input_hw, resolution, self.size_multiple())
+        geom = Geometry(input_hw, work_hw, self.engine.vae_scale, spec.feature_scale, content_hw)
+        tensors = {name: to_tensor(im, content_hw, pad=work_hw) for name, im in pil.items()}
         plan = task.plan(spec, tensors, geom)
         return task, plan, geom
+
+    def size_multiple(self) -> int:
+        """What the working image's sides must be multiples of: the VAE's factor times the
+        UNet's downsampling (64 for SD 1.5 and for the shapes model)."""
+        blocks = len(getattr(self.engine.unet.config, "down_block_types", ()) or ()) or 4
+        return int(self.engine.vae_scale * 2 ** (blocks - 1))
 
     def model_hash(self) -> str | None:
         """SHA-256 of the model folder's contents (computed once; ``None`` for an uncached hub id)."""
@@ -326,10 +353,12 @@ class Editor:
             raise DiffEditorError(
                 "the edit produced non-finite values (NaN or infinity), so there is no image to "
                 "write; lower energy_scale or guidance_k, or try --dtype float32")
-        image = to_pil(out.image)
+        ch, cw = geom.content  # crop the padding away, then back to the input's size
+        image = to_pil(out.image[..., :ch, :cw])
         if (image.height, image.width) != geom.input_hw:
             image = image.resize((geom.input_hw[1], geom.input_hw[0]), Image.BICUBIC)
-        masks = {k: to_pil(v.expand(-1, 3, -1, -1) * 2 - 1) for k, v in plan.masks.items()}
+        masks = {k: to_pil(v[..., :ch, :cw].expand(-1, 3, -1, -1) * 2 - 1)
+                 for k, v in plan.masks.items()}
         timings = dict(out.timings)
         timings["wall"] = time.perf_counter() - t0
         meta = {
@@ -340,6 +369,7 @@ class Editor:
             "device": str(self.engine.device),
             "dtype": str(self.engine.dtype).replace("torch.", ""),
             "working_size": list(geom.work_hw),
+            "content_size": list(geom.content),
             "versions": _versions(),
             "timings_s": {k: round(v, 4) for k, v in timings.items()},
             "inversion_cached": out.inversion_cached,

@@ -117,20 +117,35 @@ def load_mask(
     return mask
 
 
-def to_tensor(image: Image.Image, hw: tuple[int, int] | None = None) -> torch.Tensor:
-    """PIL RGB -> ``(1, 3, H, W)`` float in [-1, 1], optionally resized (bicubic) to ``hw``."""
+def pad_to(x: torch.Tensor, hw: tuple[int, int] | None, mode: str) -> torch.Tensor:
+    """Pad ``(N, C, h, w)`` at the bottom and right to ``hw`` (``"replicate"``: the edge pixels
+    repeated, for images; ``"constant"``: zeros, for masks). Points keep their coordinates."""
+    if hw is None or tuple(x.shape[-2:]) == tuple(hw):
+        return x
+    dh, dw = hw[0] - x.shape[-2], hw[1] - x.shape[-1]
+    if dh < 0 or dw < 0:
+        raise ValueError(f"cannot pad {tuple(x.shape[-2:])} to a smaller {tuple(hw)}")
+    return torch.nn.functional.pad(x, (0, dw, 0, dh), mode=mode)
+
+
+def to_tensor(image: Image.Image, hw: tuple[int, int] | None = None,
+              pad: tuple[int, int] | None = None) -> torch.Tensor:
+    """PIL RGB -> ``(1, 3, H, W)`` float in [-1, 1], optionally resized (bicubic) to ``hw``,
+    then padded (edge pixels repeated, bottom and right) to ``pad``."""
     if hw is not None and (image.height, image.width) != tuple(hw):
         image = image.resize((hw[1], hw[0]), Image.BICUBIC)
     arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(2, 0, 1)[None].contiguous()
+    return pad_to(torch.from_numpy(arr).permute(2, 0, 1)[None].contiguous(), pad, "replicate")
 
 
-def mask_tensor(mask: np.ndarray, hw: tuple[int, int] | None = None) -> torch.Tensor:
-    """bool ``(H, W)`` -> float ``(1, 1, H, W)``, resized with nearest neighbour to ``hw``."""
+def mask_tensor(mask: np.ndarray, hw: tuple[int, int] | None = None,
+                pad: tuple[int, int] | None = None) -> torch.Tensor:
+    """bool ``(H, W)`` -> float ``(1, 1, H, W)``, resized with nearest neighbour to ``hw``, then
+    padded with zeros (bottom and right: the padding is never part of a region) to ``pad``."""
     t = torch.from_numpy(np.ascontiguousarray(mask)).float()[None, None]
     if hw is not None and tuple(t.shape[-2:]) != tuple(hw):
         t = torch.nn.functional.interpolate(t, size=hw, mode="nearest")
-    return t
+    return pad_to(t, pad, "constant")
 
 
 def to_pil(x: torch.Tensor) -> Image.Image:

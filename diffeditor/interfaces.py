@@ -83,6 +83,14 @@ class Geometry:
     work_hw: tuple[int, int]
     vae_scale: int = 8
     feature_scale: int = 2
+    #: the image's own part of the working image (top-left; the rest is padding that makes the
+    #: sides a multiple of the model's): ``None`` = all of it
+    content_hw: tuple[int, int] | None = None
+
+    @property
+    def content(self) -> tuple[int, int]:
+        """``(height, width)`` of the image inside the working image (``work_hw`` unpadded)."""
+        return tuple(self.content_hw) if self.content_hw is not None else tuple(self.work_hw)
 
     @property
     def latent_hw(self) -> tuple[int, int]:
@@ -95,8 +103,10 @@ class Geometry:
 
     @property
     def scale_xy(self) -> tuple[float, float]:
-        """(sx, sy): working pixels per input pixel along x and y."""
-        return (self.work_hw[1] / self.input_hw[1], self.work_hw[0] / self.input_hw[0])
+        """(sx, sy): working pixels per input pixel along x and y (of the image's own part:
+        points keep their place when the working image is padded at the bottom and right)."""
+        h, w = self.content
+        return (w / self.input_hw[1], h / self.input_hw[0])
 
     def pixels_per_cell(self, grid: Literal["latent", "feature"]) -> float:
         """Working-image pixels per cell of the latent or feature grid."""

@@ -25,7 +25,7 @@ from .interfaces import Geometry
 def work_mask(path: Path, field: str, geom: Geometry) -> Tensor:
     """Load a mask at the input size (checked) and resample it to the working size."""
     m = load_mask(path, field, geom.input_hw)
-    return mask_tensor(m, geom.work_hw)
+    return mask_tensor(m, geom.content, pad=geom.work_hw)
 
 
 def reference_work_mask(spec, geom: Geometry) -> Tensor:
@@ -34,7 +34,7 @@ def reference_work_mask(spec, geom: Geometry) -> Tensor:
     from .imageio import image_size
 
     ref_geom = Geometry(image_size(spec.reference, "reference"), geom.work_hw, geom.vae_scale,
-                        geom.feature_scale)
+                        geom.feature_scale, geom.content_hw)
     return work_mask(spec.reference_mask, "reference_mask", ref_geom)
 
 

@@ -53,16 +53,17 @@ class TaskConformance:
 
     # -- helpers -------------------------------------------------------------------------------
     def _build(self, tmp_path: Path) -> tuple[Any, Any, EditPlan, Geometry]:
-        from .editor import check_spec, working_size
+        from .editor import check_spec, working_geometry
         from .imageio import load_image, to_tensor
 
         reg = self.registry()
         task = reg.task(self.task_name)
         spec = parse_spec(self.example_spec(tmp_path), base_dir=tmp_path, registry=reg)
         input_hw = check_spec(spec, registry=reg)
-        work_hw = working_size(input_hw, spec.resolution or 128)
-        geom = Geometry(input_hw, work_hw, 8, spec.feature_scale)
-        images = {k: to_tensor(load_image(p), work_hw) for k, p in task.images(spec).items()}
+        content_hw, work_hw = working_geometry(input_hw, spec.resolution or 128)
+        geom = Geometry(input_hw, work_hw, 8, spec.feature_scale, content_hw)
+        images = {k: to_tensor(load_image(p), content_hw, pad=work_hw)
+                  for k, p in task.images(spec).items()}
         return task, spec, task.plan(spec, images, geom), geom
 
     def _features(self, geom: Geometry, levels, requires_grad=False, seed: int = 0,

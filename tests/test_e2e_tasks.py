@@ -183,7 +183,7 @@ def test_dragbench_sample_runs_through_the_cli(tmp_path, shapes_registered, caps
     outs = tmp_path / "out"
     code = main(["edit", *specs, "--model", "shapes", "--out-dir", str(outs), "-q"])
     assert code == 0, capsys.readouterr().err
-    pngs = sorted(outs.glob("*.png"))
+    pngs = sorted(outs.glob("*/spec.png"))  # named by the spec's path below the common folder
     assert len(pngs) == 10
     for spec_path, png in zip(sorted(specs), pngs):
         src = json.loads(Path(spec_path).read_text())

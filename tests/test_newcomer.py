@@ -209,14 +209,19 @@ def test_a_spec_failing_while_editing_does_not_stop_the_batch(shapes_registered,
                  str(tmp_path / "out")])  # with progress bars: each names its spec
     out, err = capsys.readouterr()
     assert code == 1, err
-    assert f"[1/3] {specs[0].stem}: inversion" in err and f"[3/3] {specs[2].stem}: editing" in err
-    written = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
-    assert written == sorted([specs[0].stem + ".png", specs[2].stem + ".png"])
+    # named by their paths below the specs' common folder (tmp_path)
+    assert f"[1/3] specs/{specs[0].stem}: inversion" in err
+    assert f"[3/3] specs/{specs[2].stem}: editing" in err
+    written = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.png"))
+    assert written == sorted([f"specs/{specs[0].stem}.png", f"specs/{specs[2].stem}.png"])
     lines = [ln.split("\r")[-1].strip() for ln in err.strip().splitlines()]  # past the bars
     failure = [ln for ln in lines if "[2/3] face failed" in ln]
     assert len(failure) == 1 and "face" in failure[0], err
     assert "Traceback" not in err
-    assert lines[-1] == "2 of 3 edits written; failed: [2/3] face"
+    assert lines[-1] == (f"2 of 3 edits done (2 written, 0 already done); 1 failed: see "
+                         f"{tmp_path / 'out' / 'failures.jsonl'}")
+    failures = [json.loads(ln) for ln in (tmp_path / "out" / "failures.jsonl").read_text().splitlines()]
+    assert [f["name"] for f in failures] == ["face"] and "[2/3] face" in failures[0]["error"]
 
 
 # -- edit --check, schema TASK ------------------------------------------------------------------

@@ -73,7 +73,8 @@ def test_the_readme_test_command_is_what_ci_runs():
     ci = [ln for ln in (REPO / ".ci" / "run").read_text().splitlines()
           if ln.strip() and not ln.startswith(("#", "set ", "cd ", "export "))]
     assert ci == [block]
-    for plugin in ("diffeditor-shapes", "diffeditor-eval", "diffeditor-example", "diffeditor-ui"):
+    for plugin in ("diffeditor-shapes", "diffeditor-eval", "diffeditor-example", "diffeditor-ui",
+                   "diffeditor-ray"):
         assert f"./plugins/{plugin}" in block, f"{plugin} is not installed by CI"
 
 

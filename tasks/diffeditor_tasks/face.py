@@ -85,7 +85,7 @@ class FaceTask(Task):
                 pts = detect_landmarks(pil)
             except LandmarkError as exc:
                 raise SpecError(str(exc), field) from None
-            sx, sy = geom.work_hw[1] / pil.width, geom.work_hw[0] / pil.height
+            sx, sy = geom.content[1] / pil.width, geom.content[0] / pil.height
             points[name] = [(float(x) * sx, float(y) * sy) for x, y in pts]
         handles, targets = points["source"], points["reference"]
         e_edit, e_handle = drag_energies(handles, targets, geom)

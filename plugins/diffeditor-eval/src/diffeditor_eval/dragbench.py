@@ -38,7 +38,9 @@ log = logging.getLogger(__name__)
 IMAGE_FILE = "original_image.png"
 META_FILE = "meta_data.pkl"
 #: File names looked for inside an edited case folder, in order (the first is DragDiffusion's).
-EDITED_FILES = ("dragged_image.png", "edited.png", "edited_image.png", "result.png", "output.png")
+EDITED_FILES = ("dragged_image.png", "edited.png", "edited_image.png", "result.png", "output.png",
+                "spec.png")  # spec.png: what `diffeditor edit SPECS --out-dir EDITED` writes
+                             # for the folders of `diffeditor eval dragbench-specs`
 
 
 class DragBenchFormatError(DiffEditorError, ValueError):
@@ -517,6 +519,30 @@ def iter_dragbench(root: str | os.PathLike, *, strict: bool = True) -> Iterator[
 
 def _json_points(points: np.ndarray) -> list[list[float | int]]:
     return [[int(v) if float(v).is_integer() else float(v) for v in p] for p in points.tolist()]
+
+
+def spec_folder(case: DragCase, root: str | os.PathLike) -> Path:
+    """Where :func:`write_specs` puts a case's spec: ``<root>/<category>/<name>`` (or
+    ``<root>/<name>``). ``diffeditor edit <root> --out-dir EDITED`` then writes
+    ``EDITED/<category>/<name>/spec.png``, which :func:`find_edited` reads."""
+    root = Path(root)
+    return root / case.category / case.name if case.category else root / case.name
+
+
+def write_specs(cases: Sequence[DragCase], root: str | os.PathLike,
+                steps: int | None = None) -> list[Path]:
+    """Every case as ``spec.json`` (+ ``image.png``, ``mask.png``) in :func:`spec_folder`;
+    returns the spec files. ``steps`` overrides the task's default number of steps."""
+    paths = []
+    for case in cases:
+        folder = spec_folder(case, root)
+        spec = case_to_spec(case, folder, spec_name=None)
+        if steps is not None:
+            spec["steps"] = steps
+        path = folder / "spec.json"
+        path.write_text(json.dumps(spec, indent=2) + "\n")
+        paths.append(path)
+    return paths
 
 
 def case_to_spec(

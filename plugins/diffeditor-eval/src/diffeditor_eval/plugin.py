@@ -83,6 +83,42 @@ def add_dragbench(benchmarks) -> None:
     p.set_defaults(func=run_dragbench)
 
 
+@eval_command
+def add_dragbench_specs(benchmarks) -> None:
+    p = benchmarks.add_parser(
+        "dragbench-specs",
+        help="write every DragBench case as a diffeditor drag spec (for diffeditor edit)",
+        description=(
+            "Write every DragBench case as OUT/<category>/<name>/spec.json (with image.png and "
+            "mask.png beside it). 'diffeditor edit OUT --out-dir EDITED' then edits them all, "
+            "writing EDITED/<category>/<name>/spec.png, which 'diffeditor eval dragbench BENCH "
+            "--edited EDITED' scores."
+        ),
+    )
+    p.add_argument("bench", type=Path, metavar="DIR", help="the DragBench folder (original format)")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR",
+                   help="folder for the spec folders (required)")
+    p.add_argument("--steps", type=int, default=None, metavar="N",
+                   help="denoising steps of every spec (default: the drag task's own)")
+    p.add_argument("--force", action="store_true", help="write into an existing, non-empty --out")
+    p.set_defaults(func=run_dragbench_specs)
+
+
+def run_dragbench_specs(args: argparse.Namespace) -> int:
+    from diffeditor.errors import OutputError
+
+    from .dragbench import iter_dragbench, write_specs
+
+    if args.steps is not None and args.steps < 1:
+        raise OutputError(f"--steps must be at least 1, not {args.steps}")
+    if args.out.exists() and any(args.out.iterdir()) and not args.force:
+        raise OutputError(f"{args.out} exists and is not empty; choose another --out or add --force")
+    cases = list(iter_dragbench(args.bench))
+    paths = write_specs(cases, args.out, steps=args.steps)
+    print(f"{len(paths)} specs written under {args.out}")
+    return 0
+
+
 def _metric_list(text: str) -> list[str]:
     wanted = [m.strip().lower() for m in text.split(",") if m.strip()]
     unknown = sorted(set(wanted) - {"md", "if", "dai"})
