@@ -11,6 +11,7 @@ image prompt's resampler reads (``ImagePromptEncoder.encode``), with the same pr
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -150,6 +151,11 @@ def save_tower(model, processor, out: str | Path, fp16: bool = True) -> None:
             m = m.half()
         m.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
+        mask = os.umask(0)
+        os.umask(mask)
+        tmp.chmod(0o777 & ~mask)
+        for f in tmp.iterdir():
+            f.chmod(0o666 & ~mask)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
