@@ -5,6 +5,7 @@ image prompt (it changes edits)."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -168,6 +169,11 @@ def test_image_prompt_resume_is_bit_exact(tiny_encoder, tmp_path):
     for g in a:
         for k in a[g]:
             assert torch.equal(a[g][k], b[g][k])
+    # --export-only writes the checkpoint's weights without data or training
+    assert run(*common, "--steps", 4, "--export-only", "--checkpoint", str(straight) + ".ckpt",
+               "--out", tmp_path / "c.bin") == 0
+    c = load_ip_state_dict(tmp_path / "c.bin")
+    assert all(torch.equal(a[g][k], c[g][k]) for g in a for k in a[g])
     # a changed setting is refused on resume, in one line
     assert run(*common[:-1], "--steps", 5, "--lr", "2e-3", "--resume", "--out", split) == 2
 
@@ -235,3 +241,42 @@ def test_folder_dataset(tmp_path):
     (tmp_path / "captions.jsonl").write_text(json.dumps({"file": "a.png", "caption": "grey"}) + "\n")
     pairs = folder_pairs(tmp_path, 128)
     assert pairs.captions == ["grey"] and pairs.images[0].shape == (128, 128, 3)
+
+
+# -- the shipped shapes image prompt ------------------------------------------------------------
+
+
+def test_shapes_model_ships_its_image_tower_and_image_prompt():
+    from diffeditor_shapes.plugin import model_entry
+
+    entry = model_entry()
+    assert entry.image_prompt is not None, "the shapes model card names no image prompt"
+    weights, encoder = Path(entry.image_prompt["weights"]), Path(entry.image_prompt["encoder"])
+    files = [weights, *[p for p in encoder.iterdir() if p.is_file()]]
+    assert sum(p.stat().st_size for p in files) < 2_700_000  # the tree's 64 MiB budget
+    enc = ImagePromptEncoder.from_pretrained(encoder)
+    sd = load_ip_state_dict(weights)
+    assert sd["image_proj"]["proj_in.weight"].shape[1] == enc.hidden_size
+    assert sd["image_proj"]["latents"].shape[1] == 64
+
+
+def test_the_trained_shapes_image_prompt_changes_edits(tmp_path):
+    """Not a no-op: the same appearance edit with the image prompt on and off differs."""
+    import json
+
+    import numpy as np
+    from diffeditor_shapes.scenes import make_case, save_case
+
+    from diffeditor import Editor
+
+    editor = Editor.from_pretrained("shapes", device="cpu")
+    assert editor.engine.image_prompt is not None  # --model shapes loads it by default
+    case = make_case("appearance", 3)
+    spec = json.loads(Path(save_case(case, tmp_path)).read_text())
+    out = {}
+    for gamma in (0.0, 0.5):
+        data = {**spec, "steps": 10, "image_prompt_scale": gamma}
+        out[gamma] = np.asarray(editor.edit(data, base_dir=tmp_path).image.convert("RGB"),
+                                dtype=np.float64)
+    diff = np.abs(out[0.0] - out[0.5]).mean()
+    assert diff > 0.5, diff  # mean absolute difference on the 0..255 scale

@@ -210,12 +210,14 @@ def train_image_prompt(args) -> dict:
         raise TrainError("--num-tokens, --resampler-width and --resampler-heads must be positive")
     if not 0 <= args.drop_text + args.drop_image + args.drop_both <= 1:
         raise TrainError("--drop-text + --drop-image + --drop-both must lie in [0, 1]")
-    size = int(unet.config.sample_size) * 2 ** (len(parts.vae.config.block_out_channels) - 1)
-    pairs = load_pairs(args.data, args.shapes, size, seed=args.data_seed)
-    cache = build_cache(parts, encoder, pairs, device)
     init = initial_state_dict(unet, encoder.hidden_size, args.num_tokens, width, heads, args.seed)
     attach_image_prompt(unet, init, 1.0, num_tokens=args.num_tokens)
     mods = trainable_modules(unet)
+    if getattr(args, "export_only", False):
+        return _export_checkpoint(args, unet, mods)
+    size = int(unet.config.sample_size) * 2 ** (len(parts.vae.config.block_out_channels) - 1)
+    pairs = load_pairs(args.data, args.shapes, size, seed=args.data_seed)
+    cache = build_cache(parts, encoder, pairs, device)
     for m in mods.values():
         m.requires_grad_(True)
     params = [p for m in mods.values() for p in m.parameters()]
@@ -237,4 +239,25 @@ def train_image_prompt(args) -> dict:
     return {"steps": result.step, "first_loss": result.losses[0] if result.losses else None,
             "final_loss": result.losses[-1] if result.losses else None,
             "seconds": result.seconds, "cpu_seconds": result.cpu_seconds, "out": str(args.out),
+            "bytes": Path(args.out).stat().st_size}
+
+
+def _export_checkpoint(args, unet, mods) -> dict:
+    """``--export-only``: write the weights file from ``--checkpoint`` (no data, no training)."""
+    from diffeditor.image_prompt import load_ip_state_dict, validate_ip_state_dict
+
+    ckpt = Path(args.checkpoint)
+    if not ckpt.is_file():
+        raise TrainError(f"--export-only: no checkpoint at {ckpt}")
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    if set(state.get("modules", {})) != set(mods):
+        raise TrainError(f"--export-only: {ckpt} is not an image-prompt checkpoint of this model")
+    for name, module in mods.items():
+        module.load_state_dict(state["modules"][name])
+    sd = export_state_dict(unet, torch.float32 if args.fp32 else torch.float16)
+    save_ip_file(sd, args.out)
+    validate_ip_state_dict(load_ip_state_dict(args.out), unet, num_tokens=args.num_tokens)
+    losses = state.get("losses", [])
+    return {"steps": state["step"], "first_loss": losses[0] if losses else None,
+            "final_loss": losses[-1] if losses else None, "out": str(args.out),
             "bytes": Path(args.out).stat().st_size}

@@ -134,6 +134,8 @@ def register_commands(subparsers):
     p.add_argument("--drop-image", type=float, default=0.05, help="P(image only dropped)")
     p.add_argument("--drop-both", type=float, default=0.05, help="P(both dropped)")
     p.add_argument("--fp32", action="store_true", help="store float32 weights (default fp16)")
+    p.add_argument("--export-only", action="store_true",
+                   help="write --out from --checkpoint (its latest step) without training")
     _data(p)
     _common(p, steps=1000, batch=16, lr=1e-4)
     p.set_defaults(func=_cmd_image_prompt)
