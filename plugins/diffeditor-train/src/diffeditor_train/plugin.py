@@ -104,7 +104,7 @@ def register_commands(subparsers):
     sub = parser.add_subparsers(dest="train_what", metavar="WHAT", required=True)
 
     p = sub.add_parser(
-        "image-encoder", help="a small CLIPVisionModelWithProjection, contrastive against the "
+        "image-encoder", description="Train a small CLIP image tower against the frozen text encoder of a model (locked-text contrastive tuning).", help="a small CLIPVisionModelWithProjection, contrastive against the "
         "model's frozen text encoder (locked-text tuning)")
     p.add_argument("--model", default="shapes", help="model whose text encoder is the target "
                    "(name or folder; default shapes)")
@@ -118,7 +118,7 @@ def register_commands(subparsers):
     p.set_defaults(func=_cmd_image_encoder)
 
     p = sub.add_parser(
-        "image-prompt", help="the image prompt (IP-Adapter-Plus resampler + to_k_ip/to_v_ip) "
+        "image-prompt", description="Train the image prompt (resampler and per-layer image K/V) against the frozen UNet; writes the ip_sd15_64.bin layout.", help="the image prompt (IP-Adapter-Plus resampler + to_k_ip/to_v_ip) "
         "against the frozen UNet; writes the ip_sd15_64.bin layout")
     p.add_argument("--model", default="shapes", help="base model (name or folder; default shapes)")
     p.add_argument("--out", type=Path, required=True, metavar="FILE",
@@ -141,7 +141,7 @@ def register_commands(subparsers):
     p.set_defaults(func=_cmd_image_prompt)
 
     p = sub.add_parser(
-        "ldm", help="the recipe of the bundled shapes-ldm: VAE, then text encoder + UNet from "
+        "ldm", description="Train a shapes-ldm model with the bundled model's recipe: VAE, then text encoder and UNet from scratch.", help="the recipe of the bundled shapes-ldm: VAE, then text encoder + UNet from "
         "scratch, on the shapes world")
     p.add_argument("--shapes", type=int, default=40000, metavar="N",
                    help="scenes to cache latents of (default 40000, the recipe)")
