@@ -9,7 +9,7 @@ import nox
 
 nox.options.sessions = ["lint", "tests"]
 PLUGINS = ["./plugins/diffeditor-shapes", "./plugins/diffeditor-eval", "./plugins/diffeditor-example",
-           "./plugins/diffeditor-ui[test]"]
+           "./plugins/diffeditor-ui[test]", "./plugins/diffeditor-ray", "./plugins/diffeditor-train"]
 
 
 def _install(session: nox.Session) -> None:
