@@ -616,3 +616,19 @@ def test_cli_dragbench_nothing_to_score(tmp_path):
         ["eval", "dragbench", str(bench), "--edited", str(tmp_path / "none"), "--metrics", "dai"]
     )
     assert args.func(args) == plugin.EXIT_NOTHING_SCORED
+
+
+def test_shapes_ablation_wins_over_set_overrides():
+    """``--set image_prompt_scale=1 --ablation no_image_prompt`` must switch the image prompt
+    off: the ablation's fields override ``--set``'s, and ``--set`` still applies to the rest."""
+    from diffeditor_eval.shapes_eval import ABLATIONS, case_overrides
+
+    given = {"image_prompt_scale": 1.0, "energy_scale": 2000.0,
+             "schedule": {"time_travel_repeats": 5, "guidance": [{"start": 0.0, "stop": 0.5}]}}
+    assert case_overrides("full", given) == given
+    assert case_overrides("no_image_prompt", given)["image_prompt_scale"] == 0.0
+    assert case_overrides("no_image_prompt", given)["energy_scale"] == 2000.0
+    tt = case_overrides("no_time_travel", given)["schedule"]
+    assert tt["time_travel_repeats"] == ABLATIONS["no_time_travel"]["schedule"]["time_travel_repeats"]
+    assert tt["guidance"] == [{"start": 0.0, "stop": 0.5}]
+    assert given["image_prompt_scale"] == 1.0  # not mutated

@@ -70,6 +70,12 @@ def _deep_update(base: dict, extra: dict) -> dict:
     return out
 
 
+def case_overrides(ablation: str, overrides: dict | None = None) -> dict:
+    """The spec fields a case runs with: ``overrides`` (``--set``), then the ablation's, which
+    win (``--set image_prompt_scale=1 --ablation no_image_prompt`` is the image prompt off)."""
+    return _deep_update(overrides or {}, ABLATIONS[ablation])
+
+
 def score_case(case, edited: np.ndarray) -> dict[str, float]:
     """Score one edited image (H, W, 3 uint8) against the case's truth."""
     from diffeditor_shapes.scenes import centroid, dilate, iou, psnr, subject_mask_by_colour
@@ -208,7 +214,7 @@ def evaluate(tasks, cases: int, ablations, model: str = "shapes", device: str = 
 
     def job_args(ab, task, s):
         folder = str(Path(save_images) / ab) if save_images is not None else None
-        return (task, s, _deep_update(ABLATIONS[ab], overrides or {}), steps, prompt, with_ceiling,
+        return (task, s, case_overrides(ab, overrides), steps, prompt, with_ceiling,
                 folder)
 
     t0 = time.perf_counter()
