@@ -257,7 +257,7 @@ def prepare(jobs: list[Job], out_dir: Path, args, defaults: dict, single_out: Pa
             try:
                 job.spec = parse_spec(job.source, base_dir=job.base_dir, defaults=defaults,
                                       registry=registry, source=job.label)
-                check_spec(job.spec, registry)
+                check_spec(job.spec, registry=registry)
                 job.hash = spec_hash(job.spec, args.model, args.dtype, digests)
             except DiffEditorError as exc:
                 msg = str(exc)
