@@ -304,3 +304,30 @@ def test_out_of_tree_sampler_encoder_and_energy_from_one_spec(outside, editor, d
         assert np.abs(a - b).mean() > 0.5, "the selected encoder made no difference"
     finally:
         editor.engine.text_prompt_encoder = CLIP
+
+
+# -- one vocabulary for modes ----------------------------------------------------------------------
+
+def test_eval_ablation_old_name_still_runs_with_a_deprecation_note(tmp_path, capsys):
+    """`no_<mechanism>` switches a mechanism off: the SDE ablation is `no_sde` now; its old
+    name `sde_none` still runs the same ablation, with a note."""
+    import json
+
+    from diffeditor.cli import main
+    from diffeditor.plugins import get_registry
+
+    if "shapes" not in get_registry().models:
+        pytest.skip("diffeditor-shapes is not installed")
+    pytest.importorskip("diffeditor_eval")
+    from diffeditor_eval.shapes_eval import ABLATIONS
+
+    assert "sde_none" not in ABLATIONS
+    assert ABLATIONS["no_sde"] == {"sde_strength": 0.0, "sde_strength_outside": 0.0}
+    args = ["eval", "shapes", "--task", "move", "--cases", "1", "--steps", "2",
+            "--ablation", "sde_none", "--json", str(tmp_path / "a.json")]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "ablation 'sde_none' is deprecated: it is now called 'no_sde'" in err
+    report = json.loads((tmp_path / "a.json").read_text())
+    assert report["settings"]["ablations"] == ["no_sde"]
+    assert {row["ablation"] for row in report["cases"]} == {"no_sde"}
