@@ -331,3 +331,34 @@ def test_eval_ablation_old_name_still_runs_with_a_deprecation_note(tmp_path, cap
     report = json.loads((tmp_path / "a.json").read_text())
     assert report["settings"]["ablations"] == ["no_sde"]
     assert {row["ablation"] for row in report["cases"]} == {"no_sde"}
+
+
+# -- housekeeping --------------------------------------------------------------------------------
+
+def test_one_mask_resampler():
+    """Masks change grids in one function, ``geometry.resample_mask`` (coverage or nearest);
+    the only other resize in the kernel is of features (``features.py``)."""
+    from pathlib import Path
+
+    import diffeditor
+    from diffeditor.geometry import resample_mask
+
+    kernel = Path(diffeditor.__file__).parent
+    users = sorted(p.name for p in kernel.glob("*.py") if "interpolate(" in p.read_text())
+    assert users == ["features.py", "geometry.py"]
+    m = torch.zeros(1, 1, 8, 8)
+    m[..., 0:3, 0:3] = 1  # covers 9 of the 16 cells of the top-left 4x4 block
+    assert resample_mask(m, (2, 2)).tolist() == [[[[1.0, 0.0], [0.0, 0.0]]]]
+    tiny = torch.zeros(1, 1, 8, 8)
+    tiny[..., 7, 7] = 1  # under half a cell: coverage keeps the one covered cell
+    assert resample_mask(tiny, (2, 2)).tolist() == [[[[0.0, 0.0], [0.0, 1.0]]]]
+    assert resample_mask(m, (16, 16), "nearest").sum() == 9 * 4
+    with pytest.raises(ValueError, match="rule must be"):
+        resample_mask(m, (2, 2), "area")
+
+
+def test_the_unused_protocols_are_gone():
+    import diffeditor.interfaces as itf
+
+    assert not hasattr(itf, "Sampler") and not hasattr(itf, "EnergyFunction")
+    assert itf.PromptEncoder == itf.TextPromptEncoder | itf.ImagePromptAdapter
