@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
+from .geometry import resample_mask
 from .interfaces import AttentionPolicy
 
 BankMode = Literal["off", "record", "inject"]
@@ -81,7 +82,7 @@ class MemoryBank:
             lh, lw = self.latent_hw
             down = math.sqrt(lh * lw / tokens)
             hw = (round(lh / down), round(lw / down))
-            m = F.interpolate(mask.float(), size=hw, mode="nearest")
+            m = resample_mask(mask, hw, "nearest")
             self._mask_cache[key] = m.flatten().bool().to(mask.device)
         return self._mask_cache[key]
 

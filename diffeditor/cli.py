@@ -397,7 +397,7 @@ def cmd_download(args) -> int:
 
 # -- per-task quick commands, generated from each task's spec model ------------------------------
 
-_SKIP_FIELDS = {"task", "image", "schedule", "feature_levels"}
+_SKIP_FIELDS = {"task", "image", "schedule", "feature_levels", "energies"}
 
 
 def plain_text(text: str | None) -> str:

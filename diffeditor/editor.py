@@ -20,7 +20,7 @@ from . import __version__
 from .engine import Engine
 from .errors import DiffEditorError, SpecError, UsageError, show
 from .imageio import load_image, save_image_and_sidecar, to_pil, to_tensor
-from .interfaces import Geometry
+from .interfaces import EditPlan, Geometry
 from .models import ModelEntry, load_pipeline, resolve_model
 from .specs import EditSpec, parse_spec
 
@@ -100,6 +100,21 @@ def check_spec(spec: EditSpec, registry=None) -> tuple[int, int]:
     task.check(spec, hw)
     sampler_and_schedules(spec, reg)
     return hw
+
+
+def with_spec_energies(plan: EditPlan, spec: EditSpec, registry, geom: Geometry) -> EditPlan:
+    """``plan`` with the named energy terms of ``spec.energies`` added after the task's own
+    (:func:`diffeditor.energies.add_spec_energies`); :class:`SpecError` (one line) for an
+    unknown name, wrong params or a region the edit lacks."""
+    from .energies import BUILTIN_ENERGIES, add_spec_energies
+
+    uses = getattr(spec, "energies", None)
+    if not uses:
+        return plan
+    try:
+        return add_spec_energies(plan, uses, registry.energies or BUILTIN_ENERGIES, geom)
+    except ValueError as exc:
+        raise SpecError(str(exc)) from None
 
 
 def sampler_and_schedules(spec: EditSpec, registry) -> tuple[Any, dict]:
@@ -306,7 +321,7 @@ class Editor:
         content_hw, work_hw = working_geometry(input_hw, resolution, self.size_multiple())
         geom = Geometry(input_hw, work_hw, self.engine.vae_scale, spec.feature_scale, content_hw)
         tensors = {name: to_tensor(im, content_hw, pad=work_hw) for name, im in pil.items()}
-        plan = task.plan(spec, tensors, geom)
+        plan = with_spec_energies(task.plan(spec, tensors, geom), spec, self.registry, geom)
         return task, plan, geom
 
     def size_multiple(self) -> int:

@@ -57,3 +57,28 @@ def dilate(mask: Tensor, cells: int) -> Tensor:
         return mask
     k = 2 * cells + 1
     return (F.max_pool2d(mask.float(), k, stride=1, padding=cells) > 0).float()
+
+
+def resample_mask(mask: Tensor, hw: tuple[int, int], rule: str = "coverage") -> Tensor:
+    """The one mask resampler: a mask ``(B, 1, H, W)`` on another grid ``hw``, float {0, 1}.
+
+    ``rule="coverage"``: cells at least half covered (area average >= 0.5); if that leaves
+    nothing (a tiny mask), any covered cell: masks on the latent and feature grids
+    (:func:`diffeditor.masks.grid_mask`). ``rule="nearest"``: nearest neighbour: a user's mask
+    at the working size, the memory bank's masks on each attention layer's token grid.
+    A mask already on ``hw`` is only thresholded (coverage) or returned as float (nearest).
+    """
+    mask = mask.float()
+    if rule == "nearest":
+        if tuple(mask.shape[-2:]) == tuple(hw):
+            return mask
+        return F.interpolate(mask, size=tuple(hw), mode="nearest")
+    if rule != "coverage":
+        raise ValueError(f"rule must be 'coverage' or 'nearest', not {rule!r}")
+    if tuple(mask.shape[-2:]) == tuple(hw):
+        return (mask > 0.5).float()
+    frac = F.interpolate(mask, size=tuple(hw), mode="area")
+    out = (frac >= 0.5).float()
+    if out.sum() == 0:
+        out = (frac > 0).float()
+    return out

@@ -96,13 +96,30 @@ def register_samplers(register):
 
 @hookspec
 def register_energies(register):
-    """Register named energy terms that task plugins can build their plans from.
+    """Register named energy terms that task plugins and spec files can refer to.
 
     Call ``register(energy)`` once per energy, where ``energy`` is a
-    :class:`diffeditor.energies.Energy`: a unique ``name``, a one-line ``description`` and
-    ``build(**params) -> fn`` returning an :data:`diffeditor.interfaces.EnergyFn`
-    (``fn(current_features, reference_features) -> (B,)`` energies to minimise). Return
-    nothing. diffeditor's ``mean_feature`` and ``content`` register through this hook.
+    :class:`diffeditor.energies.Energy` with a unique ``name``, a one-line ``description`` and:
+
+    * ``build(**params) -> fn``, for task code: ``fn(current_features, reference_features) ->
+      (B,)`` energies to minimise (an :data:`diffeditor.interfaces.EnergyFn`, the ``fn`` of an
+      :class:`~diffeditor.interfaces.EnergyTerm`); ``params`` are whatever the energy needs
+      (masks on the feature grid, image names).
+    * ``from_spec(ctx, **params) -> fn`` (optional), for spec files: a spec's
+      ``energies: [{name: NAME, weight: W, region: R, params: {...}}]`` adds the term
+      ``W * fn`` to the task's own terms, its gradient applied inside region ``R`` (``edit``,
+      ``content`` or ``global``; default: the energy's ``region``). ``ctx`` is a
+      :class:`diffeditor.energies.EnergyContext`: ``ctx.regions`` holds the edit's masks on the
+      feature grid, ``(1, 1, Hf, Wf)`` float {0, 1}: ``edit`` (the region being edited),
+      ``content`` (the region to keep, ``1 - edit``), ``global`` (everywhere) and the task's
+      other regions by name (``ctx.region(name)`` checks the name); ``ctx.images`` names the
+      inverted images whose features reach ``fn`` (``"source"``, and e.g. ``"reference"``;
+      ``ctx.image(name)`` checks one); ``ctx.geom`` the sizes. ``params`` are the spec's JSON
+      values: names and numbers, never tensors. Raise ``ValueError`` for a bad value; the
+      spec's params are checked against the signature before any model loads. An energy
+      without ``from_spec`` cannot be named in a spec.
+
+    Return nothing. diffeditor's ``mean_feature`` and ``content`` register through this hook.
     """
 
 

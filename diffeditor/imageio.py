@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from .errors import OutputError, SpecError, is_file, show
+from .geometry import resample_mask
 
 #: images with more pixels than this are refused before decoding (8192 x 8192); the edit works
 #: at about ``resolution``\u00b2 pixels anyway. Pillow's own decompression-bomb limit is higher.
@@ -143,8 +144,8 @@ def mask_tensor(mask: np.ndarray, hw: tuple[int, int] | None = None,
     """bool ``(H, W)`` -> float ``(1, 1, H, W)``, resized with nearest neighbour to ``hw``, then
     padded with zeros (bottom and right: the padding is never part of a region) to ``pad``."""
     t = torch.from_numpy(np.ascontiguousarray(mask)).float()[None, None]
-    if hw is not None and tuple(t.shape[-2:]) != tuple(hw):
-        t = torch.nn.functional.interpolate(t, size=hw, mode="nearest")
+    if hw is not None:
+        t = resample_mask(t, hw, "nearest")
     return pad_to(t, pad, "constant")
 
 

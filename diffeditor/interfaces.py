@@ -1,4 +1,6 @@
-"""The kernel's interfaces: what a task, an energy term, a prompt encoder and a sampler are.
+"""The kernel's interfaces: what a task, an energy term and a prompt encoder are (a sampler is a
+:class:`diffeditor.samplers.Sampler`, a named energy a :class:`diffeditor.energies.Energy`, a
+named schedule a :class:`diffeditor.schedule.NamedSchedule`).
 
 A *task* says **what** to edit: its spec model, its masks, its energy terms, its memory-bank
 attention policy, its default schedule and its initial-latent surgery, all bundled in an
@@ -14,7 +16,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from torch import Tensor
 
@@ -265,7 +267,9 @@ class ImagePromptAdapter(abc.ABC):
 
 
 PromptEncoder = TextPromptEncoder | ImagePromptAdapter
-"""Either kind of prompt encoder."""
+"""Either kind of prompt encoder: what ``register_prompt_encoders`` accepts (checked with
+``isinstance(obj, PromptEncoder)``) and :meth:`diffeditor.plugins.Registry.prompt_encoder`
+returns."""
 
 
 @dataclass
@@ -277,17 +281,3 @@ class BenchScene:
     task: str
     build: Callable[[int, Any], dict]
     default: bool = False
-
-
-@runtime_checkable
-class Sampler(Protocol):
-    """Runs one edit plan to an edited latent and image."""
-
-    def edit(self, plan: EditPlan, spec: "EditSpec") -> Any: ...
-
-
-@runtime_checkable
-class EnergyFunction(Protocol):
-    """The callable inside an :class:`EnergyTerm`."""
-
-    def __call__(self, current: Features, references: dict[str, Features]) -> Tensor: ...

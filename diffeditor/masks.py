@@ -14,10 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import SpecError
+from .geometry import resample_mask
 from .imageio import load_mask, mask_tensor
 from .interfaces import Geometry
 
@@ -40,14 +40,8 @@ def reference_work_mask(spec, geom: Geometry) -> Tensor:
 
 def grid_mask(mask: Tensor, hw: tuple[int, int]) -> Tensor:
     """A working-resolution mask on a coarser grid: cells at least half covered; if that
-    leaves nothing (a tiny mask), any covered cell."""
-    if tuple(mask.shape[-2:]) == tuple(hw):
-        return (mask > 0.5).float()
-    frac = F.interpolate(mask.float(), size=hw, mode="area")
-    out = (frac >= 0.5).float()
-    if out.sum() == 0:
-        out = (frac > 0).float()
-    return out
+    leaves nothing (a tiny mask), any covered cell (:func:`diffeditor.geometry.resample_mask`)."""
+    return resample_mask(mask, hw, "coverage")
 
 
 def scale_point(p, geom: Geometry) -> tuple[float, float]:

@@ -19,11 +19,14 @@ import importlib.metadata
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from . import hookspecs
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .interfaces import PromptEncoder
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +127,9 @@ class Registry:
             info = self._plugin_info(impl.plugin)
 
             def add_encoder(encoder, _info=info):
-                from .interfaces import ImagePromptAdapter, TextPromptEncoder
+                from .interfaces import PromptEncoder
 
-                if not isinstance(encoder, (TextPromptEncoder, ImagePromptAdapter)):
+                if not isinstance(encoder, PromptEncoder):
                     raise TypeError(
                         f"plugin {_info.name!r} registered {encoder!r}, which is neither a "
                         "diffeditor.interfaces.TextPromptEncoder nor an ImagePromptAdapter")
@@ -184,7 +187,7 @@ class Registry:
             known = ", ".join(sorted(self.samplers)) or "none"
             raise KeyError(f"unknown sampler {name!r}; installed samplers: {known}") from None
 
-    def prompt_encoder(self, name: str, kind: str = "text"):
+    def prompt_encoder(self, name: str, kind: str = "text") -> PromptEncoder:
         """The registered ``kind`` ("text" or "image") prompt encoder called ``name``; an unknown
         name is a one-line :class:`KeyError` listing the installed ones."""
         table = self.prompt_encoders[kind]

@@ -22,6 +22,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    JsonValue,
     TypeAdapter,
     ValidationError,
     ValidationInfo,
@@ -55,6 +56,25 @@ def _must_exist(p: Path | None, info: ValidationInfo) -> Path | None:
     if p is not None and not is_file(p):
         raise ValueError(f"file not found: {show(p, 200)}")
     return p
+
+
+class EnergyUse(BaseModel):
+    """One named energy term a spec adds to its task's own (field ``energies``)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    name: str = Field(min_length=1, max_length=100,
+                      description="a registered energy (`diffeditor plugins` lists them): "
+                      "content, mean_feature or a plugin's")
+    weight: float = Field(1.0, ge=0.0, le=100.0,
+                          description="the term's weight (0: the term is skipped)")
+    region: Literal["edit", "content", "global"] | None = Field(
+        None, description="where its gradient applies: edit (the edited region), content (the "
+        "rest) or global (everywhere); default: the energy's own")
+    params: dict[str, JsonValue] = Field(
+        default_factory=dict,
+        description="the energy's own parameters (region and image names, numbers), e.g. "
+        "{reference: source} for content")
 
 
 class EditSpec(BaseModel):
@@ -153,6 +173,10 @@ class EditSpec(BaseModel):
         description="the sampler, by registered name (`diffeditor plugins` lists them): "
         "diffeditor (the paper's), dragondiffusion (guidance at every early step, no SDE, no "
         "time travel, no image prompt) or ddim (no guidance); plugins may add more")
+    energies: list[EnergyUse] = Field(
+        default_factory=list, max_length=16,
+        description="named energy terms added to the task's own, e.g. [{name: content, weight: "
+        "2.0}]: each a registered energy with its weight, region and params")
 
     #: a task's own defaults of the shared fields above, e.g. ``{"energy_scale": 2000.0}``: each
     #: shared field is declared once, here, with its bounds and description, and a task spec
@@ -164,15 +188,25 @@ class EditSpec(BaseModel):
     #: ``memory_bank: masked`` mixes); a task spec that does sets this to True
     bank_parts: ClassVar[bool] = False
 
+    #: shared fields above that a task does not have, e.g. ``("w_content",)`` for a task with
+    #: no content energy (face); a spec that still gives one is accepted with a warning
+    omit_fields: ClassVar[tuple[str, ...]] = ()
+
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
-        """Apply the subclass's ``task_defaults`` / ``field_notes`` to the inherited fields."""
+        """Apply the subclass's ``omit_fields`` / ``task_defaults`` / ``field_notes`` to the
+        inherited fields."""
         super().__pydantic_init_subclass__(**kwargs)
         defaults = cls.__dict__.get("task_defaults") or {}
         notes = cls.__dict__.get("field_notes") or {}
-        if not defaults and not notes:
+        omit = cls.__dict__.get("omit_fields") or ()
+        if not defaults and not notes and not omit:
             return
         fields = cls.__pydantic_fields__
+        for name in omit:
+            if name not in fields or name == "task":
+                raise TypeError(f"{cls.__name__}.omit_fields: no shared field {name!r}")
+            del fields[name]
         for name in (*defaults, *notes):
             if name not in fields:
                 raise TypeError(f"{cls.__name__}.task_defaults/field_notes: no field {name!r}")
@@ -185,6 +219,21 @@ class EditSpec(BaseModel):
                 f.description = f._attributes_set["description"] = notes[name]
             fields[name] = f
         cls.model_rebuild(force=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_omitted(cls, data: Any) -> Any:
+        """A field the task omits (``omit_fields``) is dropped with a deprecation warning: it
+        meant nothing for this task, and older specs may still give it."""
+        if isinstance(data, dict) and any(name in data for name in cls.omit_fields):
+            data = dict(data)
+            for name in cls.omit_fields:
+                if name in data:
+                    data.pop(name)
+                    task = cls.model_fields["task"].default
+                    log.warning("spec field %r is deprecated for task %r (it had no effect "
+                                "there): remove it from the spec", name, task)
+        return data
 
     resolve_image_path = field_validator("image", mode="before")(_resolve)
     check_image_path = field_validator("image", mode="after")(_must_exist)
@@ -205,6 +254,26 @@ class EditSpec(BaseModel):
             known = ", ".join(sorted(reg.prompt_encoders[kind])) or "none"
             raise ValueError(f"unknown {kind} prompt encoder {show(v, 60)!r}; installed: {known}")
         return v
+
+    @model_validator(mode="after")
+    def _known_energies(self, info: ValidationInfo) -> "EditSpec":
+        """Each named energy is registered and takes the params given (before any model
+        loads; a spec validated without a registry is checked when the edit runs)."""
+        reg = (info.context or {}).get("registry")
+        v = self.energies
+        if reg is None or not v:
+            return self
+        from .energies import BUILTIN_ENERGIES, check_spec_energy, unknown_energy
+
+        known = reg.energies or BUILTIN_ENERGIES
+        for i, use in enumerate(v):
+            if use.name not in known:
+                raise ValueError(f"energies[{i}]: {unknown_energy(use.name, known)}")
+            try:
+                check_spec_energy(known[use.name], use.params)
+            except ValueError as exc:
+                raise ValueError(f"energies[{i}]: {exc}") from None
+        return self
 
     @field_validator("memory_bank")
     @classmethod

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from .geometry import resample_mask
 from .interfaces import EditPlan, Geometry
 from .plugins import get_registry
 from .specs import parse_spec
@@ -84,7 +84,7 @@ class TaskConformance:
     def _region_cells(self, plan: EditPlan, region: str, geom: Geometry) -> torch.Tensor:
         """A region (latent grid) on the feature grid, nearest: ``(1, 1, Hf, Wf)`` bool."""
         m = plan.regions[region].float()
-        return F.interpolate(m, size=geom.feature_hw, mode="nearest") > 0
+        return resample_mask(m, geom.feature_hw, "nearest") > 0
 
     # -- the checks ----------------------------------------------------------------------------
     def test_spec_round_trip(self, tmp_path):

@@ -73,6 +73,9 @@ class ComposeSpec(EditSpec):
             # the model's defaults, except the fields inherited from the compose spec below
             apply_model_defaults(data, raw["task"], reg.tasks[raw["task"]].spec_model,
                                  (info.context or {}).get("defaults"), skip=INHERITED)
+            if data.get("energies"):
+                raise ValueError(f"edits[{j}].energies: set energies on the compose spec (they "
+                                 "apply to the composed edit), not per edit")
             for key in INHERITED:
                 if key in data and key != "prompt":
                     raise ValueError(f"edits[{j}].{key}: set it on the compose spec, not per edit")

@@ -32,13 +32,13 @@ class FaceSpec(EditSpec):
 
     task: Literal["face"] = "face"
     reference: Path = Field(description="a face photo whose 68 landmarks are the targets")
+    omit_fields: ClassVar[tuple[str, ...]] = ("w_content",)  # face has no content energy
     task_defaults: ClassVar[dict[str, Any]] = {
         "prompt": "a photo of a human face",
         "guidance_scale": 4.0,
         "energy_scale": 3000.0,
         "guidance_k": 0.04,
         "w_edit": 12.0,
-        "w_content": 0.0,
         "sde_strength": 0.2,
         "sde_strength_outside": 0.2,
         "image_prompt_scale": 0.05,
@@ -48,7 +48,6 @@ class FaceSpec(EditSpec):
         "energy_scale": "lambda (reference 3 x 1e3)",
         "guidance_k": "k (reference 4e-2)",
         "w_edit": "weight of the landmark energy",
-        "w_content": "unused: face has no content energy",
         "sde_strength": "eta (global SDE for faces)",
         "sde_strength_outside": "eta outside (= inside)",
         "image_prompt_scale": "gamma (reference 0.05)",

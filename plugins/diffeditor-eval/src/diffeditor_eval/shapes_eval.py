@@ -37,13 +37,17 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "full": {},
     "no_image_prompt": {"image_prompt_scale": 0.0},
     "sde_global": {"sde_region": "global"},
-    "sde_none": {"sde_strength": 0.0, "sde_strength_outside": 0.0},
+    "no_sde": {"sde_strength": 0.0, "sde_strength_outside": 0.0},
     "guidance_global": {"guidance_region": "global"},
     "no_time_travel": {"schedule": {"time_travel_repeats": 1}},
     "no_memory_bank": {"memory_bank": "off"},
     "no_guidance": {"energy_scale": 0.0},
     "dragondiffusion": {"sampler": "dragondiffusion"},  # the registered DragonDiffusion sampler
 }
+
+#: old ablation names, still accepted with a deprecation note: old -> new (one vocabulary:
+#: ``no_<mechanism>`` switches a mechanism off, ``<mechanism>_global`` drops its region)
+RENAMED_ABLATIONS = {"sde_none": "no_sde"}
 
 COLOUR_THRESHOLD = 70.0
 EDGE_DILATION = 4
@@ -276,7 +280,7 @@ def add_shapes_command(benchmarks) -> None:
     )
     p.add_argument("--task", action="append", choices=TASKS, help="task(s) to run (default: all)")
     p.add_argument("--cases", type=int, default=10, help="cases per task (default 10)")
-    p.add_argument("--ablation", action="append", choices=sorted(ABLATIONS),
+    p.add_argument("--ablation", action="append", choices=sorted({*ABLATIONS, *RENAMED_ABLATIONS}),
                    help="mechanism(s) switched off; repeat for several (default: full)")
     p.add_argument("--all-ablations", action="store_true", help="run every ablation")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
@@ -327,6 +331,11 @@ def run_shapes(args) -> int:
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = parsed
+    for old_name, new_name in RENAMED_ABLATIONS.items():
+        if old_name in (args.ablation or []):
+            print(f"note: ablation {old_name!r} is deprecated: it is now called {new_name!r} "
+                  "(same meaning)", file=sys.stderr)
+    args.ablation = [RENAMED_ABLATIONS.get(a, a) for a in args.ablation or []] or None
     ablations = sorted(ABLATIONS) if args.all_ablations else (args.ablation or ["full"])
     tasks = args.task or list(TASKS)
     if args.save_images is not None:
