@@ -79,7 +79,7 @@ def initial_state_dict(unet, clip_dim: int, num_tokens: int, width: int, heads: 
     """A fresh image prompt for ``unet`` in the file layout (see the module docstring)."""
     from diffusers.models.embeddings import IPAdapterPlusImageProjection
 
-    from diffeditor.image_prompt import _cross_attention_layers
+    from diffeditor.image_prompt_weights import _cross_attention_layers
 
     torch.manual_seed(seed)
     proj = IPAdapterPlusImageProjection(
@@ -95,7 +95,7 @@ def initial_state_dict(unet, clip_dim: int, num_tokens: int, width: int, heads: 
 
 def trainable_modules(unet) -> dict[str, torch.nn.Module]:
     """The attached image prompt's modules: the resampler and every layer's K/V maps."""
-    from diffeditor.image_prompt import _cross_attention_layers
+    from diffeditor.image_prompt_weights import _cross_attention_layers
 
     mods: dict[str, torch.nn.Module] = {
         "image_proj": unet.encoder_hid_proj.image_projection_layers[0]}
