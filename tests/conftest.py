@@ -86,3 +86,25 @@ def editor_shapes():
 
     _quiet_libraries()
     return Editor.from_pretrained("shapes", device="cpu", dtype="float32")
+
+
+def install_distribution(monkeypatch, site: Path, dist: str, module: str, source: str,
+                         entry: str, package: bool = False) -> None:
+    """Install a real minimal distribution ``dist`` 0.1 into ``site`` and put it on
+    ``sys.path``: module ``module`` (a package when ``package``) holding ``source``, and a
+    dist-info whose entry point ``entry`` in the ``diffeditor`` group names that module."""
+    import importlib
+
+    site.mkdir(parents=True, exist_ok=True)
+    if package:
+        (site / module).mkdir()
+        (site / module / "__init__.py").write_text(source)
+    else:
+        (site / f"{module}.py").write_text(source)
+    info = site / f"{dist.replace('-', '_')}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[diffeditor]\n{entry} = {module}\n")
+    (info / "RECORD").write_text("")
+    monkeypatch.syspath_prepend(str(site))
+    importlib.invalidate_caches()

@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import install_distribution
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNEL = ROOT / "diffeditor"
@@ -362,15 +363,8 @@ ENCODER_MODULE = textwrap.dedent('''
 @pytest.fixture
 def installed_encoder(tmp_path, monkeypatch):
     """A real distribution ``halfclip`` (module + dist-info with entry_points.txt) on sys.path."""
-    site = tmp_path / "site"
-    (site / "halfclip_encoder").mkdir(parents=True)
-    (site / "halfclip_encoder" / "__init__.py").write_text(ENCODER_MODULE)
-    info = site / "halfclip-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: halfclip\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[diffeditor]\nhalfclip = halfclip_encoder\n")
-    (info / "RECORD").write_text("")
-    monkeypatch.syspath_prepend(str(site))
+    install_distribution(monkeypatch, tmp_path / "site", "halfclip", "halfclip_encoder",
+                         ENCODER_MODULE, "halfclip", package=True)
     monkeypatch.delenv("DIFFEDITOR_DISABLE_PLUGINS", raising=False)
     monkeypatch.delenv("DIFFEDITOR_PLUGINS", raising=False)
     from diffeditor.plugins import Registry, make_plugin_manager

@@ -5,13 +5,12 @@ from a spec and runs an edit on the shapes model."""
 
 from __future__ import annotations
 
-import importlib
 import sys
 import textwrap
 
 import pytest
 import torch
-from conftest import write_disc_scene
+from conftest import install_distribution, write_disc_scene
 
 from diffeditor.errors import SpecError
 from diffeditor.plugins import Registry, get_registry, make_plugin_manager
@@ -47,16 +46,8 @@ def register_samplers(register):
 def outside_plugin(tmp_path, monkeypatch):
     """``outside_sampler`` 0.1: a module and its dist-info (entry point ``outside``) in a
     folder on ``sys.path``; yields a registry built from the installed entry points."""
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "outside_sampler.py").write_text(textwrap.dedent(PLUGIN))
-    info = site / "outside_sampler-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: outside-sampler\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[diffeditor]\noutside = outside_sampler\n")
-    (info / "RECORD").write_text("")
-    monkeypatch.syspath_prepend(str(site))
-    importlib.invalidate_caches()
+    install_distribution(monkeypatch, tmp_path / "site", "outside-sampler", "outside_sampler",
+                         textwrap.dedent(PLUGIN), "outside")
     pm, failures = make_plugin_manager()
     assert not failures, failures
     yield Registry(pm, failures)

@@ -5,14 +5,13 @@ edit on the shapes model."""
 
 from __future__ import annotations
 
-import importlib
 import logging
 import sys
 import textwrap
 
 import pytest
 import torch
-from conftest import write_disc_scene
+from conftest import install_distribution, write_disc_scene
 
 from diffeditor.errors import SpecError
 from diffeditor.specs import parse_spec
@@ -89,18 +88,10 @@ def outside(tmp_path, monkeypatch):
     ``sys.path``; yields (registry built from the installed entry points, the module)."""
     from diffeditor.plugins import Registry, make_plugin_manager
 
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "outside_kernel.py").write_text(textwrap.dedent(PLUGIN))
-    info = site / "outside_kernel-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: outside-kernel\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[diffeditor]\noutside = outside_kernel\n")
-    (info / "RECORD").write_text("")
-    monkeypatch.syspath_prepend(str(site))
+    install_distribution(monkeypatch, tmp_path / "site", "outside-kernel", "outside_kernel",
+                         textwrap.dedent(PLUGIN), "outside")
     monkeypatch.delenv("DIFFEDITOR_DISABLE_PLUGINS", raising=False)
     monkeypatch.delenv("DIFFEDITOR_PLUGINS", raising=False)
-    importlib.invalidate_caches()
     pm, failures = make_plugin_manager()
     assert not failures, failures
     reg = Registry(pm, failures)
