@@ -461,13 +461,18 @@ def finish(outcomes: list[Outcome], failures_path: Path | None, wall_s: float,
     return 1 if failed else 0
 
 
-def report(outcome: Outcome, stream=None) -> None:
-    """One line per finished edit (stdout), or the failure's one line (stderr)."""
+def report(outcome: Outcome, stream=None, bar=None) -> None:
+    """One line per finished edit (stdout), or the failure's one line (stderr); with the
+    batch's progress ``bar``, the line goes above it and the bar advances by one."""
+    if bar is not None:
+        bar.clear()
     if outcome.status == "failed":
         print(f"diffeditor: {outcome.error}", file=stream or sys.stderr)
     elif outcome.status == "written":
         print(f"{outcome.out}  ({outcome.wall_s:.1f} s"
               f"{', cached inversion' if outcome.cached else ''})", flush=True)
+    if bar is not None:
+        bar.update(1)
 
 
 def batch_bar(total: int, quiet: bool, initial: int = 0):

@@ -293,11 +293,7 @@ def _run_local_threads(todo, known, args, total: int):
                 if outcome.status == "failed":
                     outcome.error = f"[{job.index + 1}/{total}] {outcome.error}"
                 outcomes.append(outcome)
-                if bar is not None:
-                    bar.clear()
-                batch.report(outcome)
-                if bar is not None:
-                    bar.update(1)
+                batch.report(outcome, bar=bar)
     finally:
         if bar is not None:
             bar.close()

@@ -133,11 +133,7 @@ def run(todo, known, args, total: int, on_result: Callable | None = None):
                     continue
                 for o in results:
                     outcomes.append(o)
-                    if bar is not None:
-                        bar.clear()
-                    batch.report(o)
-                    if bar is not None:
-                        bar.update(1)
+                    batch.report(o, bar=bar)
                 if on_result is not None:
                     on_result(outcomes, actors, infos)
         finally:
