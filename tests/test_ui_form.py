@@ -272,3 +272,32 @@ def test_move_preview_outlines_the_destination():
     assert np.array_equal(np.nonzero(dst.any(1))[0], np.arange(15, 25))
     big = drawing.transform_mask(m, drawing.centroid(m), 2.0, (0, 0))
     assert big.sum() == 4 * m.sum()
+
+
+def test_a_view_returned_again_is_the_same_file_never_rewritten():
+    """gradio rewrites the cache file of a PIL image in place each time the same image is returned,
+    so a browser fetching it then got a truncated PNG (a CI failure in the points test). Views go
+    out as content-named files written once; gradio copies a file path atomically."""
+    import gradio as gr
+    from diffeditor_ui.app import TaskTab
+
+    form = task_form(get_registry().task("drag"), SHAPES_DEFAULTS)
+    tab = TaskTab(form, None, {}, [])
+    img = Image.fromarray((np.arange(32 * 32 * 3) % 251).astype(np.uint8).reshape(32, 32, 3))
+    vals = {"image": img, "mask": None, "handles": [[4.0, 5.0]], "targets": []}
+    (first,) = tab.render_views(vals)
+    assert isinstance(first, str) and Path(first).is_file()
+    import os
+
+    os.utime(first, ns=(10**18, 10**18))  # a stamp no rewrite can reproduce
+    (again,) = tab.render_views(dict(vals))
+    assert again == first
+    assert Path(first).stat().st_mtime_ns == 10**18  # the file was left alone
+    shown = np.asarray(Image.open(first).convert("RGB"))
+    k = drawing.view_scale(img.size)
+    expected = np.asarray(drawing.draw_points(drawing.to_view(img)[0], [[[4.0, 5.0]], []], k))
+    assert np.array_equal(shown, expected)
+    (other,) = tab.render_views({**vals, "handles": [[9.0, 9.0]]})
+    assert other != first
+    # gradio serves the path as given (no re-encode through its rewrite-in-place PIL cache)
+    assert gr.Image(format="png").postprocess(first).path == first

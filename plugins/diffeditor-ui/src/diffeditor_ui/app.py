@@ -86,6 +86,36 @@ def editor_value(image: Image.Image | None, mask: np.ndarray | None = None):
     return {"background": bg, "layers": layers, "composite": comp}
 
 
+_VIEW_DIR: Path | None = None
+
+
+def view_file(view: Image.Image) -> str:
+    """A view as a PNG file named by its content, written once and atomically; its path.
+
+    gradio's cache keeps an image returned as a PIL object under a name derived from its
+    bytes, and rewrites that file in place every time the same image is returned again (a
+    redraw with nothing changed, a click on a mask editor that re-renders the view). A
+    browser fetching the file at that moment gets a truncated image. A file path is copied
+    into the cache under a temporary name and renamed, and never rewritten when present.
+    """
+    import io
+    import os
+
+    global _VIEW_DIR
+    if _VIEW_DIR is None:
+        _VIEW_DIR = Path(tempfile.mkdtemp(prefix="diffeditor-ui-views-"))
+    buf = io.BytesIO()
+    view.save(buf, format="PNG")
+    data = buf.getvalue()
+    path = _VIEW_DIR / f"{hashlib.sha256(data).hexdigest()}.png"
+    if not path.exists():
+        fd, tmp = tempfile.mkstemp(dir=_VIEW_DIR, prefix=".view-", suffix=".png")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    return str(path)
+
+
 class Landmarks:
     """Landmarks of a task's ``landmarks`` preview hint, cached per image content."""
 
@@ -183,7 +213,7 @@ class TaskTab:
                     view = drawing.draw_landmarks(view, pts, k)
             if f.name in groups:
                 view = drawing.draw_points(view, [vals.get(g) or [] for g in groups[f.name]], k)
-            out.append(view)
+            out.append(view_file(view))
         return out
 
     def landmark_note(self, vals) -> str:
@@ -509,9 +539,10 @@ def bind_handlers(tab: TaskTab):
                 meta = result.metadata
                 t = meta["timings_s"]
                 cached = " (cached inversion)" if meta["inversion_cached"] else ""
-                history = history + [(result.image, f"{tab.form.task} {len(history) + 1}")]
+                shown = view_file(result.image)  # one file for the result and the gallery
+                history = history + [(shown, f"{tab.form.task} {len(history) + 1}")]
                 yield [f"done in {t['wall']:.1f} s{cached}: {result.image.width}x{result.image.height}",
-                       nothing, result.image, gr.update(value=str(zip_path), interactive=True),
+                       nothing, shown, gr.update(value=str(zip_path), interactive=True),
                        history, meta, history]
                 return
 
