@@ -242,7 +242,7 @@ def prepare(jobs: list[Job], out_dir: Path, args, defaults: dict, single_out: Pa
     :class:`CheckErrors`, every one listed, before anything is edited."""
     from .editor import check_spec
     from .imageio import check_output
-    from .preflight import _input_files, _key, check_options
+    from .preflight import _input_files, _key, check_options, output_clashes
     from .specs import parse_spec
 
     force = bool(getattr(args, "force", False))
@@ -296,15 +296,7 @@ def prepare(jobs: list[Job], out_dir: Path, args, defaults: dict, single_out: Pa
                 errors.append(str(exc) + (" (made from another spec, model or input: --force "
                                           "redoes it)" if stale else ""))
                 continue
-        for path in (job.out, job.out.with_suffix(".json")):
-            key = _key(path)
-            if key in inputs:
-                errors.append(f"{show(path, 200)} is {inputs[key]}; inputs are never "
-                              "overwritten: choose another --out or --out-dir")
-            elif key in seen:
-                errors.append(f"{show(path, 200)} would be written twice in this batch; give "
-                              "the specs different names or ids")
-            seen.add(key)
+        errors += output_clashes(job.out, inputs, seen, "--out or --out-dir", "names or ids")
     errors += check_options(args)
     if errors:
         raise CheckErrors(errors)

@@ -32,8 +32,9 @@ def _quiet_libraries() -> None:
     quiet_libraries()
 
 
-def _progress_factory(quiet: bool, label: str | None = None):
-    """Progress bars on stderr, each named ``label: phase`` (``[2/7] drag: editing``)."""
+def progress_factory(quiet: bool, label: str | None = None):
+    """Progress bars on stderr, each named ``label: phase`` (``[2/7] drag: editing``): the
+    ``progress`` argument of ``Editor.edit``; ``None`` when ``quiet``."""
     if quiet:
         return None
     from tqdm.auto import tqdm
@@ -244,7 +245,10 @@ def cmd_edit(args) -> int:
                         workers)
 
 
-def _load_editor(args):
+def load_editor(args):
+    """The :class:`Editor` a parsed command line's model options name (``--model``,
+    ``--device``, ``--dtype``, the image-prompt and memory options; a namespace with those
+    attributes works too, as the Ray workers build one)."""
     from .editor import Editor
 
     ip = None
@@ -278,7 +282,7 @@ def _run_local_threads(todo, known, args, total: int):
     from . import batch
 
     _quiet_libraries()
-    editor = _load_editor(args)
+    editor = load_editor(args)
     editor.command_line = command_line()
     bar = batch.batch_bar(total, args.quiet, initial=len(known))
     outcomes = []
@@ -287,7 +291,7 @@ def _run_local_threads(todo, known, args, total: int):
             for job in group:
                 label = f"[{job.index + 1}/{total}] {job.name}" if total > 1 else job.spec.task
                 outcome = batch.run_one(editor, job.payload(args),
-                                        progress=_progress_factory(args.quiet, label))
+                                        progress=progress_factory(args.quiet, label))
                 if outcome.status == "failed" and total == 1:
                     raise DiffEditorError(outcome.error.split(" failed: ", 1)[1])
                 if outcome.status == "failed":
@@ -332,13 +336,13 @@ def _run(specs, outputs, args, sources=None) -> int:
 
 def _run_edits(specs, outputs, args, sources=None) -> int:
     _quiet_libraries()
-    editor = _load_editor(args)
+    editor = load_editor(args)
     editor.command_line = command_line()
     n = len(specs)
     failed: list[str] = []
     for k, (spec, out) in enumerate(zip(specs, outputs)):
         label = f"[{k + 1}/{n}] {Path(sources[k]).stem if sources else spec.task}"
-        progress = _progress_factory(args.quiet, label if n > 1 else spec.task)
+        progress = progress_factory(args.quiet, label if n > 1 else spec.task)
         try:
             result = editor.edit(spec, progress=progress,
                                  spec_path=sources[k] if sources else None)

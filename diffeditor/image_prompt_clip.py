@@ -25,7 +25,7 @@ from .image_prompt_weights import (
 # --------------------------------------------------------------------------------------------
 
 
-def _clip_processor_class() -> type:
+def clip_processor_class() -> type:
     """The PIL-based CLIP image processor (the classic implementation the reference used).
 
     transformers >= 5 defaults ``CLIPImageProcessor`` to a torchvision backend and falls back to
@@ -103,7 +103,7 @@ class ImagePromptEncoder:
             )
             processor = None
             if (root / "preprocessor_config.json").is_file():
-                processor = _clip_processor_class().from_pretrained(
+                processor = clip_processor_class().from_pretrained(
                     str(root), local_files_only=True
                 )
         except (OSError, ValueError, RuntimeError) as exc:
@@ -135,7 +135,7 @@ class ImagePromptEncoder:
 
     def _default_processor(self) -> Any:
         size = self.image_size
-        return _clip_processor_class()(
+        return clip_processor_class()(
             size={"shortest_edge": size}, crop_size={"height": size, "width": size}
         )
 

@@ -23,8 +23,8 @@ from .image_prompt_weights import (
     IMAGE_PROJ,
     IP_ADAPTER,
     ImagePromptError,
-    _cross_attention_layers,
     _first_line,
+    cross_attention_layers,
     validate_ip_state_dict,
 )
 
@@ -122,7 +122,7 @@ def attach_image_prompt(
         detach_image_prompt(unet)
 
     saved = _snapshot(unet)
-    cross_names = {layer.name for layer in _cross_attention_layers(unet)}
+    cross_names = {layer.name for layer in cross_attention_layers(unet)}
     try:
         # diffusers re-creates every non-cross processor as ``type(old)()``; give it plain
         # processors there so custom ones (e.g. with constructor arguments) survive untouched.

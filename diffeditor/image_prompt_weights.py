@@ -222,7 +222,7 @@ def validate_ip_state_dict(
     )
 
     expected_ip = {}
-    for layer in _cross_attention_layers(unet):
+    for layer in cross_attention_layers(unet):
         shape = (layer.hidden_size, cross_dim)
         expected_ip[f"{layer.index}.to_k_ip.weight"] = shape
         expected_ip[f"{layer.index}.to_v_ip.weight"] = shape
@@ -235,7 +235,7 @@ def validate_ip_state_dict(
 
 
 @dataclass(frozen=True)
-class _CrossAttnLayer:
+class CrossAttentionLayer:
     name: str  # processor name, e.g. "down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor"
     index: int  # position in unet.attn_processors == the weights file's key index
     hidden_size: int
@@ -252,7 +252,7 @@ def _cross_attention_dim(unet: torch.nn.Module) -> int:
     return dim
 
 
-def _cross_attention_layers(unet: torch.nn.Module) -> list[_CrossAttnLayer]:
+def cross_attention_layers(unet: torch.nn.Module) -> list[CrossAttentionLayer]:
     """The cross-attention layers exactly as diffusers' IP-Adapter loader numbers them.
 
     diffusers numbers cross-attention processors 1, 3, 5, ... (assuming attn1/attn2 alternate)
@@ -269,7 +269,7 @@ def _cross_attention_layers(unet: torch.nn.Module) -> list[_CrossAttnLayer]:
             f"or block_out_channels); the image prompt cannot be attached to it"
         )
     cross_dim = _cross_attention_dim(unet)
-    layers: list[_CrossAttnLayer] = []
+    layers: list[CrossAttentionLayer] = []
     key_id = 1
     names = [n for n in processors if not n.startswith(_PROJECTION_PREFIXES)]
     for index, name in enumerate(names):
@@ -287,7 +287,7 @@ def _cross_attention_layers(unet: torch.nn.Module) -> list[_CrossAttnLayer]:
                 f"{actual[1]} -> {actual[0]}; only SD-1.x-layout UNets (attn1/attn2 pairs in "
                 f"transformer blocks) can take the image prompt"
             )
-        layers.append(_CrossAttnLayer(name=name, index=index, hidden_size=hidden))
+        layers.append(CrossAttentionLayer(name=name, index=index, hidden_size=hidden))
         key_id += 2
     if not layers:
         raise ImagePromptError(

@@ -66,28 +66,38 @@ def check_edits(sources: list[tuple[str, Any]], outputs: list[Path], args,
         for f in _input_files(spec):
             inputs.setdefault(_key(f), f"an input of {label}")
 
-    seen: dict[str, Path] = {}
+    seen: set[str] = set()
     for out in outputs:
         try:
             check_output(out, getattr(args, "force", False))
         except DiffEditorError as exc:
             errors.append(str(exc))
             continue
-        for path in (out, out.with_suffix(".json")):
-            key = _key(path)
-            if key in inputs:
-                errors.append(f"{show(path, 200)} is {inputs[key]}; inputs are never "
-                              "overwritten: choose another --out")
-            elif key in seen:
-                errors.append(f"{show(path, 200)} would be written twice in this batch; "
-                              "give the specs different names")
-            seen[key] = path
+        errors += output_clashes(out, inputs, seen, "--out", "names")
 
     errors += check_options(args)
     if errors:
         raise CheckErrors(errors)
     _warn_slow(specs, sources, args)
     return specs
+
+
+def output_clashes(out: Path, inputs: dict[str, str], seen: set[str], out_flags: str,
+                   names: str) -> list[str]:
+    """What is wrong with writing ``out`` and its sidecar: one of the ``inputs`` (real path ->
+    what it is), or a path already in ``seen`` (which gets both). ``out_flags`` and ``names``
+    name the command's output options and what tells its specs apart, for the hint."""
+    errors = []
+    for path in (out, out.with_suffix(".json")):
+        key = _key(path)
+        if key in inputs:
+            errors.append(f"{show(path, 200)} is {inputs[key]}; inputs are never "
+                          f"overwritten: choose another {out_flags}")
+        elif key in seen:
+            errors.append(f"{show(path, 200)} would be written twice in this batch; give "
+                          f"the specs different {names}")
+        seen.add(key)
+    return errors
 
 
 def check_options(args) -> list[str]:

@@ -563,3 +563,30 @@ def test_version_is_written_once_and_the_kernel_is_typed():
     assert diffeditor_tasks.__version__ == diffeditor.__version__
     assert (KERNEL / "py.typed").is_file()
     assert 'diffeditor = ["py.typed"]' in text
+
+
+def private_kernel_imports(path: Path, root: Path = ROOT) -> list[str]:
+    """``from diffeditor... import _name`` statements of a file: the kernel's private names."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return [f"{path.relative_to(root)}:{node.lineno}: {node.module}.{a.name}"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.level == 0
+            and (node.module or "").split(".")[0] == "diffeditor"
+            for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+
+
+def test_plugins_and_tasks_use_only_the_kernels_public_names():
+    """A distribution of its own (plugins/) or a task plugin (tasks/) reaches the kernel through
+    public names only, so the kernel can rename its internals without breaking them."""
+    files = [p for d in ("tasks", "plugins") for p in sorted((ROOT / d).rglob("*.py"))
+             if "build" not in p.parts and "tests" not in p.parts]
+    assert len(files) > 20
+    found = [hit for p in files for hit in private_kernel_imports(p)]
+    assert found == []
+
+
+def test_a_private_kernel_import_is_found(tmp_path):
+    bad = tmp_path / "probe.py"
+    bad.write_text("from diffeditor.cli import _run_local\nfrom diffeditor import specs, __version__\n"
+                   "from .diffeditor import _local\n")
+    assert private_kernel_imports(bad, tmp_path) == ["probe.py:1: diffeditor.cli._run_local"]

@@ -358,3 +358,16 @@ def test_from_pretrained_argument_errors(kwargs, words):
 def test_bench_options_checked_before_loading(capsys, extra, words):
     code, lines = run(capsys, "bench", "--model", "shapes", *extra)
     assert_one_error(code, lines, words)
+
+
+def test_two_edits_of_a_batch_never_write_one_file(scene, capsys):
+    line = json.dumps({"id": "same", "task": "move", "image": "image.png", "mask": "mask.png"})
+    (scene / "jobs.jsonl").write_text(line + "\n" + line + "\n")
+    before = {p.name: p.read_bytes() for p in scene.iterdir() if p.is_file()}
+    code, lines = run(capsys, "edit", scene / "jobs.jsonl", "--model", scene, "--out-dir", scene / "out")
+    assert code == 2, lines
+    twice = [ln for ln in lines if "would be written twice in this batch" in ln]
+    assert [Path(ln.split()[2]).name for ln in twice] == ["same.png", "same.json"], lines
+    assert all("different names or ids" in ln for ln in twice)
+    assert not (scene / "out").exists()
+    assert {p.name: p.read_bytes() for p in scene.iterdir() if p.is_file()} == before

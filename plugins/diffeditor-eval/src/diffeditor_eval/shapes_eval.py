@@ -61,9 +61,9 @@ def _worker_init(model: str, device: str, threads: int) -> None:
     torch.set_num_threads(threads)
     global _EDITOR
     from diffeditor import Editor
-    from diffeditor.cli import _quiet_libraries
+    from diffeditor.models import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     _EDITOR = Editor.from_pretrained(model, device=device, dtype="float32")
 
 

@@ -32,12 +32,13 @@ class EditWorker:
     """One worker: loads the model once, pins torch's threads, edits groups of jobs."""
 
     def __init__(self, options: dict, threads: int, command_line: str):
-        from diffeditor.cli import _load_editor, _quiet_libraries
+        from diffeditor.cli import load_editor
+        from diffeditor.models import quiet_libraries
 
         t0 = time.perf_counter()
         self.threads = batch.set_threads(threads)
-        _quiet_libraries()
-        self.editor = _load_editor(argparse.Namespace(**options))
+        quiet_libraries()
+        self.editor = load_editor(argparse.Namespace(**options))
         self.editor.command_line = command_line
         self.load_s = time.perf_counter() - t0
 

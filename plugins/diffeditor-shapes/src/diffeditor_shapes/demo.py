@@ -46,18 +46,19 @@ def psnr(a: Image.Image, b: Image.Image) -> float:
 def run_demo(out_dir: Path, steps: int = 50, seed: int = 3, device: str = "cpu",
              force: bool = False, quiet: bool = False) -> dict[str, Path]:
     from diffeditor import Editor
-    from diffeditor.cli import _progress_factory, _quiet_libraries
+    from diffeditor.cli import progress_factory
     from diffeditor.imageio import check_writable, save_image
+    from diffeditor.models import quiet_libraries
 
     from .scenes import make_case, save_case
 
     names = ["source.png", "moved.png", "dragged.png", "vae_only.png", "side_by_side.png"]
     for n in names:
         check_writable(out_dir / n, force)
-    _quiet_libraries()
+    quiet_libraries()
     t0 = time.perf_counter()
     editor = Editor.from_pretrained("shapes", device=device, dtype="float32")
-    progress = _progress_factory(quiet)
+    progress = progress_factory(quiet)
     cases = out_dir / "cases"
     move_case = make_case("move", seed)
     drag_case = make_case("drag", seed + 1)

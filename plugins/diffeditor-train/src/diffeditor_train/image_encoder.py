@@ -51,9 +51,9 @@ def build_tower(preset: str, image_size: int, projection_dim: int, seed: int):
 
 
 def processor_for(image_size: int):
-    from diffeditor.image_prompt_clip import _clip_processor_class
+    from diffeditor.image_prompt_clip import clip_processor_class
 
-    return _clip_processor_class()(size={"shortest_edge": image_size},
+    return clip_processor_class()(size={"shortest_edge": image_size},
                                    crop_size={"height": image_size, "width": image_size})
 
 

@@ -79,14 +79,14 @@ def initial_state_dict(unet, clip_dim: int, num_tokens: int, width: int, heads: 
     """A fresh image prompt for ``unet`` in the file layout (see the module docstring)."""
     from diffusers.models.embeddings import IPAdapterPlusImageProjection
 
-    from diffeditor.image_prompt_weights import _cross_attention_layers
+    from diffeditor.image_prompt_weights import cross_attention_layers
 
     torch.manual_seed(seed)
     proj = IPAdapterPlusImageProjection(
         embed_dims=clip_dim, output_dims=int(unet.config.cross_attention_dim), hidden_dims=width,
         depth=4, dim_head=DIM_HEAD, heads=heads, num_queries=num_tokens, ffn_ratio=4)
     ip = {}
-    for layer in _cross_attention_layers(unet):
+    for layer in cross_attention_layers(unet):
         attn = unet.get_submodule(layer.name.removesuffix(".processor"))
         ip[f"{layer.index}.to_k_ip.weight"] = attn.to_k.weight.detach().clone()
         ip[f"{layer.index}.to_v_ip.weight"] = attn.to_v.weight.detach().clone()
@@ -95,11 +95,11 @@ def initial_state_dict(unet, clip_dim: int, num_tokens: int, width: int, heads: 
 
 def trainable_modules(unet) -> dict[str, torch.nn.Module]:
     """The attached image prompt's modules: the resampler and every layer's K/V maps."""
-    from diffeditor.image_prompt_weights import _cross_attention_layers
+    from diffeditor.image_prompt_weights import cross_attention_layers
 
     mods: dict[str, torch.nn.Module] = {
         "image_proj": unet.encoder_hid_proj.image_projection_layers[0]}
-    for layer in _cross_attention_layers(unet):
+    for layer in cross_attention_layers(unet):
         proc = unet.get_submodule(layer.name.removesuffix(".processor")).processor
         mods[f"ip.{layer.index}"] = torch.nn.ModuleDict(
             {"to_k_ip": proc.to_k_ip[0], "to_v_ip": proc.to_v_ip[0]})

@@ -615,10 +615,10 @@ def serve(model: str | None = "shapes", device: str | None = None, dtype: str | 
     import os
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    from diffeditor.cli import _quiet_libraries
     from diffeditor.editor import Editor
+    from diffeditor.models import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     editor = Editor.from_pretrained(model, device=device, dtype=dtype)
     out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="diffeditor-ui-"))
     service = EditService(editor, out, model or "", device)
