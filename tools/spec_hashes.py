@@ -8,6 +8,11 @@ when the maths changes on purpose (and say so in the commit)::
 
 Every spec runs with ``steps`` overridden to ``STEPS`` (fast) and its own seed. The image is
 encoded with PIL's PNG writer at fixed settings, so the hash is of the pixels plus PNG framing.
+
+The bits also depend on the CPU: MKL and oneDNN pick kernels by vendor and vector extensions,
+and an Intel AVX-512 machine gives other low bits than an AMD EPYC one for the guided specs.
+So the file keeps one set per CPU family (:func:`machine`); ``--write`` adds or replaces the
+current machine's set and keeps the others.
 """
 
 from __future__ import annotations
@@ -33,6 +38,30 @@ EXTRA: dict[str, tuple[str, dict]] = {
         "image_prompt_scale": 0.0, "sde_strength": 0.0, "sde_strength_outside": 0.0,
         "schedule": {"guidance": [{"start": 0.0, "stop": 0.6}], "time_travel_repeats": 1}}),
 }
+
+
+def machine() -> str:
+    """This CPU's family as the hashes are keyed: ``vendor/capability`` (``GenuineIntel/AVX512``;
+    the vendor from ``/proc/cpuinfo``, the capability is ATen's)."""
+    import platform
+
+    import torch
+
+    vendor = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                vendor = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{vendor}/{torch.backends.cpu.get_cpu_capability()}"
+
+
+def hashes_for(data: dict, key: str) -> dict[str, str] | None:
+    """The recorded set for ``key`` (``vendor/capability``), else the vendor's own, else None."""
+    sets = data["machines"]
+    return sets.get(key) or sets.get(key.split("/")[0])
 
 
 def spec_files() -> list[Path]:
@@ -85,8 +114,10 @@ def main(argv=None) -> int:
     _quiet_libraries()
     editor = Editor.from_pretrained("shapes", device="cpu", dtype="float32")
     hashes = compute(editor)
+    data = json.loads(OUT.read_text()) if OUT.is_file() else {"machines": {}}
+    machines = {**data.get("machines", {}), machine(): hashes}
     text = json.dumps({"steps": STEPS, "model": "shapes", "device": "cpu", "dtype": "float32",
-                       "sha256": hashes}, indent=2) + "\n"
+                       "machines": machines}, indent=2) + "\n"
     if args.write:
         OUT.write_text(text)
     sys.stdout.write(text)
