@@ -102,6 +102,28 @@ def check_spec(spec: EditSpec, registry=None) -> tuple[int, int]:
     return hw
 
 
+def paste_back(image: Image.Image, source: Image.Image, region: torch.Tensor, geom: Geometry,
+               width: int) -> Image.Image:
+    """The decoded ``image`` inside ``region`` (a latent-grid mask, widened by one cell), the
+    input ``source``'s own pixels outside it, blended over ``width`` working-size pixels; both
+    at the input's size. Outside the ramp the source's values are returned unchanged."""
+    import numpy as np
+
+    from .geometry import dilate, feather
+
+    ch, cw = geom.content
+    m = dilate((region > 0.5).float().cpu(), 1)
+    m = torch.nn.functional.interpolate(m, size=geom.work_hw, mode="nearest")[..., :ch, :cw]
+    w = feather(m, width)
+    if (ch, cw) != geom.input_hw:
+        w = torch.nn.functional.interpolate(w, size=geom.input_hw, mode="bilinear", align_corners=False)
+    w = w[0, 0].clamp(0, 1).numpy()[..., None]
+    src = np.asarray(source.convert("RGB"), dtype=np.float32)
+    out = np.asarray(image.convert("RGB"), dtype=np.float32)
+    mixed = np.where(w > 0, w * out + (1 - w) * src, src)
+    return Image.fromarray(np.rint(mixed).clip(0, 255).astype(np.uint8))
+
+
 def with_spec_energies(plan: EditPlan, spec: EditSpec, registry, geom: Geometry) -> EditPlan:
     """``plan`` with the named energy terms of ``spec.energies`` added after the task's own
     (:func:`diffeditor.energies.add_spec_energies`); :class:`SpecError` (one line) for an
@@ -372,6 +394,9 @@ class Editor:
         image = to_pil(out.image[..., :ch, :cw])
         if (image.height, image.width) != geom.input_hw:
             image = image.resize((geom.input_hw[1], geom.input_hw[0]), Image.BICUBIC)
+        if spec.paste_back > 0 and plan.sde_mask is not None:
+            image = paste_back(image, load_image(task.images(spec)["source"], "image"),
+                               plan.sde_mask, geom, spec.paste_back)
         masks = {k: to_pil(v[..., :ch, :cw].expand(-1, 3, -1, -1) * 2 - 1)
                  for k, v in plan.masks.items()}
         timings = dict(out.timings)

@@ -59,6 +59,15 @@ def dilate(mask: Tensor, cells: int) -> Tensor:
     return (F.max_pool2d(mask.float(), k, stride=1, padding=cells) > 0).float()
 
 
+def feather(mask: Tensor, width: int) -> Tensor:
+    """A ``(1, 1, h, w)`` binary mask with a linear ramp outside it: 1 inside, ``(width - d) /
+    width`` at chessboard distance ``d`` px outside (``d < width``), 0 beyond."""
+    m = (mask > 0).float()
+    if width <= 0:
+        return m
+    return torch.stack([dilate(m, j) for j in range(width)]).mean(0)
+
+
 def resample_mask(mask: Tensor, hw: tuple[int, int], rule: str = "coverage") -> Tensor:
     """The one mask resampler: a mask ``(B, 1, H, W)`` on another grid ``hw``, float {0, 1}.
 

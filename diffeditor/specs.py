@@ -161,6 +161,17 @@ class EditSpec(BaseModel):
         "edit region is replaced by the inverted source latent of the same step; 0 = off (the "
         "reference); not part of DiffEditor, an extra for weak models",
     )
+    paste_back: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="not in the reference: outside the edit region (the regional-SDE mask, "
+        "widened by one latent cell) the output keeps the input image's own pixels, at the "
+        "input's full size, blended in over this many working-size pixels; 0 = off (the "
+        "reference: every pixel is decoded). For decoders that are not local (the shapes model's "
+        "VAE tints the whole image when an object changes) and for photos larger than the "
+        "working size; tasks with no edit region (face) ignore it",
+    )
     feature_levels: tuple[int, ...] = Field(
         (1, 2), min_length=1, description="decoder up_blocks whose outputs are guidance features"
     )

@@ -450,7 +450,7 @@ RENAMED = {("drag", "w_inpaint"): "w_handle_contrast", ("face", "w_inpaint"): "w
 #: fields removed since: (task, field) (face has no content energy)
 REMOVED = {("face", "w_content")}
 #: fields added since, to every task, with their default
-ADDED = {"energies": []}
+ADDED = {"energies": [], "paste_back": 0}
 
 
 def test_each_tasks_resolved_defaults_are_unchanged():

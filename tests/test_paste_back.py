@@ -1,0 +1,73 @@
+"""``paste_back``: outside the edit region the output keeps the input's own pixels (full size),
+blended over a ramp; inside it the decoded edit is untouched. Exact oracles throughout."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_disc_scene
+from PIL import Image
+
+from diffeditor.editor import paste_back
+from diffeditor.geometry import feather
+from diffeditor.interfaces import Geometry
+
+
+def test_feather_is_a_linear_ramp_in_chessboard_distance():
+    m = torch.zeros(1, 1, 9, 9)
+    m[0, 0, 4, 4] = 1
+    w = feather(m, 4)[0, 0]
+    dy, dx = torch.meshgrid((torch.arange(9) - 4).abs(), (torch.arange(9) - 4).abs(), indexing="ij")
+    d = torch.maximum(dy, dx)
+    assert torch.allclose(w, ((4 - d) / 4).clamp(min=0).float())
+    assert torch.equal(feather(m, 0), m)
+
+
+def test_paste_back_keeps_the_source_outside_and_the_edit_inside():
+    # input 200x300 (h, w) edited at 128x192: latent 16x24, region = latent cells 4..7 x 4..7
+    geom = Geometry((200, 300), (128, 192), 8)
+    region = torch.zeros(1, 1, 16, 24)
+    region[..., 4:8, 4:8] = 1
+    rng = np.random.default_rng(0)
+    src = Image.fromarray(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8))
+    edit = Image.fromarray(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8))
+    out = np.asarray(paste_back(edit, src, region, geom, 4)).astype(int)
+    s, e = np.asarray(src).astype(int), np.asarray(edit).astype(int)
+    k = 200 / 128  # input px per working px
+    # the region widened by one cell is working px 24..72; the ramp ends 4 px further out
+    far = np.ones((200, 300), bool)
+    far[int(19 * k) - 2:int(77 * k) + 3, int(19 * k) - 2:int(77 * k) + 3] = False
+    assert np.array_equal(out[far], s[far])
+    core = np.zeros((200, 300), bool)
+    core[int(26 * k):int(70 * k), int(26 * k):int(70 * k)] = True
+    assert np.array_equal(out[core], e[core])
+    between = ~far & ~core  # the ramp: a mixture of both, never outside their range
+    assert (out[between] >= np.minimum(s, e)[between] - 1).all()
+    assert (out[between] <= np.maximum(s, e)[between] + 1).all()
+    assert not np.array_equal(out[between], s[between])
+
+
+@pytest.mark.parametrize("task", ["move", "drag"])
+def test_an_edit_with_paste_back_changes_no_pixel_outside_its_region(editor, tmp_path, task):
+    write_disc_scene(tmp_path, editable=True)
+    spec = {"task": task, "image": "i.png", "steps": 6, "seed": 3, "prompt": "a red square"}
+    if task == "move":
+        spec.update(mask="m.png", offset=[24, 0])
+    else:
+        spec.update(mask="e.png", handles=[[40, 60]], targets=[[56, 60]])
+    plain = editor.edit(spec, base_dir=tmp_path)
+    kept = editor.edit({**spec, "paste_back": 3}, base_dir=tmp_path)
+    src = np.asarray(Image.open(tmp_path / "i.png").convert("RGB"))
+    a, b = np.asarray(plain.image), np.asarray(kept.image)
+    # the region: regional-SDE cells (the task's plan), widened by one cell (8 px) and the ramp
+    task_, plan, geom = editor.prepare(editor.parse(spec, tmp_path))
+    cells = torch.nn.functional.max_pool2d(plan.sde_mask.float(), 3, 1, 1)
+    near = torch.nn.functional.max_pool2d(
+        torch.nn.functional.interpolate(cells, size=geom.work_hw, mode="nearest"), 7, 1, 3)[0, 0] > 0
+    inside = torch.nn.functional.interpolate(cells, size=geom.work_hw, mode="nearest")[0, 0] > 0
+    assert task_.name == task and near.any() and not near.all()
+    far = ~near.numpy()
+    assert np.array_equal(b[far], src[far])  # the input's own pixels, bit for bit
+    assert not np.array_equal(a[far], src[far])  # which the decoder alone does not give
+    assert np.array_equal(b[inside.numpy()], a[inside.numpy()])  # the edit itself untouched
