@@ -109,15 +109,9 @@ def paste_back(image: Image.Image, source: Image.Image, region: torch.Tensor, ge
     at the input's size. Outside the ramp the source's values are returned unchanged."""
     import numpy as np
 
-    from .geometry import dilate, feather
+    from .geometry import paste_back_weights
 
-    ch, cw = geom.content
-    m = dilate((region > 0.5).float().cpu(), 1)
-    m = torch.nn.functional.interpolate(m, size=geom.work_hw, mode="nearest")[..., :ch, :cw]
-    w = feather(m, width)
-    if (ch, cw) != geom.input_hw:
-        w = torch.nn.functional.interpolate(w, size=geom.input_hw, mode="bilinear", align_corners=False)
-    w = w[0, 0].clamp(0, 1).numpy()[..., None]
+    w = paste_back_weights(region, geom, width).numpy()[..., None]
     src = np.asarray(source.convert("RGB"), dtype=np.float32)
     out = np.asarray(image.convert("RGB"), dtype=np.float32)
     mixed = np.where(w > 0, w * out + (1 - w) * src, src)

@@ -68,6 +68,19 @@ def feather(mask: Tensor, width: int) -> Tensor:
     return torch.stack([dilate(m, j) for j in range(width)]).mean(0)
 
 
+def paste_back_weights(region: Tensor, geom, width: int) -> Tensor:
+    """``(H, W)`` weights of the decoded edit at the input's size for ``paste_back``: 1 on
+    ``region`` (a latent-grid mask) widened by one cell, a ``width``-pixel linear ramp (working
+    pixels) around it, 0 beyond."""
+    ch, cw = geom.content
+    m = dilate((region > 0.5).float().cpu(), 1)
+    m = resample_mask(m, tuple(geom.work_hw), "nearest")[..., :ch, :cw]
+    w = feather(m, width)
+    if (ch, cw) != tuple(geom.input_hw):
+        w = F.interpolate(w, size=tuple(geom.input_hw), mode="bilinear", align_corners=False)
+    return w[0, 0].clamp(0, 1)
+
+
 def resample_mask(mask: Tensor, hw: tuple[int, int], rule: str = "coverage") -> Tensor:
     """The one mask resampler: a mask ``(B, 1, H, W)`` on another grid ``hw``, float {0, 1}.
 
