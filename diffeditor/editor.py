@@ -114,7 +114,7 @@ def paste_back(image: Image.Image, source: Image.Image, region: torch.Tensor, ge
     w = paste_back_weights(region, geom, width).numpy()[..., None]
     src = np.asarray(source.convert("RGB"), dtype=np.float32)
     out = np.asarray(image.convert("RGB"), dtype=np.float32)
-    mixed = np.where(w > 0, w * out + (1 - w) * src, src)
+    mixed = w * out + (1 - w) * src  # exactly src where w = 0, exactly out where w = 1
     return Image.fromarray(np.rint(mixed).clip(0, 255).astype(np.uint8))
 
 
@@ -328,6 +328,10 @@ class Editor:
     # -- editing ------------------------------------------------------------------------------
     def prepare(self, spec: EditSpec):
         """Load the inputs and build the task's plan (no network calls)."""
+        return self._prepare(spec)[:3]
+
+    def _prepare(self, spec: EditSpec):
+        """:meth:`prepare`, and the input images as loaded (PIL, by the task's image names)."""
         task = self.registry.task(spec.task)
         paths = task.images(spec)
         pil = {name: load_image(p, "image" if name == "source" else name) for name, p in paths.items()}
@@ -338,7 +342,7 @@ class Editor:
         geom = Geometry(input_hw, work_hw, self.engine.vae_scale, spec.feature_scale, content_hw)
         tensors = {name: to_tensor(im, content_hw, pad=work_hw) for name, im in pil.items()}
         plan = with_spec_energies(task.plan(spec, tensors, geom), spec, self.registry, geom)
-        return task, plan, geom
+        return task, plan, geom, pil
 
     def size_multiple(self) -> int:
         """What the working image's sides must be multiples of: the VAE's factor times the
@@ -376,7 +380,7 @@ class Editor:
             raise UsageError("progress must be None or a callable (total, desc) -> bar, not "
                              f"{type(progress).__name__}")
         spec = self.parse(spec, base_dir)
-        task, plan, geom = self.prepare(spec)
+        task, plan, geom, inputs = self._prepare(spec)
         self._select_encoders(spec)
         sampler, schedules = sampler_and_schedules(spec, self.registry)
         out = self.engine.edit(plan, spec, progress, callback, sampler=sampler, schedules=schedules)
@@ -389,8 +393,7 @@ class Editor:
         if (image.height, image.width) != geom.input_hw:
             image = image.resize((geom.input_hw[1], geom.input_hw[0]), Image.BICUBIC)
         if spec.paste_back > 0 and plan.sde_mask is not None:
-            image = paste_back(image, load_image(task.images(spec)["source"], "image"),
-                               plan.sde_mask, geom, spec.paste_back)
+            image = paste_back(image, inputs["source"], plan.sde_mask, geom, spec.paste_back)
         masks = {k: to_pil(v[..., :ch, :cw].expand(-1, 3, -1, -1) * 2 - 1)
                  for k, v in plan.masks.items()}
         timings = dict(out.timings)
