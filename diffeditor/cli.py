@@ -26,12 +26,6 @@ _BROKEN_COMMANDS: dict[str, bool] = {}  # plugins whose register_commands raised
 _ARGV: list[str] | None = None  # the arguments main() was called with (recorded in sidecars)
 
 
-def _quiet_libraries() -> None:
-    from .models import quiet_libraries
-
-    quiet_libraries()
-
-
 def progress_factory(quiet: bool, label: str | None = None):
     """Progress bars on stderr, each named ``label: phase`` (``[2/7] drag: editing``): the
     ``progress`` argument of ``Editor.edit``; ``None`` when ``quiet``."""
@@ -248,8 +242,11 @@ def cmd_edit(args) -> int:
 def load_editor(args):
     """The :class:`Editor` a parsed command line's model options name (``--model``,
     ``--device``, ``--dtype``, the image-prompt and memory options; a namespace with those
-    attributes works too, as the Ray workers build one)."""
+    attributes works too, as the Ray workers build one), with the libraries' chatter off."""
     from .editor import Editor
+    from .models import quiet_libraries
+
+    quiet_libraries()
 
     ip = None
     if args.image_prompt_weights or args.image_prompt_encoder:
@@ -281,7 +278,6 @@ def _run_local(todo, known, args, total: int):
 def _run_local_threads(todo, known, args, total: int):
     from . import batch
 
-    _quiet_libraries()
     editor = load_editor(args)
     editor.command_line = command_line()
     bar = batch.batch_bar(total, args.quiet, initial=len(known))
@@ -335,7 +331,6 @@ def _run(specs, outputs, args, sources=None) -> int:
 
 
 def _run_edits(specs, outputs, args, sources=None) -> int:
-    _quiet_libraries()
     editor = load_editor(args)
     editor.command_line = command_line()
     n = len(specs)

@@ -68,9 +68,9 @@ def shapes_model() -> Path:
 def editor(shapes_model):
     """One Editor on the shapes model (CPU, float32) shared by the end-to-end tests."""
     from diffeditor import Editor
-    from diffeditor.cli import _quiet_libraries
+    from diffeditor.models import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     return Editor.from_pretrained(str(shapes_model), device="cpu", dtype="float32")
 
 
@@ -82,9 +82,9 @@ def editor_shapes():
     if "shapes" not in get_registry().models:
         pytest.skip("diffeditor-shapes is not installed")
     from diffeditor import Editor
-    from diffeditor.cli import _quiet_libraries
+    from diffeditor.models import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     return Editor.from_pretrained("shapes", device="cpu", dtype="float32")
 
 

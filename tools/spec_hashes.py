@@ -109,9 +109,9 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     from diffeditor import Editor
-    from diffeditor.cli import _quiet_libraries
+    from diffeditor.models import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     editor = Editor.from_pretrained("shapes", device="cpu", dtype="float32")
     hashes = compute(editor)
     data = json.loads(OUT.read_text()) if OUT.is_file() else {"machines": {}}

@@ -33,11 +33,9 @@ class EditWorker:
 
     def __init__(self, options: dict, threads: int, command_line: str):
         from diffeditor.cli import load_editor
-        from diffeditor.models import quiet_libraries
 
         t0 = time.perf_counter()
         self.threads = batch.set_threads(threads)
-        quiet_libraries()
         self.editor = load_editor(argparse.Namespace(**options))
         self.editor.command_line = command_line
         self.load_s = time.perf_counter() - t0
