@@ -451,6 +451,8 @@ RENAMED = {("drag", "w_inpaint"): "w_handle_contrast", ("face", "w_inpaint"): "w
 REMOVED = {("face", "w_content")}
 #: fields added since, to every task, with their default
 ADDED = {"energies": [], "paste_back": 0}
+#: fields added since to one task: (task, field) -> default
+ADDED_TO = {("drag", "object_blend"): 0.0}
 
 
 def test_each_tasks_resolved_defaults_are_unchanged():
@@ -481,6 +483,8 @@ def test_each_tasks_resolved_defaults_are_unchanged():
         del before[task][name]
     for task in before:
         before[task].update(ADDED)
+    for (task, name), value in ADDED_TO.items():
+        before[task][name] = value
     now = resolved_defaults(registry_from([a, c, d, f, m, p]))
     assert set(now) == set(before)
     for task in before:

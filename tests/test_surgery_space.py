@@ -135,3 +135,22 @@ def test_appearance_without_object_blend_is_the_reference_plan(editor, tmp_path)
     assert spec.object_blend == 0.0
     assert plan.surgery is None and all(p.until == 0 for p in plan.pins)
     assert set(plan.images) == {"source", "reference"}
+
+
+@pytest.mark.parametrize("blend", [0.0, 0.5])
+def test_drag_object_blend_pins_each_target_patch_to_its_handle_patch(editor, tmp_path, blend):
+    """Drag's ``object_blend`` (ours; 0 = the reference) holds the 3x3 latent patch at each
+    target to the source trajectory's patch at its handle, and nothing else."""
+    spec, plan, geom = _plan(editor, "drag", 2, tmp_path, object_blend=blend)
+    assert len(plan.pins) == 1 and plan.pins[0].until == blend
+    (hx, hy), (tx, ty) = plan.info["handles_work_px"][0], plan.info["targets_work_px"][0]
+    ppc = geom.pixels_per_cell("latent")
+    hr, hc, tr, tc = (int(v // ppc) for v in (hy, hx, ty, tx))
+    ml = plan.pins[0].mask[0, 0]
+    assert ml.sum() == 9 and ml[tr - 1 : tr + 2, tc - 1 : tc + 2].all()
+    zs = _latents(plan)
+    pinned = plan.pins[0].target(zs)
+    assert torch.equal(pinned[..., tr - 1 : tr + 2, tc - 1 : tc + 2],
+                       zs["source"][..., hr - 1 : hr + 2, hc - 1 : hc + 2])
+    assert torch.equal(pinned[:, :, ml == 0], zs["source"][:, :, ml == 0])
+    assert torch.equal(pinned, plan.surgery(zs))  # the same latent the edit starts from

@@ -15,7 +15,15 @@ from pydantic import Field, model_validator
 
 from diffeditor.energies import cosine_map, inverse_energy, masked_mean, sim01
 from diffeditor.hookspecs import hookimpl
-from diffeditor.interfaces import AttentionPolicy, BenchScene, EditPlan, EnergyTerm, Geometry, Task
+from diffeditor.interfaces import (
+    AttentionPolicy,
+    BenchScene,
+    EditPlan,
+    EnergyTerm,
+    Geometry,
+    Pin,
+    Task,
+)
 from diffeditor.masks import check_mask_file, check_points, grid_mask, scale_point, work_mask
 from diffeditor.schedule import Window
 from diffeditor.specs import EditSpec, path_validators, renamed_field
@@ -96,6 +104,11 @@ class DragSpec(EditSpec):
         0.2, ge=0.0, le=100.0, description="push the handle patch away from its old content (old name: w_inpaint)"
     )
     rename_w_inpaint = renamed_field("w_inpaint", "w_handle_contrast")
+    object_blend: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="fraction of the run (from the start) during which each target patch is held "
+        "to its handle patch's inversion trajectory; 0 = off (the reference)",
+    )
 
     resolve_paths, check_paths = path_validators("mask")
 
@@ -140,14 +153,19 @@ class DragTask(Task):
         lh, lw = geom.latent_hw
         ppc = geom.pixels_per_cell("latent")
 
+        patches = [(patch_mask(h, (lh, lw), ppc), patch_mask(t, (lh, lw), ppc))
+                   for h, t in zip(handles, targets)]
+
         def surgery(zt):
             z = zt["source"].clone()
             src = zt["source"]
-            for h, t in zip(handles, targets):
-                hp = patch_mask(h, (lh, lw), ppc)[0, 0].nonzero()[0]
-                tp = patch_mask(t, (lh, lw), ppc)[0, 0].nonzero()[0]
+            for ph, pt in patches:
+                hp = ph[0, 0].nonzero()[0]
+                tp = pt[0, 0].nonzero()[0]
                 z[..., tp[0] : tp[0] + 3, tp[1] : tp[1] + 3] = src[..., hp[0] : hp[0] + 3, hp[1] : hp[1] + 3]
             return z
+
+        m_targets_l = torch.clamp(sum(pt for _, pt in patches), max=1)
 
         return EditPlan(
             images={"source": images["source"]},
@@ -161,6 +179,7 @@ class DragTask(Task):
             sde_mask=m_user_l,
             attention=AttentionPolicy(mode="concat", window=Window(start=0.1, stop=1.0)),
             surgery=surgery,
+            pins=[Pin(m_targets_l, surgery, spec.object_blend)],
             masks={"editable": m_user},
             info={"handles_work_px": handles, "targets_work_px": targets},
         )
