@@ -632,3 +632,39 @@ def test_shapes_ablation_wins_over_set_overrides():
     assert tt["time_travel_repeats"] == ABLATIONS["no_time_travel"]["schedule"]["time_travel_repeats"]
     assert tt["guidance"] == [{"start": 0.0, "stop": 0.5}]
     assert given["image_prompt_scale"] == 1.0  # not mutated
+
+
+def test_every_shapes_ablation_is_a_valid_spec_for_the_tasks_it_runs_and_skips_the_rest(tmp_path):
+    """Each ablation's fields exist in the spec of every task it runs on (a typo or a field a
+    task lacks would fail that task's validation), the tasks it skips are exactly those whose
+    spec rejects its fields, and the run plan leaves those pairs out."""
+    import pytest as _pytest
+    from diffeditor_eval.shapes_eval import (
+        ABLATION_TASKS,
+        ABLATIONS,
+        TASKS,
+        case_overrides,
+        work_items,
+    )
+    from diffeditor_shapes.scenes import make_case, save_case
+
+    from diffeditor.errors import SpecError
+    from diffeditor.specs import parse_spec
+
+    for task in TASKS:
+        folder = tmp_path / task
+        spec = json.loads(save_case(make_case(task, 3), folder).read_text())
+        for ab in ABLATIONS:
+            data = {**spec, **case_overrides(ab)}
+            if task in ABLATION_TASKS.get(ab, TASKS):
+                got = parse_spec(data, base_dir=folder)
+                for field, value in ABLATIONS[ab].items():
+                    if not isinstance(value, dict):
+                        assert getattr(got, field) == value, (ab, task, field)
+            else:
+                with _pytest.raises(SpecError):
+                    parse_spec(data, base_dir=folder)
+    work = work_items(TASKS, 2, ["full", "latent_surgery"], seed=5)
+    assert len(work) == 2 * len(TASKS) + 2 * 2
+    assert {t for ab, t, _ in work if ab == "latent_surgery"} == {"appearance", "paste"}
+    assert {s for *_, s in work} == {5, 6}

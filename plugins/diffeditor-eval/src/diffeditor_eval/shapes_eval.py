@@ -43,7 +43,15 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "no_memory_bank": {"memory_bank": "off"},
     "no_guidance": {"energy_scale": 0.0},
     "dragondiffusion": {"sampler": "dragondiffusion"},  # the registered DragonDiffusion sampler
+    # this project's own mechanisms (the shapes model's defaults switch them on)
+    "no_background_blend": {"background_blend": 0.0},
+    "no_object_blend": {"object_blend": 0.0},
+    "latent_surgery": {"surgery_space": "latent"},
 }
+
+#: ablations that concern only some tasks (the field exists only in those tasks' specs); the
+#: others are skipped for them
+ABLATION_TASKS: dict[str, tuple[str, ...]] = {"latent_surgery": ("appearance", "paste")}
 
 #: old ablation names, still accepted with a deprecation note: old -> new (one vocabulary:
 #: ``no_<mechanism>`` switches a mechanism off, ``<mechanism>_global`` drops its region)
@@ -205,6 +213,12 @@ def summarise(rows: list[dict]) -> dict[str, dict[str, float]]:
     return out
 
 
+def work_items(tasks, cases: int, ablations, seed: int = 0) -> list[tuple[str, str, int]]:
+    """Every (ablation, task, seed) to run, less the tasks an ablation does not concern."""
+    return [(ab, task, seed + k) for ab in ablations for task in tasks for k in range(cases)
+            if task in ABLATION_TASKS.get(ab, TASKS)]
+
+
 def evaluate(tasks, cases: int, ablations, model: str = "shapes", device: str = "cpu",
              jobs: int = 1, steps: int = 50, seed: int = 0, overrides: dict | None = None,
              progress=None, prompt: str = "case", with_ceiling: bool = False,
@@ -212,7 +226,7 @@ def evaluate(tasks, cases: int, ablations, model: str = "shapes", device: str = 
     """Run and score every (ablation, task, case). Returns per-case rows and summaries.
     ``save_images``: write each edit (and its source, truth and VAE round trip) to
     ``save_images/<ablation>/<task>-<seed>{,-source,-truth,-vae}.png``."""
-    work = [(ab, task, seed + k) for ab in ablations for task in tasks for k in range(cases)]
+    work = work_items(tasks, cases, ablations, seed)
     results: list[dict] = []
     threads = max(1, (os.cpu_count() or 1) // max(jobs, 1))
 
@@ -239,7 +253,8 @@ def evaluate(tasks, cases: int, ablations, model: str = "shapes", device: str = 
                 results.append({"ablation": ab, **fut.result()})
                 if progress:
                     progress(results[-1])
-    summary = {ab: summarise([r for r in results if r["ablation"] == ab]) for ab in ablations}
+    summary = {ab: summarise([r for r in results if r["ablation"] == ab]) for ab in ablations
+               if any(r["ablation"] == ab for r in results)}
     return {"settings": {"tasks": list(tasks), "cases": cases, "ablations": list(ablations),
                          "model": model, "steps": steps, "seed": seed, "jobs": jobs,
                          "overrides": overrides or {}, "prompt": prompt},
@@ -345,7 +360,7 @@ def run_shapes(args) -> int:
 
             raise OutputError(f"--save-images {folder} exists and is not an empty folder; "
                               "choose a new or empty folder")
-    total = len(tasks) * args.cases * len(ablations)
+    total = len(work_items(tasks, args.cases, ablations))
     print(f"eval shapes: {total} edits ({', '.join(tasks)} x {args.cases} cases x "
           f"{len(ablations)} ablation(s)) on {args.model}, {args.steps} steps, {args.jobs} job(s); "
           "loading the model", file=sys.stderr, flush=True)
