@@ -33,9 +33,23 @@ def test_every_example_spec_has_a_hash():
     tool = _tool()
     names = {p.name for p in (REPO / "specs").glob("*.yaml")} | set(tool.EXTRA)
     assert DATA["machines"]
+    # one family's set is complete; the others may lack the specs whose hash a deliberate
+    # change made stale (tools/spec_hashes.py drops them) but hold nothing else
+    assert any(names == set(h) for h in DATA["machines"].values()), \
+        "run tools/spec_hashes.py --write for new specs"
     for key, hashes in DATA["machines"].items():
-        assert names == set(hashes), f"{key}: run tools/spec_hashes.py --write for new specs"
+        assert set(hashes) <= names, f"{key}: hashes of specs that no longer exist"
     assert tool.STEPS == DATA["steps"]
+
+
+def test_a_changed_hash_drops_the_stale_entries_of_the_other_families():
+    tool = _tool()
+    machines = {"AuthenticAMD": {"a": "1", "b": "2"}, "GenuineIntel/AVX512": {"a": "3", "b": "4"}}
+    out = tool.merge(machines, "GenuineIntel/AVX512", {"a": "3", "b": "5", "c": "6"})
+    assert out == {"AuthenticAMD": {"a": "1"}, "GenuineIntel/AVX512": {"a": "3", "b": "5", "c": "6"}}
+    assert machines["AuthenticAMD"] == {"a": "1", "b": "2"}  # not mutated
+    # a new family's first set changes nothing elsewhere
+    assert tool.merge(machines, "GenuineIntel/AVX2", {"a": "9"})["AuthenticAMD"] == {"a": "1", "b": "2"}
 
 
 def test_the_hashes_are_found_by_vendor_and_capability():
@@ -48,7 +62,7 @@ def test_the_hashes_are_found_by_vendor_and_capability():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(next(iter(DATA["machines"].values()))))
+@pytest.mark.parametrize("name", sorted(set().union(*DATA["machines"].values())))
 def test_example_spec_png_is_bit_identical(name, editor_shapes):
     if name == "face.yaml":
         pytest.importorskip("dlib", reason="the face task needs the 'face' extra")
@@ -58,6 +72,9 @@ def test_example_spec_png_is_bit_identical(name, editor_shapes):
     if want is None:
         pytest.skip(f"no hashes recorded for a {key} CPU (the low bits differ by CPU family): "
                     f"run python tools/spec_hashes.py --write on a trusted commit to add them")
+    if name not in want:
+        pytest.skip(f"{name}: its hash changed on purpose on another CPU family and none is "
+                    f"recorded for {key} yet: run python tools/spec_hashes.py --write here")
     file, overrides = tool.EXTRA.get(name, (name, None))
     got = tool.spec_hash(editor_shapes, REPO / "specs" / file, DATA["steps"], overrides)
     assert got == want[name], key

@@ -12,7 +12,9 @@ encoded with PIL's PNG writer at fixed settings, so the hash is of the pixels pl
 The bits also depend on the CPU: MKL and oneDNN pick kernels by vendor and vector extensions,
 and an Intel AVX-512 machine gives other low bits than an AMD EPYC one for the guided specs.
 So the file keeps one set per CPU family (:func:`machine`); ``--write`` adds or replaces the
-current machine's set and keeps the others.
+current machine's set and keeps the others, less the specs whose hash it found changed on this
+machine (:func:`merge`): those entries are stale everywhere, and the test skips them on the
+other families until ``--write`` runs there.
 """
 
 from __future__ import annotations
@@ -62,6 +64,18 @@ def hashes_for(data: dict, key: str) -> dict[str, str] | None:
     """The recorded set for ``key`` (``vendor/capability``), else the vendor's own, else None."""
     sets = data["machines"]
     return sets.get(key) or sets.get(key.split("/")[0])
+
+
+def merge(machines: dict[str, dict[str, str]], key: str, hashes: dict[str, str]) -> dict:
+    """``machines`` with ``key``'s set replaced by ``hashes``. A spec whose hash changed on this
+    machine (a deliberate change of the maths or of a model default) changes on every other
+    family too, so its old entries elsewhere are dropped rather than kept stale."""
+    old = hashes_for({"machines": machines}, key) or {}
+    changed = {n for n, h in hashes.items() if n in old and old[n] != h}
+    out = {k: {n: h for n, h in v.items() if n not in changed} for k, v in machines.items()
+           if k != key}
+    out[key] = hashes
+    return out
 
 
 def spec_files() -> list[Path]:
@@ -115,7 +129,7 @@ def main(argv=None) -> int:
     editor = Editor.from_pretrained("shapes", device="cpu", dtype="float32")
     hashes = compute(editor)
     data = json.loads(OUT.read_text()) if OUT.is_file() else {"machines": {}}
-    machines = {**data.get("machines", {}), machine(): hashes}
+    machines = merge(data.get("machines", {}), machine(), hashes)
     text = json.dumps({"steps": STEPS, "model": "shapes", "device": "cpu", "dtype": "float32",
                        "machines": machines}, indent=2) + "\n"
     if args.write:
