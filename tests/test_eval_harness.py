@@ -668,3 +668,19 @@ def test_every_shapes_ablation_is_a_valid_spec_for_the_tasks_it_runs_and_skips_t
     assert len(work) == 2 * len(TASKS) + 2 * 2
     assert {t for ab, t, _ in work if ab == "latent_surgery"} == {"appearance", "paste"}
     assert {s for *_, s in work} == {5, 6}
+
+
+def test_shapes_eval_with_workers_reports_a_bad_model_in_one_line(tmp_path, capfd):
+    """With ``--jobs 2`` the model loads in worker processes; a model that does not load must
+    still end in the one-line error and exit 2 (an exception in a pool's initializer used to
+    surface as a BrokenProcessPool traceback and exit 1)."""
+    from diffeditor.cli import main
+
+    missing = tmp_path / "no-such-model"
+    rc = main(["eval", "shapes", "--model", str(missing), "--jobs", "2", "--cases", "2",
+               "--task", "move"])
+    err = capfd.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err and "BrokenProcessPool" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("diffeditor: error:")]
+    assert len(lines) == 1 and str(missing) in lines[0], err

@@ -61,18 +61,26 @@ COLOUR_THRESHOLD = 70.0
 EDGE_DILATION = 4
 
 _EDITOR = None
+#: why this worker could not load the model: raised by its first case, so that the user sees
+#: the one-line error (an exception in a pool's initializer only breaks the pool)
+_INIT_ERROR: BaseException | None = None
 
 
-def _worker_init(model: str, device: str, threads: int) -> None:
+def _worker_init(model: str, device: str, threads: int, in_pool: bool = False) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    global _EDITOR
+    global _EDITOR, _INIT_ERROR
     from diffeditor import Editor
     from diffeditor.models import quiet_libraries
 
     quiet_libraries()
-    _EDITOR = Editor.from_pretrained(model, device=device, dtype="float32")
+    try:
+        _EDITOR = Editor.from_pretrained(model, device=device, dtype="float32")
+    except Exception as exc:
+        if not in_pool:
+            raise
+        _INIT_ERROR = exc
 
 
 def _deep_update(base: dict, extra: dict) -> dict:
@@ -151,6 +159,8 @@ def _run_case(task: str, seed: int, overrides: dict, steps: int, prompt: str = "
               with_ceiling: bool = False, save_dir: str | None = None) -> dict[str, Any]:
     from diffeditor_shapes.scenes import make_case, save_case
 
+    if _INIT_ERROR is not None:
+        raise _INIT_ERROR
     case = make_case(task, seed)
     with tempfile.TemporaryDirectory(prefix="diffeditor-eval-") as tmp:
         spec_path = save_case(case, tmp)
@@ -247,12 +257,16 @@ def evaluate(tasks, cases: int, ablations, model: str = "shapes", device: str = 
         import multiprocessing as mp
 
         with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
-                                 initargs=(model, device, threads)) as pool:
+                                 initargs=(model, device, threads, True)) as pool:
             futures = [(ab, pool.submit(_run_case, *job_args(ab, task, s))) for ab, task, s in work]
-            for ab, fut in futures:
-                results.append({"ablation": ab, **fut.result()})
-                if progress:
-                    progress(results[-1])
+            try:
+                for ab, fut in futures:
+                    results.append({"ablation": ab, **fut.result()})
+                    if progress:
+                        progress(results[-1])
+            except BaseException:
+                pool.shutdown(cancel_futures=True)  # do not run the rest of the cases first
+                raise
     summary = {ab: summarise([r for r in results if r["ablation"] == ab]) for ab in ablations
                if any(r["ablation"] == ab for r in results)}
     return {"settings": {"tasks": list(tasks), "cases": cases, "ablations": list(ablations),
