@@ -382,13 +382,31 @@ def apply_model_defaults(
     """Fill fields ``data`` leaves out from a model's registered defaults (in place).
 
     A key ``"<task>.<field>"`` applies to that task only; keys naming fields the task's spec
-    model does not have, or listed in ``skip``, are ignored.
+    model does not have, or listed in ``skip``, are ignored. A default that is a mapping (a
+    ``schedule``) fills the keys the spec's own mapping leaves out, at every depth: a spec that
+    sets ``schedule.guidance`` still gets the model's ``schedule.time_travel_repeats``. A mapping
+    that names a ``preset`` is left as it is: the preset serves the fields it leaves out.
     """
     for key, value in (defaults or {}).items():
         field = key.split(".", 1)[1] if key.startswith(f"{task}.") else key
         if "." in field or field in skip or field not in model.model_fields:
             continue
-        data.setdefault(field, value)
+        if isinstance(value, dict) and isinstance(data.get(field), dict):
+            if data[field].get("preset") is None:
+                data[field] = _fill(data[field], value)
+        else:
+            data.setdefault(field, value)
+
+
+def _fill(given: dict, defaults: dict) -> dict:
+    """``given`` with the keys it leaves out taken from ``defaults`` (recursively; new dict)."""
+    out = dict(given)
+    for k, v in defaults.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _fill(out[k], v)
+        else:
+            out.setdefault(k, v)
+    return out
 
 
 def is_sidecar(data: Any) -> bool:

@@ -240,3 +240,23 @@ def test_output_folder_under_a_file(scene, capsys, tmp_path):
     out = tmp_path / "afile" / "o.png"
     code, _, err = _run_cli(capsys, "edit", str(_spec(scene)), "--model", str(scene), "--out", str(out))
     assert code != 0 and "is a file" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_mapping_model_default_fills_only_what_the_spec_leaves_out(scene):
+    """A model's ``schedule`` default (the shapes model's ``paste.schedule``) fills the keys a
+    spec's own ``schedule`` leaves out, and never a key the spec sets; a spec that names a
+    preset takes the rest from the preset, not from the model."""
+    base = {"task": "resize", "image": "image.png", "mask": "mask.png", "scale": 1.5}
+    defaults = {"resize.schedule": {"time_travel_repeats": 1}, "move.schedule": {"time_travel_repeats": 7}}
+    assert parse_spec(base, base_dir=scene, defaults=defaults).schedule.time_travel_repeats == 1
+    assert parse_spec({**base, "task": "move", "offset": [4, 0]}, base_dir=scene,
+                      defaults=defaults).schedule.time_travel_repeats == 7
+    partial = {**base, "schedule": {"guidance": [{"start": 0.0, "stop": 0.3}]}}
+    got = parse_spec(partial, base_dir=scene, defaults=defaults)
+    assert got.schedule.time_travel_repeats == 1 and got.schedule.guidance[0].stop == 0.3
+    assert partial["schedule"] == {"guidance": [{"start": 0.0, "stop": 0.3}]}  # not mutated
+    own = {**base, "schedule": {"time_travel_repeats": 4}}
+    assert parse_spec(own, base_dir=scene, defaults=defaults).schedule.time_travel_repeats == 4
+    preset = {**base, "schedule": {"preset": "dragondiffusion"}}
+    assert parse_spec(preset, base_dir=scene, defaults=defaults).schedule.time_travel_repeats == \
+        parse_spec(preset, base_dir=scene).schedule.time_travel_repeats
