@@ -91,7 +91,9 @@ MODEL_CARD = "diffeditor.json"
      "image_prompt": {"weights": "ip.bin", "encoder": "image_encoder"}}
 
 ``defaults`` are spec-field defaults as in :class:`ModelEntry` (``"<task>.<field>"`` for one
-task); ``image_prompt`` paths are relative to the folder. Every key is optional."""
+task; a mapping such as ``"paste.schedule": {"time_travel_repeats": 1}`` fills only the keys a
+spec's own mapping leaves out); ``image_prompt`` paths are relative to the folder. Every key is
+optional."""
 
 
 def read_model_card(folder: str | Path, registry=None, check_fields: bool = True) -> ModelEntry | None:
