@@ -273,7 +273,9 @@ def test_compose_of_one_edit_is_that_edit(editor_shapes, tmp_path):
     from conftest import write_disc_scene
 
     write_disc_scene(tmp_path)
-    base = {"image": "i.png", "steps": 8, "prompt": "compose-one"}
+    # the sampler's own fields (guidance_region...) are the compose spec's: the shapes model's
+    # move-only default (global guidance) does not reach a compose, so both name the same one
+    base = {"image": "i.png", "steps": 8, "prompt": "compose-one", "guidance_region": "regional"}
     move = {"task": "move", "mask": "m.png", "offset": [30, 0]}
     alone = editor_shapes.edit({**base, **move}, base_dir=tmp_path)
     assert alone.metadata["spec"]["object_blend"] > 0  # a pinned edit
