@@ -28,7 +28,8 @@ from diffeditor.interfaces import AttentionPolicy, EditPlan, Task  # noqa: E402
 from diffeditor.plugins import get_registry  # noqa: E402
 from diffeditor.specs import EditSpec, parse_spec, path_validators  # noqa: E402
 
-SHAPES_DEFAULTS = {"guidance_scale": 1.0, "move.energy_scale": 1000.0, "resolution": 128}
+SHAPES_DEFAULTS = {"guidance_scale": 1.0, "move.energy_scale": 1000.0, "resolution": 128,
+                   "drag.object_blend": 0.5}
 
 
 def kinds(form) -> dict[str, str]:
@@ -53,7 +54,8 @@ def test_drag_form_from_its_spec():
     assert f["sde_region"].kind == "choice" and f["sde_region"].choices == ["regional", "global"]
     shown = {x.name for x in form.fields if not x.advanced}
     assert shown == {"image", "mask", "handles", "targets", "prompt", "seed", "steps",
-                     "w_handle_contrast"}
+                     "w_handle_contrast", "object_blend"}
+    assert f["object_blend"].kind == "slider" and f["object_blend"].default == 0.5  # the model's
 
 
 def test_move_paste_and_face_forms():
