@@ -393,19 +393,18 @@ def apply_model_defaults(
             continue
         if isinstance(value, dict) and isinstance(data.get(field), dict):
             if data[field].get("preset") is None:
-                data[field] = _fill(data[field], value)
+                data[field] = deep_update(value, data[field])
         else:
             data.setdefault(field, value)
 
 
-def _fill(given: dict, defaults: dict) -> dict:
-    """``given`` with the keys it leaves out taken from ``defaults`` (recursively; new dict)."""
-    out = dict(given)
-    for k, v in defaults.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _fill(out[k], v)
-        else:
-            out.setdefault(k, v)
+def deep_update(base: dict, extra: dict) -> dict:
+    """``base`` with ``extra``'s keys on top, mappings merged at every depth (a new dict; neither
+    argument is changed): ``deep_update({"schedule": {"a": 1, "b": 2}}, {"schedule": {"b": 3}})``
+    is ``{"schedule": {"a": 1, "b": 3}}``."""
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 

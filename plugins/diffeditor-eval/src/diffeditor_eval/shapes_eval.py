@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffeditor.specs import deep_update
+
 TASKS = ("move", "resize", "drag", "appearance", "paste")
 
 #: spec overrides that switch one mechanism off (or select DragonDiffusion's sampler)
@@ -83,17 +85,10 @@ def _worker_init(model: str, device: str, threads: int, in_pool: bool = False) -
         _INIT_ERROR = exc
 
 
-def _deep_update(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def case_overrides(ablation: str, overrides: dict | None = None) -> dict:
     """The spec fields a case runs with: ``overrides`` (``--set``), then the ablation's, which
     win (``--set image_prompt_scale=1 --ablation no_image_prompt`` is the image prompt off)."""
-    return _deep_update(overrides or {}, ABLATIONS[ablation])
+    return deep_update(overrides or {}, ABLATIONS[ablation])
 
 
 def score_case(case, edited: np.ndarray) -> dict[str, float]:
@@ -167,7 +162,7 @@ def _run_case(task: str, seed: int, overrides: dict, steps: int, prompt: str = "
         data = json.loads(Path(spec_path).read_text())
         if prompt != "case":
             data["prompt"] = case.prompt if prompt == "source" else case.target_caption
-        data = _deep_update(data, overrides)
+        data = deep_update(data, overrides)
         data["steps"] = steps
         t0 = time.perf_counter()
         result = _EDITOR.edit(data, base_dir=tmp)
