@@ -59,6 +59,27 @@ def dilate(mask: Tensor, cells: int) -> Tensor:
     return (F.max_pool2d(mask.float(), k, stride=1, padding=cells) > 0).float()
 
 
+def fill_hole(image: Tensor, hole: Tensor) -> Tensor:
+    """``image`` with the pixels under ``hole`` (``(1, 1, h, w)``, 1 = unknown) filled from the
+    known pixels around them: each hole pixel takes the mean of the known pixels in the smallest
+    square window (half-width 1, 2, 4, ...) that holds any, so a flat or smoothly varying
+    background continues into the hole. Known pixels are returned unchanged."""
+    known = (hole <= 0.5).to(image)
+    out, todo = image * known, 1 - known
+    r = 1
+    while todo.sum() > 0 and known.sum() > 0:
+        k = 2 * r + 1
+        num = F.avg_pool2d(image * known, k, stride=1, padding=r, count_include_pad=False)
+        den = F.avg_pool2d(known, k, stride=1, padding=r, count_include_pad=False)
+        got = todo * (den > 0).to(image)
+        out = out + got * num / den.clamp_min(1e-12)
+        todo = todo - got
+        if r > max(image.shape[-2:]):
+            break
+        r *= 2
+    return out
+
+
 def feather(mask: Tensor, width: int) -> Tensor:
     """A ``(1, 1, h, w)`` binary mask with a linear ramp outside it: 1 inside, ``(width - d) /
     width`` at chessboard distance ``d`` px outside (``d < width``), 0 beyond."""

@@ -452,7 +452,13 @@ REMOVED = {("face", "w_content")}
 #: fields added since, to every task, with their default
 ADDED = {"energies": [], "paste_back": 0}
 #: fields added since to one task: (task, field) -> default
-ADDED_TO = {("drag", "object_blend"): 0.0}
+ADDED_TO = {
+    ("drag", "object_blend"): 0.0,
+    ("drag", "patch_radius"): 1,
+    ("drag", "object_blend_radius"): 1,
+    ("move", "surgery_space"): "latent",
+    ("resize", "surgery_space"): "latent",
+}
 
 
 def test_each_tasks_resolved_defaults_are_unchanged():

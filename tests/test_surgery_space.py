@@ -137,20 +137,93 @@ def test_appearance_without_object_blend_is_the_reference_plan(editor, tmp_path)
     assert set(plan.images) == {"source", "reference"}
 
 
-@pytest.mark.parametrize("blend", [0.0, 0.5])
-def test_drag_object_blend_pins_each_target_patch_to_its_handle_patch(editor, tmp_path, blend):
-    """Drag's ``object_blend`` (ours; 0 = the reference) holds the 3x3 latent patch at each
-    target to the source trajectory's patch at its handle, and nothing else."""
-    spec, plan, geom = _plan(editor, "drag", 2, tmp_path, object_blend=blend)
+@pytest.mark.parametrize(("blend", "radius"), [(0.0, 1), (0.5, 1), (0.5, 2)])
+def test_drag_object_blend_pins_each_target_patch_to_its_handle_patch(editor, tmp_path, blend, radius):
+    """Drag's ``object_blend`` (ours; 0 = the reference) holds the (2r+1)^2 latent patch at
+    each target (``object_blend_radius`` r; 1 = 3x3) to the source trajectory's patch at its
+    handle, and nothing else."""
+    spec, plan, geom = _plan(editor, "drag", 2, tmp_path, object_blend=blend, object_blend_radius=radius)
     assert len(plan.pins) == 1 and plan.pins[0].until == blend
     (hx, hy), (tx, ty) = plan.info["handles_work_px"][0], plan.info["targets_work_px"][0]
     ppc = geom.pixels_per_cell("latent")
+    lh, lw = geom.latent_hw
     hr, hc, tr, tc = (int(v // ppc) for v in (hy, hx, ty, tx))
+    hr, tr = (min(max(v, radius), lh - 1 - radius) for v in (hr, tr))
+    hc, tc = (min(max(v, radius), lw - 1 - radius) for v in (hc, tc))
+    k = 2 * radius + 1
     ml = plan.pins[0].mask[0, 0]
-    assert ml.sum() == 9 and ml[tr - 1 : tr + 2, tc - 1 : tc + 2].all()
+    assert ml.sum() == k * k and ml[tr - radius : tr + radius + 1, tc - radius : tc + radius + 1].all()
     zs = _latents(plan)
     pinned = plan.pins[0].target(zs)
-    assert torch.equal(pinned[..., tr - 1 : tr + 2, tc - 1 : tc + 2],
-                       zs["source"][..., hr - 1 : hr + 2, hc - 1 : hc + 2])
+    assert torch.equal(pinned[..., tr - radius : tr + radius + 1, tc - radius : tc + radius + 1],
+                       zs["source"][..., hr - radius : hr + radius + 1, hc - radius : hc + radius + 1])
     assert torch.equal(pinned[:, :, ml == 0], zs["source"][:, :, ml == 0])
     assert torch.equal(pinned, plan.surgery(zs))  # the same latent the edit starts from
+
+
+@pytest.mark.parametrize("radius", [1, 2])
+def test_drag_patch_radius_moves_a_larger_feature_patch(radius):
+    """The drag energy compares the target patch's features with the handle patch's, on
+    (2r+1)^2 feature cells: at its minimum (similarity 1 everywhere) exactly when the features
+    there are the handle's, moved."""
+    from diffeditor_tasks.drag import drag_energies
+
+    from diffeditor.energies import inverse_energy
+    from diffeditor.interfaces import Geometry
+
+    geom = Geometry((128, 128), (128, 128), 8, 2, (128, 128))
+    ppc = geom.pixels_per_cell("feature")  # 4 px per feature cell, 32 x 32 cells
+    handle, target = (30.0, 30.0), (70.0, 50.0)  # cells (7, 7) -> (12, 17)
+    e_edit, _ = drag_energies([handle], [target], geom, half=radius)
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(1, 8, 32, 32, generator=g)
+    hr, hc, tr, tc = (int(v // ppc) for v in (handle[1], handle[0], target[1], target[0]))
+    good = torch.randn(1, 8, 32, 32, generator=g)
+    good[..., tr - radius : tr + radius + 1, tc - radius : tc + radius + 1] = \
+        ref[..., hr - radius : hr + radius + 1, hc - radius : hc + radius + 1]
+    best = float(inverse_energy(1.0, torch.tensor(1.0)))
+    assert float(e_edit({1: good}, {"source": {1: ref}})) == pytest.approx(best, abs=1e-5)
+    # one ring too small: the outer cells of the patch are not the handle's
+    part = torch.randn(1, 8, 32, 32, generator=g)
+    part[..., tr - radius + 1 : tr + radius, tc - radius + 1 : tc + radius] = \
+        ref[..., hr - radius + 1 : hr + radius, hc - radius + 1 : hc + radius]
+    assert float(e_edit({1: part}, {"source": {1: ref}})) > best + 0.05
+
+
+@pytest.mark.parametrize("task", ["move", "resize"])
+def test_pixel_move_composite_is_the_warped_object_over_the_filled_source(editor, tmp_path, task):
+    """Move and resize in ``pixel`` space (ours): the composite is the source with the object
+    warped onto its destination (its pixel outline, bilinear) and the vacated area filled from
+    the surroundings; the edit's whole region starts from the composite's inversion."""
+    spec, plan, geom = _plan(editor, task, 4, tmp_path, surgery_space="pixel")  # resize 4: 0.71
+    assert set(plan.images) == {"source", "composite"} and plan.prompts["composite"] == spec.prompt
+    src, comp = plan.images["source"], plan.images["composite"]
+    m_obj, m_dst = plan.masks["object"] > 0.5, plan.masks["destination"][0, 0] > 0.5
+    moved = similarity_warp(src, geom.work_hw, plan.info["centroid"], spec.scale,
+                            plan.info["offset_work_px"], "bilinear")
+    assert m_dst.sum() > 100
+    torch.testing.assert_close(comp[:, :, m_dst], moved[:, :, m_dst])
+    # the vacated pixels hold no trace of the object: they are near the background around it
+    from diffeditor.geometry import dilate
+
+    vac = (dilate(m_obj.float(), 1)[0, 0] > 0.5) & ~m_dst
+    ring = (dilate(m_obj.float(), 6)[0, 0] > 0.5) & ~(dilate(m_obj.float(), 1)[0, 0] > 0.5) & ~m_dst
+    assert vac.sum() > 20
+    obj_mean = src[:, :, m_obj[0, 0]].mean(-1)
+    bg_mean = src[:, :, ring].mean(-1)
+    vac_mean = comp[:, :, vac].mean(-1)
+    assert (vac_mean - bg_mean).abs().max() < 0.5 * (obj_mean - bg_mean).abs().max()
+    # pixels far from both regions are the source's own
+    far = ~(dilate(m_obj.float(), 1)[0, 0] > 0.5) & ~m_dst
+    assert torch.equal(comp[:, :, far], src[:, :, far])
+    zs = _latents(plan)
+    z = plan.surgery(zs)
+    region = plan.sde_mask[0, 0] > 0
+    assert torch.equal(z[:, :, region], zs["composite"][:, :, region])
+    assert torch.equal(z[:, :, ~region], zs["source"][:, :, ~region])
+    assert torch.equal(plan.pins[0].target(zs), zs["composite"])
+
+
+def test_latent_move_is_the_release_surgery(editor, tmp_path):
+    spec, plan, geom = _plan(editor, "move", 3, tmp_path, surgery_space="latent")
+    assert set(plan.images) == {"source"}

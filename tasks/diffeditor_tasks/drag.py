@@ -46,18 +46,21 @@ def patch_mask(point_px: Point, hw: tuple[int, int], px_per_cell: float, half: i
     return m
 
 
-def drag_energies(handles, targets, geom: Geometry, source: str = "source"):
-    """The drag edit energy and the handle-contrast energy for point pairs (working pixels)."""
+def drag_energies(handles, targets, geom: Geometry, source: str = "source", half: int = 1):
+    """The drag edit energy and the handle-contrast energy for point pairs (working pixels),
+    on ``(2*half+1)^2`` feature patches (the reference: ``half`` 1, 3x3)."""
     fh = geom.feature_hw
     ppc = geom.pixels_per_cell("feature")
-    pairs = [(patch_mask(h, fh, ppc), patch_mask(t, fh, ppc)) for h, t in zip(handles, targets)]
+    half = min(half, (min(fh) - 1) // 2)
+    k = 2 * half + 1
+    pairs = [(patch_mask(h, fh, ppc, half), patch_mask(t, fh, ppc, half)) for h, t in zip(handles, targets)]
 
     def shifted(f, ph, pt):
-        # features at the handle patch, moved onto the target patch (3x3 -> 3x3, same order)
+        # features at the handle patch, moved onto the target patch (k x k -> k x k, same order)
         hr, hc = [int(x) for x in ph[0, 0].nonzero()[0]]
         tr, tc = [int(x) for x in pt[0, 0].nonzero()[0]]
         out = torch.zeros_like(f)
-        out[..., tr : tr + 3, tc : tc + 3] = f[..., hr : hr + 3, hc : hc + 3]
+        out[..., tr : tr + k, tc : tc + k] = f[..., hr : hr + k, hc : hc + k]
         return out
 
     def e_edit(cur, refs):
@@ -110,6 +113,17 @@ class DragSpec(EditSpec):
         "to its handle patch's inversion trajectory; 0 = off (the reference)",
     )
 
+    patch_radius: int = Field(
+        1, ge=1, le=8,
+        description="half size, in feature cells, of the square patch each point pair drags: "
+        "1 = 3x3 (the reference); larger drags more of the object around each handle",
+    )
+    object_blend_radius: int = Field(
+        1, ge=1, le=8,
+        description="half size, in latent cells, of the square patch object_blend holds at each "
+        "target: 1 = 3x3",
+    )
+
     resolve_paths, check_paths = path_validators("mask")
 
     @model_validator(mode="after")
@@ -140,7 +154,7 @@ class DragTask(Task):
         targets = [scale_point(p, geom) for p in spec.targets]
         m_user_f = grid_mask(m_user, geom.feature_hw)
         m_user_l = grid_mask(m_user, geom.latent_hw)
-        e_edit, e_handle = drag_energies(handles, targets, geom)
+        e_edit, e_handle = drag_energies(handles, targets, geom, half=spec.patch_radius)
 
         def e_content(cur, refs):
             src = refs["source"]
@@ -153,7 +167,9 @@ class DragTask(Task):
         lh, lw = geom.latent_hw
         ppc = geom.pixels_per_cell("latent")
 
-        patches = [(patch_mask(h, (lh, lw), ppc), patch_mask(t, (lh, lw), ppc))
+        half = min(spec.object_blend_radius, (min(lh, lw) - 1) // 2)
+        k = 2 * half + 1
+        patches = [(patch_mask(h, (lh, lw), ppc, half), patch_mask(t, (lh, lw), ppc, half))
                    for h, t in zip(handles, targets)]
 
         def surgery(zt):
@@ -162,7 +178,7 @@ class DragTask(Task):
             for ph, pt in patches:
                 hp = ph[0, 0].nonzero()[0]
                 tp = pt[0, 0].nonzero()[0]
-                z[..., tp[0] : tp[0] + 3, tp[1] : tp[1] + 3] = src[..., hp[0] : hp[0] + 3, hp[1] : hp[1] + 3]
+                z[..., tp[0] : tp[0] + k, tp[1] : tp[1] + k] = src[..., hp[0] : hp[0] + k, hp[1] : hp[1] + k]
             return z
 
         m_targets_l = torch.clamp(sum(pt for _, pt in patches), max=1)

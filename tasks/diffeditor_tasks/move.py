@@ -29,7 +29,7 @@ from diffeditor.energies import (
     mean_feature_energy,
     sim01,
 )
-from diffeditor.geometry import mask_centroid, similarity_warp
+from diffeditor.geometry import dilate, fill_hole, mask_centroid, similarity_warp
 from diffeditor.hookspecs import hookimpl
 from diffeditor.interfaces import (
     AttentionPolicy,
@@ -93,6 +93,13 @@ class MoveSpec(EditSpec):
         0.0, ge=0.0, le=1.0,
         description="fraction of the run (from the start) during which the destination is held "
         "to the moved inversion trajectory; 0 = off (the reference)",
+    )
+    surgery_space: Literal["latent", "pixel"] = Field(
+        "latent",
+        description="where the object is moved before sampling: 'latent' (the inverted latents "
+        "warped on the latent grid, the reference) or 'pixel' (not in the reference: the image "
+        "itself, the object warped with its pixel outline and the vacated area filled from its "
+        "surroundings, then inverted with the prompt; one more inversion)",
     )
 
     resolve_paths, check_paths = path_validators("mask", "inpaint_mask")
@@ -171,26 +178,49 @@ class MoveTask(Task):
 
         m_vac_l = m_orig_l * (1 - m_dst_l)
         m_bg_l = (1 - torch.clamp(m_orig_l + m_dst_l, max=1))
+        m_edit_l = torch.clamp(m_dst_l + m_orig_l, max=1)
+        plan_images = {"source": images["source"]}
+        prompts = {"source": spec.prompt}
 
-        def surgery(zt):
-            z = zt["source"]
-            moved = warp(z)  # sample the object before the vacated area is touched
-            if spec.vacated_init == "background" and m_bg_l.sum() > 0:
-                bg = (z * m_bg_l).sum((-2, -1), keepdim=True) / m_bg_l.sum()
-                z = m_vac_l * bg + (1 - m_vac_l) * z
-            m = m_dst_l.to(z)
-            return m * moved + (1 - m) * z
+        if spec.surgery_space == "pixel":
+            # move the object in the image (its own outline, bilinear), fill what it left from
+            # the surroundings, and let inversion encode the result in context
+            src_img = images["source"]
+            m_src_img = (m_src > 0.5).to(src_img)
+            m_dst_px = m_dst_img.to(src_img)
+            filled = fill_hole(src_img, dilate(m_src_img, 1))
+            plan_images["composite"] = m_dst_px * warp(src_img, "bilinear") + (1 - m_dst_px) * filled
+            prompts["composite"] = spec.prompt
+
+            def surgery(zt):
+                m = m_edit_l.to(zt["source"])
+                return m * zt["composite"] + (1 - m) * zt["source"]
+
+            def moved_object(zs):
+                return zs["composite"]
+        else:
+            def surgery(zt):
+                z = zt["source"]
+                moved = warp(z)  # sample the object before the vacated area is touched
+                if spec.vacated_init == "background" and m_bg_l.sum() > 0:
+                    bg = (z * m_bg_l).sum((-2, -1), keepdim=True) / m_bg_l.sum()
+                    z = m_vac_l * bg + (1 - m_vac_l) * z
+                m = m_dst_l.to(z)
+                return m * moved + (1 - m) * z
+
+            def moved_object(zs):
+                return warp(zs["source"])
 
         return EditPlan(
-            images={"source": images["source"]},
-            prompts={"source": spec.prompt},
+            images=plan_images,
+            prompts=prompts,
             regions={"edit": m_dst_l, "content": 1 - m_dst_l},
             energies=terms,
-            sde_mask=torch.clamp(m_dst_l + m_orig_l, max=1),
+            sde_mask=m_edit_l,
             attention=AttentionPolicy(mode="replace", window=Window(start=0.1, stop=1.0)),
             surgery=surgery,
             masks={"object": m_src, "destination": m_dst_img},
-            pins=[Pin(m_dst_l, lambda zs: warp(zs["source"]), spec.object_blend)],
+            pins=[Pin(m_dst_l, moved_object, spec.object_blend)],
             info={"centroid": center, "offset_work_px": offset, "scale": s,
                   "target_centroid": (center[0] + offset[0], center[1] + offset[1])},
         )
