@@ -227,3 +227,26 @@ def test_pixel_move_composite_is_the_warped_object_over_the_filled_source(editor
 def test_latent_move_is_the_release_surgery(editor, tmp_path):
     spec, plan, geom = _plan(editor, "move", 3, tmp_path, surgery_space="latent")
     assert set(plan.images) == {"source"}
+
+
+def test_fill_hole_continues_a_flat_or_smooth_background_and_keeps_known_pixels():
+    from diffeditor.geometry import fill_hole
+
+    hole = torch.zeros(1, 1, 32, 32)
+    hole[..., 10:20, 12:24] = 1
+    # flat background: the hole takes its colour exactly, whatever was under it
+    flat = torch.tensor([0.2, -0.5, 0.9])[None, :, None, None].expand(1, 3, 32, 32).clone()
+    img = flat.clone()
+    img[..., 10:20, 12:24] = 5.0  # an object
+    torch.testing.assert_close(fill_hole(img, hole), flat)
+    # a horizontal ramp (0.7 across the hole): the fill stays within 0.3 of it, no trace of
+    # the object, and rises from the hole's left side to its right like the ramp
+    ramp = torch.linspace(-1, 1, 32)[None, None, None, :].expand(1, 3, 32, 32).clone()
+    img = ramp.clone()
+    img[..., 10:20, 12:24] = 5.0
+    out = fill_hole(img, hole)
+    inside = out[..., 10:20, 12:24]
+    assert float((inside - ramp[..., 10:20, 12:24]).abs().max()) < 0.3
+    assert bool((inside[..., -1] - inside[..., 0] > 0.5).all())
+    known = hole[0, 0] == 0
+    assert torch.equal(out[:, :, known], img[:, :, known])
