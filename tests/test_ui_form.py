@@ -54,7 +54,7 @@ def test_drag_form_from_its_spec():
     assert f["sde_region"].kind == "choice" and f["sde_region"].choices == ["regional", "global"]
     shown = {x.name for x in form.fields if not x.advanced}
     assert shown == {"image", "mask", "handles", "targets", "prompt", "seed", "steps",
-                     "w_handle_contrast", "object_blend"}
+                     "w_handle_contrast", "object_blend", "patch_radius", "object_blend_radius"}
     assert f["object_blend"].kind == "slider" and f["object_blend"].default == 0.5  # the model's
 
 
