@@ -104,8 +104,8 @@ def check_spec(spec: EditSpec, registry=None) -> tuple[int, int]:
 
 def paste_back(image: Image.Image, source: Image.Image, region: torch.Tensor, geom: Geometry,
                width: int) -> Image.Image:
-    """The decoded ``image`` inside ``region`` (a latent-grid mask, widened by one cell), the
-    input ``source``'s own pixels outside it, blended over ``width`` working-size pixels; both
+    """The decoded ``image`` inside ``region`` (a latent-grid mask, widened by one cell, or a
+    working-size one on its own outline), the input ``source``'s own pixels outside it, blended over ``width`` working-size pixels; both
     at the input's size. Outside the ramp the source's values are returned unchanged."""
     import numpy as np
 
@@ -393,7 +393,10 @@ class Editor:
         if (image.height, image.width) != geom.input_hw:
             image = image.resize((geom.input_hw[1], geom.input_hw[0]), Image.BICUBIC)
         if spec.paste_back > 0 and plan.sde_mask is not None:
-            image = paste_back(image, inputs["source"], plan.sde_mask, geom, spec.paste_back)
+            region = plan.sde_mask
+            if spec.paste_back_region == "pixel" and plan.pixel_region is not None:
+                region = plan.pixel_region
+            image = paste_back(image, inputs["source"], region, geom, spec.paste_back)
         masks = {k: to_pil(v[..., :ch, :cw].expand(-1, 3, -1, -1) * 2 - 1)
                  for k, v in plan.masks.items()}
         timings = dict(out.timings)

@@ -95,11 +95,14 @@ def feather(mask: Tensor, width: int) -> Tensor:
 
 def paste_back_weights(region: Tensor, geom, width: int) -> Tensor:
     """``(H, W)`` weights of the decoded edit at the input's size for ``paste_back``: 1 on
-    ``region`` (a latent-grid mask) widened by one cell, a ``width``-pixel linear ramp (working
-    pixels) around it, 0 beyond."""
+    ``region`` widened by one cell, a ``width``-pixel linear ramp (working pixels) around it, 0
+    beyond. ``region`` is a latent-grid mask, or a working-size one (then used as it is, on
+    its own outline, not widened)."""
     ch, cw = geom.content
-    m = dilate((region > 0.5).float().cpu(), 1)
-    m = resample_mask(m, tuple(geom.work_hw), "nearest")[..., :ch, :cw]
+    m = (region > 0.5).float().cpu()
+    if tuple(m.shape[-2:]) != tuple(geom.work_hw):
+        m = resample_mask(dilate(m, 1), tuple(geom.work_hw), "nearest")
+    m = m[..., :ch, :cw]
     w = feather(m, width)
     if (ch, cw) != tuple(geom.input_hw):
         w = F.interpolate(w, size=tuple(geom.input_hw), mode="bilinear", align_corners=False)

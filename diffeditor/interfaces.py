@@ -148,6 +148,10 @@ class EditPlan:
         info: anything else worth reporting (scaled offsets, clipped points...).
         image_prompt_source: which image feeds the image prompt (when the model has one).
         pins: parts of the latent held to the inversion trajectory early in the run.
+        pixel_region: optional working-size mask ``(1, 1, H, W)`` of the pixels the edit may
+            change at most, on the task's own outline (the object for a recolour, source and
+            destination for a move); ``paste_back_region: pixel`` keeps the input's pixels
+            outside it (``None``: the latent-grid region is used).
     """
 
     images: dict[str, Tensor]
@@ -161,6 +165,7 @@ class EditPlan:
     info: dict[str, Any] = field(default_factory=dict)
     image_prompt_source: str = "source"
     pins: list[Pin] = field(default_factory=list)
+    pixel_region: Tensor | None = None
 
 
 class Task(abc.ABC):

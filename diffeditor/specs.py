@@ -172,6 +172,13 @@ class EditSpec(BaseModel):
         "VAE tints the whole image when an object changes) and for photos larger than the "
         "working size; tasks with no edit region (face) ignore it",
     )
+    paste_back_region: Literal["latent", "pixel"] = Field(
+        "latent",
+        description="the region paste_back keeps the edit in: 'latent' (the regional-SDE mask "
+        "widened by one latent cell) or 'pixel' (the task's own pixel outline of what may change: "
+        "the object for appearance, the pasted object for paste, source and destination for move "
+        "and resize, the editable mask for drag; 'latent' where a task gives none)",
+    )
     feature_levels: tuple[int, ...] = Field(
         (1, 2), min_length=1, description="decoder up_blocks whose outputs are guidance features"
     )

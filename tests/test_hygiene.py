@@ -450,7 +450,7 @@ RENAMED = {("drag", "w_inpaint"): "w_handle_contrast", ("face", "w_inpaint"): "w
 #: fields removed since: (task, field) (face has no content energy)
 REMOVED = {("face", "w_content")}
 #: fields added since, to every task, with their default
-ADDED = {"energies": [], "paste_back": 0}
+ADDED = {"energies": [], "paste_back": 0, "paste_back_region": "latent"}
 #: fields added since to one task: (task, field) -> default
 ADDED_TO = {
     ("drag", "object_blend"): 0.0,

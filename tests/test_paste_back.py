@@ -71,3 +71,84 @@ def test_an_edit_with_paste_back_changes_no_pixel_outside_its_region(editor, tmp
     assert np.array_equal(b[far], src[far])  # the input's own pixels, bit for bit
     assert not np.array_equal(a[far], src[far])  # which the decoder alone does not give
     assert np.array_equal(b[inside.numpy()], a[inside.numpy()])  # the edit itself untouched
+
+
+def test_paste_back_on_a_pixel_region_keeps_its_own_outline():
+    """A working-size region (``paste_back_region: pixel``) is used on its own outline, not
+    widened by a latent cell: the edit exactly on it, the ramp beyond, the source further out."""
+    geom = Geometry((128, 128), (128, 128), 8)
+    region = torch.zeros(1, 1, 128, 128)
+    region[..., 30:50, 40:70] = 1
+    rng = np.random.default_rng(1)
+    src = Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8))
+    edit = Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8))
+    out = np.asarray(paste_back(edit, src, region, geom, 4)).astype(int)
+    s, e = np.asarray(src).astype(int), np.asarray(edit).astype(int)
+    inside = np.zeros((128, 128), bool)
+    inside[30:50, 40:70] = True
+    assert np.array_equal(out[inside], e[inside])
+    far = np.ones((128, 128), bool)
+    far[27:53, 37:73] = False  # 3 px of ramp (weights 3/4, 2/4, 1/4), then the source
+    assert np.array_equal(out[far], s[far])
+    ring = ~far & ~inside
+    assert not np.array_equal(out[ring], s[ring]) and not np.array_equal(out[ring], e[ring])
+
+
+def _plan_of(editor, tmp_path, task):
+    import json
+
+    from diffeditor_shapes import scenes
+
+    case = scenes.make_case(task, 4)
+    path = scenes.save_case(case, tmp_path)
+    spec = editor.parse(json.loads(path.read_text()), base_dir=tmp_path)
+    return editor.prepare(spec)[1]
+
+
+@pytest.mark.parametrize("task", ["move", "resize", "drag", "appearance", "paste"])
+def test_each_task_gives_its_own_pixel_outline(editor, tmp_path, task):
+    pytest.importorskip("diffeditor_shapes")
+    plan = _plan_of(editor, tmp_path, task)
+    m = {k: (v > 0.5) for k, v in plan.masks.items()}
+    want = {
+        "move": lambda: m["object"] | m["destination"],
+        "resize": lambda: m["object"] | m["destination"],
+        "drag": lambda: m["editable"],
+        "appearance": lambda: m["object"],
+        "paste": lambda: m["destination"],
+    }[task]()
+    assert plan.pixel_region is not None and plan.pixel_region.shape == want.shape
+    assert torch.equal(plan.pixel_region > 0.5, want) and want.any()
+
+
+def test_an_edit_with_a_pixel_region_keeps_every_pixel_beyond_its_outline(editor, tmp_path):
+    write_disc_scene(tmp_path, editable=True)
+    spec = {"task": "move", "image": "i.png", "steps": 6, "seed": 3, "prompt": "a red square",
+            "mask": "m.png", "offset": [24, 0], "paste_back": 3}
+    latent = np.asarray(editor.edit(spec, base_dir=tmp_path).image)
+    pixel = np.asarray(editor.edit({**spec, "paste_back_region": "pixel"}, base_dir=tmp_path).image)
+    src = np.asarray(Image.open(tmp_path / "i.png").convert("RGB"))
+    _, plan, geom = editor.prepare(editor.parse({**spec, "paste_back_region": "pixel"}, tmp_path))
+    assert tuple(geom.work_hw) == src.shape[:2]
+    near = torch.nn.functional.max_pool2d(plan.pixel_region.float(), 5, 1, 2)[0, 0] > 0
+    far = ~near.numpy()
+    assert np.array_equal(pixel[far], src[far])
+    inside = (plan.pixel_region[0, 0] > 0.5).numpy()
+    assert np.array_equal(pixel[inside], latent[inside])  # the same edit, kept on its outline
+    # the latent region reaches further: some pixels beyond the outline are still decoded there
+    assert not np.array_equal(latent[far], src[far])
+
+
+def test_a_compose_pixel_region_is_the_union_of_its_edits(editor):
+    from pathlib import Path
+
+    import yaml
+
+    specs = Path(__file__).resolve().parents[1] / "specs"
+    data = yaml.safe_load((specs / "compose.yaml").read_text())
+    _, plan, _ = editor.prepare(editor.parse(data, base_dir=specs))
+    subs = [editor.prepare(editor.parse({"image": data["image"], "prompt": data["prompt"], **e},
+                                        base_dir=specs))[1] for e in data["edits"]]
+    want = torch.clamp(sum(p.pixel_region for p in subs), max=1)
+    assert torch.equal(plan.pixel_region, want)
+    assert all((want >= p.pixel_region).all() and not torch.equal(want, p.pixel_region) for p in subs)

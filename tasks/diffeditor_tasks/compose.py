@@ -208,6 +208,9 @@ class ComposeTask(Task):
             pins=pins,
             info={f"edit:{j}": p.info for j, p in enumerate(plans)},
             image_prompt_source=next((n for n in images if n != "source"), "source"),  # loaded ones
+            # the union of the edits' pixel outlines, when every edit has one
+            pixel_region=(torch.clamp(sum(p.pixel_region for p in plans), max=1)
+                          if all(p.pixel_region is not None for p in plans) else None),
         )
 
     @staticmethod

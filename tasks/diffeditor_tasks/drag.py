@@ -197,6 +197,7 @@ class DragTask(Task):
             surgery=surgery,
             pins=[Pin(m_targets_l, surgery, spec.object_blend)],
             masks={"editable": m_user},
+            pixel_region=(m_user > 0.5).float(),
             info={"handles_work_px": handles, "targets_work_px": targets},
         )
 

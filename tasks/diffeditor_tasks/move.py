@@ -220,6 +220,7 @@ class MoveTask(Task):
             attention=AttentionPolicy(mode="replace", window=Window(start=0.1, stop=1.0)),
             surgery=surgery,
             masks={"object": m_src, "destination": m_dst_img},
+            pixel_region=torch.clamp((m_src > 0.5).float() + m_dst_img, max=1),
             pins=[Pin(m_dst_l, moved_object, spec.object_blend)],
             info={"centroid": center, "offset_work_px": offset, "scale": s,
                   "target_centroid": (center[0] + offset[0], center[1] + offset[1])},

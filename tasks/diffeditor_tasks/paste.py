@@ -152,6 +152,7 @@ class PasteTask(Task):
                                       parts=[("source", 1 - m_dst), ("reference", m_ref)]),
             surgery=surgery,
             masks={"destination": m_dst, "reference_object": m_ref},
+            pixel_region=m_dst,
             info={"centroid_in_reference": center, "offset_work_px": offset},
             pins=[Pin(m_dst_l, pasted, spec.object_blend)],
             image_prompt_source="reference",
