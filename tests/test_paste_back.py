@@ -24,16 +24,22 @@ def test_feather_is_a_linear_ramp_in_chessboard_distance():
     assert torch.equal(feather(m, 0), m)
 
 
+def _pasted_back(geom, region, seed, width=4):
+    """Random source and edit at the input's size, pasted back: ``(out, source, edit)`` as ints."""
+    h, w = geom.input_hw
+    rng = np.random.default_rng(seed)
+    src = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    edit = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    out = np.asarray(paste_back(edit, src, region, geom, width)).astype(int)
+    return out, np.asarray(src).astype(int), np.asarray(edit).astype(int)
+
+
 def test_paste_back_keeps_the_source_outside_and_the_edit_inside():
     # input 200x300 (h, w) edited at 128x192: latent 16x24, region = latent cells 4..7 x 4..7
     geom = Geometry((200, 300), (128, 192), 8)
     region = torch.zeros(1, 1, 16, 24)
     region[..., 4:8, 4:8] = 1
-    rng = np.random.default_rng(0)
-    src = Image.fromarray(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8))
-    edit = Image.fromarray(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8))
-    out = np.asarray(paste_back(edit, src, region, geom, 4)).astype(int)
-    s, e = np.asarray(src).astype(int), np.asarray(edit).astype(int)
+    out, s, e = _pasted_back(geom, region, 0)
     k = 200 / 128  # input px per working px
     # the region widened by one cell is working px 24..72; the ramp ends 4 px further out
     far = np.ones((200, 300), bool)
@@ -79,11 +85,7 @@ def test_paste_back_on_a_pixel_region_keeps_its_own_outline():
     geom = Geometry((128, 128), (128, 128), 8)
     region = torch.zeros(1, 1, 128, 128)
     region[..., 30:50, 40:70] = 1
-    rng = np.random.default_rng(1)
-    src = Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8))
-    edit = Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8))
-    out = np.asarray(paste_back(edit, src, region, geom, 4)).astype(int)
-    s, e = np.asarray(src).astype(int), np.asarray(edit).astype(int)
+    out, s, e = _pasted_back(geom, region, 1)
     inside = np.zeros((128, 128), bool)
     inside[30:50, 40:70] = True
     assert np.array_equal(out[inside], e[inside])
