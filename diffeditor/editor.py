@@ -105,8 +105,9 @@ def check_spec(spec: EditSpec, registry=None) -> tuple[int, int]:
 def paste_back(image: Image.Image, source: Image.Image, region: torch.Tensor, geom: Geometry,
                width: int) -> Image.Image:
     """The decoded ``image`` inside ``region`` (a latent-grid mask, widened by one cell, or a
-    working-size one on its own outline), the input ``source``'s own pixels outside it, blended over ``width`` working-size pixels; both
-    at the input's size. Outside the ramp the source's values are returned unchanged."""
+    working-size one on its own outline), the input ``source``'s own pixels outside it, blended
+    over ``width`` working-size pixels; both at the input's size. Outside the ramp the source's
+    values are returned unchanged."""
     import numpy as np
 
     from .geometry import paste_back_weights

@@ -139,7 +139,7 @@ class AppearanceTask(Task):
             attention=AttentionPolicy(mode="masked", window=MEMORY_WINDOW,
                                       parts=[("source", 1 - m_base), ("reference", m_rep)]),
             masks={"object": m_base, "reference_object": m_rep},
-            pixel_region=(m_base > 0.5).float(),
+            pixel_region=m_base,
             info={"object_area_work_px": int(m_base.sum()),
                   "reference_object_area_work_px": int(m_rep.sum()),
                   "memory_window": [MEMORY_WINDOW.start, MEMORY_WINDOW.stop]},

@@ -46,29 +46,42 @@ def patch_mask(point_px: Point, hw: tuple[int, int], px_per_cell: float, half: i
     return m
 
 
+def patch_pairs(handles, targets, hw: tuple[int, int], px_per_cell: float, half: int = 1):
+    """The ``(2*half+1)^2`` patches of point pairs on a grid of ``hw`` cells: a list of
+    ``(handle mask, target mask, handle cells, target cells)``, the cells as a pair of slices
+    (rows, columns). ``half`` is capped so that a patch fits the grid."""
+    half = min(half, (min(hw) - 1) // 2)
+    k = 2 * half + 1
+    out = []
+    for h, t in zip(handles, targets):
+        ph, pt = patch_mask(h, hw, px_per_cell, half), patch_mask(t, hw, px_per_cell, half)
+        hr, hc = (int(x) for x in ph[0, 0].nonzero()[0])  # top-left cells
+        tr, tc = (int(x) for x in pt[0, 0].nonzero()[0])
+        out.append((ph, pt, (slice(hr, hr + k), slice(hc, hc + k)), (slice(tr, tr + k), slice(tc, tc + k))))
+    return out
+
+
+def move_patches(dst: torch.Tensor, src: torch.Tensor, pairs) -> torch.Tensor:
+    """``dst`` (changed in place and returned) with each pair's handle patch of ``src`` copied
+    onto its target patch, cell for cell in the same order."""
+    for _, _, hs, ts in pairs:
+        dst[(..., *ts)] = src[(..., *hs)]
+    return dst
+
+
 def drag_energies(handles, targets, geom: Geometry, source: str = "source", half: int = 1):
     """The drag edit energy and the handle-contrast energy for point pairs (working pixels),
     on ``(2*half+1)^2`` feature patches (the reference: ``half`` 1, 3x3)."""
-    fh = geom.feature_hw
-    ppc = geom.pixels_per_cell("feature")
-    half = min(half, (min(fh) - 1) // 2)
-    k = 2 * half + 1
-    pairs = [(patch_mask(h, fh, ppc, half), patch_mask(t, fh, ppc, half)) for h, t in zip(handles, targets)]
-
-    def shifted(f, ph, pt):
-        # features at the handle patch, moved onto the target patch (k x k -> k x k, same order)
-        hr, hc = [int(x) for x in ph[0, 0].nonzero()[0]]
-        tr, tc = [int(x) for x in pt[0, 0].nonzero()[0]]
-        out = torch.zeros_like(f)
-        out[..., tr : tr + k, tc : tc + k] = f[..., hr : hr + k, hc : hc + k]
-        return out
+    pairs = patch_pairs(handles, targets, geom.feature_hw, geom.pixels_per_cell("feature"), half)
 
     def e_edit(cur, refs):
         ref = refs[source]
         vals = []
         for lv, f in cur.items():
-            for ph, pt in pairs:
-                s = masked_mean(sim01(cosine_map(f, shifted(ref[lv], ph, pt))), pt)
+            for pair in pairs:
+                # features at the handle patch, moved onto the target patch
+                moved = move_patches(torch.zeros_like(ref[lv]), ref[lv], [pair])
+                s = masked_mean(sim01(cosine_map(f, moved)), pair[1])
                 vals.append(inverse_energy(1.0, s))
         return torch.stack(vals).mean(0)
 
@@ -76,7 +89,7 @@ def drag_energies(handles, targets, geom: Geometry, source: str = "source", half
         ref = refs[source]
         vals = []
         for lv, f in cur.items():
-            for ph, pt in pairs:
+            for ph, pt, _, _ in pairs:
                 only_h = ph * (1 - pt)
                 vals.append(masked_mean(sim01(cosine_map(f, ref[lv])), only_h))
         return torch.stack(vals).mean(0)
@@ -164,24 +177,13 @@ class DragTask(Task):
                 for lv, f in cur.items()
             ]).mean(0)
 
-        lh, lw = geom.latent_hw
-        ppc = geom.pixels_per_cell("latent")
-
-        half = min(spec.object_blend_radius, (min(lh, lw) - 1) // 2)
-        k = 2 * half + 1
-        patches = [(patch_mask(h, (lh, lw), ppc, half), patch_mask(t, (lh, lw), ppc, half))
-                   for h, t in zip(handles, targets)]
+        patches = patch_pairs(handles, targets, geom.latent_hw, geom.pixels_per_cell("latent"),
+                              spec.object_blend_radius)
 
         def surgery(zt):
-            z = zt["source"].clone()
-            src = zt["source"]
-            for ph, pt in patches:
-                hp = ph[0, 0].nonzero()[0]
-                tp = pt[0, 0].nonzero()[0]
-                z[..., tp[0] : tp[0] + k, tp[1] : tp[1] + k] = src[..., hp[0] : hp[0] + k, hp[1] : hp[1] + k]
-            return z
+            return move_patches(zt["source"].clone(), zt["source"], patches)
 
-        m_targets_l = torch.clamp(sum(pt for _, pt in patches), max=1)
+        m_targets_l = torch.clamp(sum(pt for _, pt, _, _ in patches), max=1)
 
         return EditPlan(
             images={"source": images["source"]},
@@ -197,7 +199,7 @@ class DragTask(Task):
             surgery=surgery,
             pins=[Pin(m_targets_l, surgery, spec.object_blend)],
             masks={"editable": m_user},
-            pixel_region=(m_user > 0.5).float(),
+            pixel_region=m_user,
             info={"handles_work_px": handles, "targets_work_px": targets},
         )
 

@@ -186,9 +186,8 @@ class MoveTask(Task):
             # move the object in the image (its own outline, bilinear), fill what it left from
             # the surroundings, and let inversion encode the result in context
             src_img = images["source"]
-            m_src_img = (m_src > 0.5).to(src_img)
             m_dst_px = m_dst_img.to(src_img)
-            filled = fill_hole(src_img, dilate(m_src_img, 1))
+            filled = fill_hole(src_img, dilate(m_src.to(src_img), 1))
             plan_images["composite"] = m_dst_px * warp(src_img, "bilinear") + (1 - m_dst_px) * filled
             prompts["composite"] = spec.prompt
 
@@ -220,7 +219,7 @@ class MoveTask(Task):
             attention=AttentionPolicy(mode="replace", window=Window(start=0.1, stop=1.0)),
             surgery=surgery,
             masks={"object": m_src, "destination": m_dst_img},
-            pixel_region=torch.clamp((m_src > 0.5).float() + m_dst_img, max=1),
+            pixel_region=torch.clamp(m_src + m_dst_img, max=1),
             pins=[Pin(m_dst_l, moved_object, spec.object_blend)],
             info={"centroid": center, "offset_work_px": offset, "scale": s,
                   "target_centroid": (center[0] + offset[0], center[1] + offset[1])},
