@@ -34,10 +34,7 @@ from diffeditor.image_prompt import (
     validate_ip_state_dict,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-SHAPES_MODEL = Path(
-    os.environ.get("DIFFEDITOR_SHAPES_MODEL", REPO.parent / "shared" / "models" / "shapes-ldm")
-)
+from conftest import SHAPES_MODEL  # noqa: E402  (the installed shapes plugin's model)
 
 # SD 1.5 / ip_sd15_64.bin constants.
 SD15_UNET_CONFIG = {

@@ -87,6 +87,13 @@ def _cmd_image_prompt(args) -> int:
     return _report(train_image_prompt(args))
 
 
+def _cmd_vae_decoder(args) -> int:
+    _prepare(args)
+    from .vae_decoder import train_vae_decoder
+
+    return _report(train_vae_decoder(args))
+
+
 def _cmd_ldm(args) -> int:
     _prepare(args)
     from .ldm import train_ldm
@@ -139,6 +146,34 @@ def register_commands(subparsers):
     _data(p)
     _common(p, steps=1000, batch=16, lr=1e-4)
     p.set_defaults(func=_cmd_image_prompt)
+
+    p = sub.add_parser(
+        "vae-decoder", description="Fine-tune a model's VAE decoder (and post_quant_conv) with "
+        "the encoder frozen, so the latent space and the UNet stay valid (as SD's ft-MSE decoder "
+        "was made). Loss: L1 + MSE + an L1 on image gradients, against the shapes world's "
+        "noise-free scenes. Writes an AutoencoderKL folder; copy it over the model's vae/ or "
+        "pass it as the model's VAE.",
+        help="fine-tune the VAE decoder with the encoder frozen (writes an AutoencoderKL folder)")
+    p.add_argument("--from", dest="model_from", default="shapes", metavar="MODEL",
+                   help="model whose vae/ is fine-tuned (name or folder; default shapes)")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output VAE folder")
+    p.add_argument("--shapes", type=int, default=8000, metavar="N",
+                   help="training scenes of the shapes world (default 8000)")
+    p.add_argument("--data-seed", type=int, default=10, help="seed of the training scenes")
+    p.add_argument("--crop", type=int, default=8, metavar="CELLS",
+                   help="latent crop side (default 8 = 64 px at 128; 0 = whole images)")
+    p.add_argument("--crop-margin", type=int, default=8, metavar="PX",
+                   help="pixels along a crop's inner edges left out of the loss (default 8)")
+    p.add_argument("--grad-weight", type=float, default=1.0,
+                   help="weight of the image-gradient L1 term (default 1.0)")
+    p.add_argument("--noisy-target", action="store_true",
+                   help="train against the noisy scenes instead of the noise-free ones")
+    p.add_argument("--eval-shapes", type=int, default=64, metavar="N",
+                   help="held-out scenes for the before/after PSNR report (default 64; 0: none)")
+    p.add_argument("--eval-seed", type=int, default=9000, help="seed of the held-out scenes")
+    p.add_argument("--fp32", action="store_true", help="store float32 weights (default fp16)")
+    _common(p, steps=2000, batch=16, lr=1e-4)
+    p.set_defaults(func=_cmd_vae_decoder)
 
     p = sub.add_parser(
         "ldm", description="Train a shapes-ldm model with the bundled model's recipe: VAE, then text encoder and UNet from scratch.", help="the recipe of the bundled shapes-ldm: VAE, then text encoder + UNet from "
