@@ -125,10 +125,10 @@ def test_resume_force_and_skip_invalid(shapes, tmp_path, capsys):
     assert not (out / "failures.jsonl").exists()
 
 
-# -- the README's batch block ----------------------------------------------------------------------
+# -- the batch block of docs/cli.md ("Batches and scale-out") ------------------------------------
 
 def readme_batch_commands() -> list[str]:
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "cli.md").read_text()
     section = text.split("\n## Batches and scale-out\n", 1)[1].split("\n## ", 1)[0]
     block = section.split("```bash\n", 1)[1].split("```", 1)[0]
     return [ln.split("  #")[0].strip() for ln in block.splitlines() if ln.strip()]

@@ -1,6 +1,7 @@
-"""The README's command-line section is a contract: every line parses with the real parser and
-names files that exist (fast), and every line runs as written (slow). The README's test command
-is the one CI runs."""
+"""The command-line reference (docs/cli.md, "Commands") is a contract: every line parses with
+the real parser and names files that exist (fast), and every line runs as written (slow). The
+README's command lines are lines of that block, so they are checked too. The README's test
+command is the one CI runs."""
 
 from __future__ import annotations
 
@@ -17,12 +18,13 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
+CLI_DOC = REPO / "docs" / "cli.md"
 
 
-def readme_commands() -> list[str]:
-    """The lines of the first ```bash block under '## Command line', comments dropped."""
-    text = README.read_text()
-    section = text.split("\n## Command line\n", 1)[1].split("\n## ", 1)[0]
+def _bash_block(path: Path, heading: str) -> list[str]:
+    """The lines of the first ```bash block under ``heading`` in ``path``, comments dropped."""
+    text = path.read_text()
+    section = text.split(f"\n{heading}\n", 1)[1].split("\n## ", 1)[0]
     block = section.split("```bash\n", 1)[1].split("```", 1)[0]
     lines = []
     for line in block.splitlines():
@@ -32,6 +34,16 @@ def readme_commands() -> list[str]:
     return lines
 
 
+def cli_commands() -> list[str]:
+    """The lines of the command-line reference's block (docs/cli.md, '## Commands')."""
+    return _bash_block(CLI_DOC, "## Commands")
+
+
+def readme_commands() -> list[str]:
+    """The lines of the README's block under '## Command line'."""
+    return _bash_block(README, "## Command line")
+
+
 def _argv(line: str, cwd: Path) -> list[str]:
     words = []
     for w in shlex.split(line, comments=True):
@@ -39,16 +51,25 @@ def _argv(line: str, cwd: Path) -> list[str]:
     return words
 
 
-def test_the_readme_names_the_commands():
-    commands = readme_commands()
+def test_the_cli_page_names_the_commands():
+    commands = cli_commands()
     assert len(commands) >= 14
     names = [shlex.split(c)[1] for c in commands]
     assert {"tasks", "plugins", "models", "schema", "edit", "move", "drag", "compose", "bench",
             "eval", "download"} <= set(names)
 
 
-@pytest.mark.parametrize("line", readme_commands())
-def test_each_readme_command_parses_and_its_files_exist(line):
+def test_the_readme_commands_are_lines_of_the_cli_page():
+    """The README shows a few command lines; each is a line of docs/cli.md's block, so the
+    tests below parse and run it as written."""
+    readme = readme_commands()
+    assert len(readme) >= 3
+    missing = [line for line in readme if line not in cli_commands()]
+    assert not missing, f"README command lines not in docs/cli.md's block: {missing}"
+
+
+@pytest.mark.parametrize("line", cli_commands())
+def test_each_cli_command_parses_and_its_files_exist(line):
     from diffeditor.cli import build_parser
 
     argv = _argv(line, REPO)
@@ -58,7 +79,7 @@ def test_each_readme_command_parses_and_its_files_exist(line):
     try:
         args = build_parser().parse_args(argv[1:])
     except SystemExit as exc:  # argparse's way of saying the README drifted
-        raise AssertionError(f"the README's command does not parse: {line}") from exc
+        raise AssertionError(f"docs/cli.md's command does not parse: {line}") from exc
     assert getattr(args, "func", None) is not None, line
     for word in argv:
         if word.startswith("specs/"):
@@ -79,9 +100,9 @@ def test_the_readme_test_command_is_what_ci_runs():
 
 
 @pytest.mark.slow
-def test_every_readme_command_runs_as_written(tmp_path):
-    """Acceptance: in a copy of specs/, each line of the README's command-line section, run by
-    the shell as written, succeeds (download: succeeds or says in one line why it cannot)."""
+def test_every_cli_command_runs_as_written(tmp_path):
+    """Acceptance: in a copy of specs/, each line of docs/cli.md's command block (which holds
+    the README's command lines), run by the shell as written, succeeds (download: succeeds or says in one line why it cannot)."""
     from diffeditor.plugins import get_registry
 
     if "shapes" not in get_registry().models:
@@ -90,7 +111,7 @@ def test_every_readme_command_runs_as_written(tmp_path):
     pytest.importorskip("dlib")  # the batch includes the face spec
     shutil.copytree(REPO / "specs", tmp_path / "specs")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    for line in readme_commands():
+    for line in cli_commands():
         res = subprocess.run(line, shell=True, cwd=tmp_path, env=env, capture_output=True,
                              text=True, timeout=900, executable="/bin/bash")
         if shlex.split(line)[1] == "download":
