@@ -462,6 +462,24 @@ def test_save_case(task, tmp_path):
     assert save_case(case, tmp_path / task) == spec_path
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_save_case_files_follow_the_umask(umask, tmp_path):
+    """The README promises outputs with the usual permissions (the umask), not a temporary
+    file's 0600: every file of a case (and of a case saved again over it) gets 0666 & ~umask."""
+    import os
+    import stat
+
+    case = make_case("move", 4)
+    old = os.umask(umask)
+    try:
+        for _ in range(2):  # a fresh folder, then the same folder again
+            save_case(case, tmp_path / "case")
+            modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "case").iterdir()}
+            assert modes and set(modes.values()) == {0o666 & ~umask}, modes
+    finally:
+        os.umask(old)
+
+
 # -- scoring ------------------------------------------------------------------------------------
 
 
