@@ -661,6 +661,26 @@ def _exit_cleanly_on_sigterm() -> None:
         pass
 
 
+EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a command killed by SIGPIPE
+
+
+def _flush_stdout() -> None:
+    if sys.stdout is not None:
+        sys.stdout.flush()
+
+
+def _stop_on_broken_pipe() -> int:
+    """The reader of stdout closed it: no message, and nothing more written there (Python's
+    final flush at exit would fail again and print a traceback-like warning)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no real stdout (an embedding caller)
+        pass
+    return EXIT_BROKEN_PIPE
+
+
 def main(argv: Sequence[str] | None = None, registry=None) -> int:
     """The ``diffeditor`` command; ``registry`` (default: the installed plugins') is the one
     place the command line's registry comes from."""
@@ -673,11 +693,18 @@ def main(argv: Sequence[str] | None = None, registry=None) -> int:
     _exit_cleanly_on_sigterm()
     try:
         parser = build_parser(registry)
-        args = parser.parse_args(argv)
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit:  # --help, --version, a usage error: their text goes out here
+            _flush_stdout()
+            raise
         if getattr(args, "func", None) is None:
             parser.print_help()
+            _flush_stdout()
             return EXIT_USER_ERROR
-        return int(args.func(args) or 0)
+        status = int(args.func(args) or 0)
+        _flush_stdout()  # a closed pipe shows here, not in the interpreter's final flush
+        return status
     except DiffEditorError as exc:
         if verbose:
             raise
@@ -687,6 +714,8 @@ def main(argv: Sequence[str] | None = None, registry=None) -> int:
     except KeyboardInterrupt:
         print("diffeditor: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`diffeditor ... | head`): stop quietly
+        return _stop_on_broken_pipe()
     except OSError as exc:  # a file the checks could not foresee (removed meanwhile, a full disk)
         if verbose:
             raise
