@@ -572,10 +572,13 @@ def build_parser(registry=None) -> argparse.ArgumentParser:
         "In a batch, a spec that fails while editing is reported in one line and the others go "
         "on; the exit status is then 1.")
     p.add_argument("specs", nargs="+", type=Path, metavar="SPEC",
-                   help="spec files (YAML or JSON), sidecars of earlier outputs, folders (every "
-                   "spec file below), glob patterns ('cases/**/*.json') or JSONL manifests "
-                   "(one spec per line, paths relative to the manifest; an 'id' field names "
-                   "the output) (required)")
+                   help="spec files (YAML or JSON), sidecars of earlier outputs, folders, glob "
+                   "patterns ('cases/**/*.json') or JSONL manifests (one spec per line, paths "
+                   "relative to the manifest; an 'id' field names the output) (required). A "
+                   "folder means the edit specs below it: the *.yaml, *.yml and *.json files "
+                   "holding a mapping with 'task' and 'image' keys; the others (JSON Schemas, "
+                   "the shapes world's case.json, compose's one-edit files) and sidecars are "
+                   "skipped, with one note on stderr saying how many and why")
     p.add_argument("--check", action="store_true",
                    help="only validate: print each resolved spec, every field with where its "
                    "value came from (spec, model default, task default); no model is loaded")
