@@ -823,7 +823,7 @@ def case_spec(case: EditCase) -> dict[str, Any]:
     raise ValueError(f"unknown task {t!r}")
 
 
-def save_case(case: EditCase, folder: str | os.PathLike[str]) -> Path:
+def save_case(case: EditCase, folder: str | os.PathLike[str], force: bool = True) -> Path:
     """Write a case into ``folder`` and return the path of its ``spec.json``.
 
     Files: ``source.png``; ``mask.png`` (move/resize/appearance: the subject);
@@ -833,7 +833,9 @@ def save_case(case: EditCase, folder: str | os.PathLike[str]) -> Path:
     (the scenes, captions, colours and parameters, for scoring). Masks are white where
     selected. The files are written as one unit (temporary files, then renamed into place:
     :func:`diffeditor.imageio.atomic_write_many`), with the permissions a plain ``open()``
-    gives (0666 less the umask), replacing the files of an earlier case in ``folder``.
+    gives (0666 less the umask), replacing the files of an earlier case in ``folder``; with
+    ``force=False`` an existing file is an :class:`~diffeditor.errors.OutputError` instead and
+    nothing is written.
     """
     from diffeditor.imageio import atomic_write_many
 
@@ -864,7 +866,7 @@ def save_case(case: EditCase, folder: str | os.PathLike[str]) -> Path:
     files["spec.json"] = (json.dumps(case_spec(case), indent=2) + "\n").encode()
     # one unit, with the mode a plain open() gives (the umask), replacing an earlier case
     atomic_write_many([(out / name, lambda fh, b=data: fh.write(b)) for name, data in files.items()],
-                      force=True)
+                      force=force)
     return out / "spec.json"
 
 
