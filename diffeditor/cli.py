@@ -67,14 +67,22 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    "the cores divided among the workers of one machine)")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
+def whole_number(minimum: int):
+    """An argparse ``type``: a whole number of at least ``minimum``, else argparse's one line
+    (for plugins' commands too: ``diffeditor shapes scene --seed``)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
+        return value
+
+    return parse
+
+
+_positive_int = whole_number(1)
 
 
 def _positive_float(text: str) -> float:

@@ -586,4 +586,4 @@ def test_shapes_scene_command_options(tmp_path, capsys):
     assert json.loads((out / "spec.json").read_text())["task"] == "drag"
     with pytest.raises(SystemExit) as info:  # argparse: usage and one line, exit status 2
         main(["shapes", "scene", "--task", "move", "--seed", "-1", "--out", str(out)])
-    assert info.value.code == 2 and "must be 0 or more" in capsys.readouterr().err
+    assert info.value.code == 2 and "must be at least 0" in capsys.readouterr().err

@@ -7,23 +7,14 @@ shapes`` runs the case as it is and its output can be compared with ``truth.png`
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
-    return value
-
-
 def add_shapes_commands(subparsers) -> None:
     """``diffeditor shapes scene`` (the ``shapes`` command leaves room for more)."""
+    from diffeditor.cli import whole_number
+
     from .scenes import TASKS
 
     p = subparsers.add_parser(
@@ -40,7 +31,7 @@ def add_shapes_commands(subparsers) -> None:
         "true result and its subject) and case.json (the scenes and parameters, for scoring). "
         "The case is a function of --task, --seed and --no-noise.")
     s.add_argument("--task", required=True, choices=list(TASKS), help="the edit (required)")
-    s.add_argument("--seed", type=_seed, default=0, metavar="N", help="which case (default: 0)")
+    s.add_argument("--seed", type=whole_number(0), default=0, metavar="N", help="which case (default: 0)")
     s.add_argument("--out", type=Path, required=True, metavar="DIR",
                    help="folder to write the case into (created if missing) (required)")
     s.add_argument("--no-noise", dest="noise", action="store_false",
