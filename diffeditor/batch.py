@@ -106,11 +106,46 @@ def _valid_id(value: Any) -> str | None:
     return Path(value).as_posix()
 
 
+#: why a folder's file is not one of its specs (see :func:`_not_a_spec`), as the note says it
+NOT_A_SPEC = "without 'task' and 'image' keys (schema files, case descriptions, one-edit files of compose)"
+SIDECAR = "sidecars of earlier outputs"
+
+
+def _not_a_spec(path: Path) -> str | None:
+    """Why a YAML/JSON file found in a folder is not an edit spec, or None when it is one.
+
+    An edit spec is a mapping with a ``task`` and an ``image`` key. Left out: sidecars (outputs,
+    which ``diffeditor edit X.json`` replays when named), and files without both keys: JSON
+    Schemas (``specs/schema.json``), the shapes world's ``case.json`` descriptions, ``compose``'s
+    one-edit files (``specs/edits/``, no ``image``). A file that cannot be read or parsed is
+    kept, so that validation reports it."""
+    from .specs import is_sidecar, read_spec_file
+
+    try:
+        data = read_spec_file(path)
+    except DiffEditorError:
+        return None
+    if is_sidecar(data):
+        return SIDECAR
+    if not (isinstance(data, dict) and "task" in data and "image" in data):
+        return NOT_A_SPEC
+    return None
+
+
+def _note_skipped(folder: str, total: int, skipped: dict[str, list[str]]) -> None:
+    """One line on stderr: how many of a folder's files were left out, and why (naming a few)."""
+    parts = []
+    for why, names in skipped.items():
+        some = ", ".join(show(n, 60) for n in names[:3]) + (", ..." if len(names) > 3 else "")
+        parts.append(f"{len(names)} {why}: {some}")
+    count = sum(len(v) for v in skipped.values())
+    print(f"note: {show(folder, 200)}: skipped {count} of {total} YAML/JSON files that are not "
+          f"edit specs: {'; '.join(parts)}", file=sys.stderr)
+
+
 def _expand(inputs: list[Path]) -> list[tuple[Path, int | None, Any]]:
     """``(file, line number or None, manifest line or None)`` for every spec named by the
     inputs, in order. Raises :class:`CheckErrors` for inputs that name nothing."""
-    from .specs import is_sidecar, read_spec_file
-
     found: list[tuple[Path, int | None, Any]] = []
     errors = []
     for item in inputs:
@@ -119,17 +154,18 @@ def _expand(inputs: list[Path]) -> list[tuple[Path, int | None, Any]]:
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.suffix.lower() in SPEC_SUFFIXES
                            and p.is_file() and not any(q.startswith(".") for q in p.relative_to(path).parts))
-            specs = []
-            for f in files:  # a folder's sidecars are outputs, not specs
-                if f.suffix.lower() == ".json":
-                    try:
-                        if is_sidecar(read_spec_file(f)):
-                            continue
-                    except DiffEditorError:
-                        pass  # reported when the spec is validated
-                specs.append(f)
+            specs, skipped = [], {}
+            for f in files:
+                why = _not_a_spec(f)
+                if why:
+                    skipped.setdefault(why, []).append(f.relative_to(path).as_posix())
+                else:
+                    specs.append(f)
+            if skipped:
+                _note_skipped(text, len(files), skipped)
             if not specs:
-                errors.append(f"{show(text, 200)}: no spec files (*.yaml, *.yml, *.json) in this folder")
+                errors.append(f"{show(text, 200)}: no spec files (*.yaml, *.yml, *.json with "
+                              "'task' and 'image' keys) in this folder")
             found += [(f, None, None) for f in specs]
         elif path.suffix.lower() == MANIFEST_SUFFIX and path.is_file():
             try:

@@ -67,14 +67,22 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    "the cores divided among the workers of one machine)")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
+def whole_number(minimum: int):
+    """An argparse ``type``: a whole number of at least ``minimum``, else argparse's one line
+    (for plugins' commands too: ``diffeditor shapes scene --seed``)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
+        return value
+
+    return parse
+
+
+_positive_int = whole_number(1)
 
 
 def _positive_float(text: str) -> float:
@@ -572,10 +580,13 @@ def build_parser(registry=None) -> argparse.ArgumentParser:
         "In a batch, a spec that fails while editing is reported in one line and the others go "
         "on; the exit status is then 1.")
     p.add_argument("specs", nargs="+", type=Path, metavar="SPEC",
-                   help="spec files (YAML or JSON), sidecars of earlier outputs, folders (every "
-                   "spec file below), glob patterns ('cases/**/*.json') or JSONL manifests "
-                   "(one spec per line, paths relative to the manifest; an 'id' field names "
-                   "the output) (required)")
+                   help="spec files (YAML or JSON), sidecars of earlier outputs, folders, glob "
+                   "patterns ('cases/**/*.json') or JSONL manifests (one spec per line, paths "
+                   "relative to the manifest; an 'id' field names the output) (required). A "
+                   "folder means the edit specs below it: the *.yaml, *.yml and *.json files "
+                   "holding a mapping with 'task' and 'image' keys; the others (JSON Schemas, "
+                   "the shapes world's case.json, compose's one-edit files) and sidecars are "
+                   "skipped, with one note on stderr saying how many and why")
     p.add_argument("--check", action="store_true",
                    help="only validate: print each resolved spec, every field with where its "
                    "value came from (spec, model default, task default); no model is loaded")
@@ -661,6 +672,26 @@ def _exit_cleanly_on_sigterm() -> None:
         pass
 
 
+EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a command killed by SIGPIPE
+
+
+def _flush_stdout() -> None:
+    if sys.stdout is not None:
+        sys.stdout.flush()
+
+
+def _stop_on_broken_pipe() -> int:
+    """The reader of stdout closed it: no message, and nothing more written there (Python's
+    final flush at exit would fail again and print a traceback-like warning)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no real stdout (an embedding caller)
+        pass
+    return EXIT_BROKEN_PIPE
+
+
 def main(argv: Sequence[str] | None = None, registry=None) -> int:
     """The ``diffeditor`` command; ``registry`` (default: the installed plugins') is the one
     place the command line's registry comes from."""
@@ -673,11 +704,18 @@ def main(argv: Sequence[str] | None = None, registry=None) -> int:
     _exit_cleanly_on_sigterm()
     try:
         parser = build_parser(registry)
-        args = parser.parse_args(argv)
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit:  # --help, --version, a usage error: their text goes out here
+            _flush_stdout()
+            raise
         if getattr(args, "func", None) is None:
             parser.print_help()
+            _flush_stdout()
             return EXIT_USER_ERROR
-        return int(args.func(args) or 0)
+        status = int(args.func(args) or 0)
+        _flush_stdout()  # a closed pipe shows here, not in the interpreter's final flush
+        return status
     except DiffEditorError as exc:
         if verbose:
             raise
@@ -687,6 +725,8 @@ def main(argv: Sequence[str] | None = None, registry=None) -> int:
     except KeyboardInterrupt:
         print("diffeditor: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`diffeditor ... | head`): stop quietly
+        return _stop_on_broken_pipe()
     except OSError as exc:  # a file the checks could not foresee (removed meanwhile, a full disk)
         if verbose:
             raise

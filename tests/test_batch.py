@@ -179,3 +179,48 @@ def test_readme_batch_commands_run_as_written(tmp_path):
             for p in (tmp_path / "edits-ray").rglob("*.png")}
     assert len(one) == 10 and ray_ == one
     assert all(p.name == "spec.png" and len(p.parts) == 3 for p in one)
+
+
+def _checked(capsys, folder: Path, *more: str) -> tuple[int, list[str], str]:
+    code = main(["edit", str(folder), "--check", *more])
+    out, err = capsys.readouterr()
+    return code, [line.split(": valid ")[0] for line in out.splitlines() if ": valid " in line], err
+
+
+def test_a_folder_means_the_edit_specs_in_it_the_repository_specs(capsys):
+    """`diffeditor edit specs/` stopped on specs/schema.json and on compose's one-edit file
+    specs/edits/square-look.yaml: a folder now means the files with 'task' and 'image' keys,
+    and one note says what was skipped and why."""
+    code, checked, err = _checked(capsys, SPECS, "--model", "shapes")
+    assert code == 0, err
+    want = sorted(p for p in SPECS.glob("*.yaml"))  # one example per task, all of them
+    assert checked == [str(p) for p in want] and len(want) == 7
+    notes = [line for line in err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "skipped 2 of 9" in notes[0], err
+    assert "schema.json" in notes[0] and "edits/square-look.yaml" in notes[0]
+
+
+def test_a_folder_means_the_edit_specs_in_it_the_demo_cases(capsys, tmp_path):
+    """`diffeditor edit diffeditor-demo/cases/ --model shapes --check` exited 2 on case.json
+    (the case's description beside its spec.json); the demo writes its cases with save_case."""
+    scenes = pytest.importorskip("diffeditor_shapes.scenes")
+    cases = tmp_path / "diffeditor-demo" / "cases"
+    specs = [scenes.save_case(scenes.make_case("move", 3), cases / "move"),
+             scenes.save_case(scenes.make_case("drag", 4), cases / "drag")]
+    # the folder above holds the demo's outputs' sidecars: also left out, and said so
+    sidecar = {"spec": json.loads(specs[0].read_text()), "versions": {"diffeditor": "0"}}
+    (cases.parent / "moved.json").write_text(json.dumps(sidecar))
+    for folder, skipped in ((cases, "skipped 2 of 4"), (cases.parent, "skipped 3 of 5")):
+        code, checked, err = _checked(capsys, folder, "--model", "shapes")
+        assert code == 0, err
+        assert checked == [str(specs[1]), str(specs[0])]  # drag/, then move/
+        assert "2 without 'task' and 'image' keys" in err and skipped in err, err
+    assert "1 sidecars of earlier outputs: moved.json" in err
+
+
+def test_a_folder_of_no_specs_is_one_clear_line(capsys, tmp_path):
+    (tmp_path / "schema.json").write_text(json.dumps({"$schema": "x", "oneOf": []}))
+    assert main(["edit", str(tmp_path), "--check"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("diffeditor: error: ") and "no spec files" in err[-1]
+    assert "'task' and 'image' keys" in err[-1]

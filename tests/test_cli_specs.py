@@ -260,3 +260,27 @@ def test_a_mapping_model_default_fills_only_what_the_spec_leaves_out(scene):
     preset = {**base, "schedule": {"preset": "dragondiffusion"}}
     assert parse_spec(preset, base_dir=scene, defaults=defaults).schedule.time_travel_repeats == \
         parse_spec(preset, base_dir=scene).schedule.time_travel_repeats
+
+
+@pytest.mark.parametrize("argv, status", [
+    (["move", "--help"], 0),   # argparse's help (argparse ignores the failed write), then exit 0
+    (["schema"], 141),         # a command's own output: 128 + SIGPIPE, as a shell shows `yes | head`
+    (["tasks"], 141),          # a short output, left for the final flush
+    (["demo", "--help"], 0),   # a plugin's command (register_commands)
+    ([], 2),                   # no command: the overview, exit status 2 as ever
+])
+def test_a_closed_pipe_ends_quietly(argv, status):
+    """`diffeditor ... | head` printed 'diffeditor: error: Broken pipe' (or Python's 'Exception
+    ignored ... BrokenPipeError'): the reader closing stdout now ends the command with no
+    message. The read end is closed before the command writes, so every write fails."""
+    import os
+
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "diffeditor.cli", *argv], stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(write)
+    assert proc.stderr == ""
+    assert proc.returncode == status

@@ -29,6 +29,7 @@ from diffeditor_shapes.scenes import (
     ShapeObject,
     background_distance,
     background_image,
+    case_spec,
     centroid,
     dilate,
     dragged,
@@ -462,6 +463,24 @@ def test_save_case(task, tmp_path):
     assert save_case(case, tmp_path / task) == spec_path
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_save_case_files_follow_the_umask(umask, tmp_path):
+    """The README promises outputs with the usual permissions (the umask), not a temporary
+    file's 0600: every file of a case (and of a case saved again over it) gets 0666 & ~umask."""
+    import os
+    import stat
+
+    case = make_case("move", 4)
+    old = os.umask(umask)
+    try:
+        for _ in range(2):  # a fresh folder, then the same folder again
+            save_case(case, tmp_path / "case")
+            modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "case").iterdir()}
+            assert modes and set(modes.values()) == {0o666 & ~umask}, modes
+    finally:
+        os.umask(old)
+
+
 # -- scoring ------------------------------------------------------------------------------------
 
 
@@ -522,3 +541,49 @@ def test_plugin_loads_through_pluggy():
     registry = plugins.registry_from([plugin])
     assert "shapes" in registry.models
     assert Path(registry.models["shapes"].location, "model_index.json").is_file()
+
+
+# -- diffeditor shapes scene ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_shapes_scene_command_writes_a_case_edit_runs_as_it_is(task, tmp_path, capsys):
+    """`diffeditor shapes scene --task T --seed N --out DIR` (registered by the shapes plugin
+    through register_commands) writes the generator's case: its spec passes `edit --check` as
+    it is, and its truth is the generator's true result, pixel for pixel."""
+    from diffeditor.cli import main
+
+    out = tmp_path / "scene"
+    assert main(["shapes", "scene", "--task", task, "--seed", "7", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out.split()
+    assert (out / "spec.json").is_file() and str(out / "spec.json") in printed
+    case = make_case(task, 7)
+    assert np.array_equal(_load(out / "truth.png"), case.result)
+    assert np.array_equal(_load(out / "truth_mask.png") == 255, case.result_mask)
+    assert np.array_equal(_load(out / "source.png"), case.source)
+    assert json.loads((out / "spec.json").read_text()) == case_spec(case)
+    # run as it is, from another folder (paths inside are relative to the spec)
+    assert main(["edit", str(out / "spec.json"), "--model", "shapes", "--check"]) == 0
+    assert f"{out / 'spec.json'}: valid {task} spec" in capsys.readouterr().out
+    # the folder is a batch of one: case.json is not taken for a spec
+    assert main(["edit", str(out), "--model", "shapes", "--check"]) == 0
+
+
+def test_shapes_scene_command_options(tmp_path, capsys):
+    from diffeditor.cli import main
+
+    out = tmp_path / "scene"
+    assert main(["shapes", "scene", "--task", "move", "--seed", "2", "--no-noise", "--out", str(out)]) == 0
+    assert np.array_equal(_load(out / "source.png"), make_case("move", 2, noise=False).source)
+    assert "edit it: diffeditor edit" in capsys.readouterr().err  # what to do next
+    before = (out / "spec.json").read_bytes()
+    # an existing case is never overwritten without --force: one line, exit status 2
+    assert main(["shapes", "scene", "--task", "drag", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "exists; pass --force" in err[0]
+    assert (out / "spec.json").read_bytes() == before and not (out / "editable.png").exists()
+    assert main(["shapes", "scene", "--task", "drag", "--out", str(out), "--force"]) == 0
+    assert json.loads((out / "spec.json").read_text())["task"] == "drag"
+    with pytest.raises(SystemExit) as info:  # argparse: usage and one line, exit status 2
+        main(["shapes", "scene", "--task", "move", "--seed", "-1", "--out", str(out)])
+    assert info.value.code == 2 and "must be at least 0" in capsys.readouterr().err

@@ -29,7 +29,7 @@ from diffeditor.energies import (
     mean_feature_energy,
     sim01,
 )
-from diffeditor.geometry import dilate, fill_hole, mask_centroid, similarity_warp
+from diffeditor.geometry import mask_centroid, similarity_warp
 from diffeditor.hookspecs import hookimpl
 from diffeditor.interfaces import (
     AttentionPolicy,
@@ -43,6 +43,7 @@ from diffeditor.interfaces import (
 from diffeditor.masks import check_mask_file, check_offset, grid_mask, scale_offset, work_mask
 from diffeditor.schedule import Window
 from diffeditor.specs import EditSpec, path_validators
+from diffeditor.surgery import pixel_surgery
 
 from . import __version__, scenes
 
@@ -185,18 +186,9 @@ class MoveTask(Task):
         if spec.surgery_space == "pixel":
             # move the object in the image (its own outline, bilinear), fill what it left from
             # the surroundings, and let inversion encode the result in context
-            src_img = images["source"]
-            m_dst_px = m_dst_img.to(src_img)
-            filled = fill_hole(src_img, dilate(m_src.to(src_img), 1))
-            plan_images["composite"] = m_dst_px * warp(src_img, "bilinear") + (1 - m_dst_px) * filled
-            prompts["composite"] = spec.prompt
-
-            def surgery(zt):
-                m = m_edit_l.to(zt["source"])
-                return m * zt["composite"] + (1 - m) * zt["source"]
-
-            def moved_object(zs):
-                return zs["composite"]
+            ps = pixel_surgery(images["source"], m_src, geom, warp)
+            ps.add_to(plan_images, prompts, spec.prompt)
+            surgery, moved_object = ps.surgery, ps.target
         else:
             def surgery(zt):
                 z = zt["source"]

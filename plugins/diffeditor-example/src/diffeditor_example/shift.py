@@ -4,9 +4,13 @@ bottom. A complete task plugin written only against diffeditor's public API:
 * the spec: a subclass of :class:`diffeditor.specs.EditSpec` (its fields are validated, appear in
   ``diffeditor schema shift`` and become the options of ``diffeditor shift``);
 * the task: a :class:`diffeditor.interfaces.Task` whose :meth:`plan` builds masks with
-  :mod:`diffeditor.masks`, energies with :mod:`diffeditor.energies` and the initial latent's
-  surgery with :mod:`diffeditor.geometry`; the kernel does the sampling;
+  :mod:`diffeditor.masks`, energies with :mod:`diffeditor.energies` and its starting point with
+  :func:`diffeditor.surgery.pixel_surgery` (the object slid in the image itself, the place it
+  left filled from its surroundings, and that composite inverted beside the source: what the
+  built-in move does with ``surgery_space: pixel``); the kernel does the sampling;
 * the hook: ``register_tasks``, found through the ``diffeditor`` entry-point group.
+
+``docs/plugins.md`` walks through it.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import torch
 from pydantic import Field
 
 from diffeditor.energies import cosine_map, inverse_energy, level_mean, masked_mean
@@ -24,6 +27,7 @@ from diffeditor.interfaces import AttentionPolicy, EditPlan, EnergyTerm, Geometr
 from diffeditor.masks import check_mask_file, grid_mask, scale_offset, work_mask
 from diffeditor.schedule import Window
 from diffeditor.specs import EditSpec, path_validators
+from diffeditor.surgery import pixel_surgery
 
 from . import __version__
 
@@ -40,6 +44,10 @@ class ShiftSpec(EditSpec):
     distance: float = Field(16.0, gt=0.0, le=4096.0, description="how far, in input-image pixels")
     energy_scale: float = Field(500.0, ge=0.0, le=1e5, description="lambda of the guidance")
     guidance_k: float = Field(0.08, ge=0.0, le=10.0, description="k of the guidance")
+    object_blend: float = Field(
+        0.5, ge=0.0, le=1.0,
+        description="fraction of the run (from the start) during which the destination is held "
+        "to the slid object's inversion trajectory (0 = off)")
 
     resolve_paths, check_paths = path_validators("mask")
 
@@ -62,39 +70,41 @@ class ShiftTask(Task):
         center = mask_centroid(m_obj, geom.work_hw)
         offset = scale_offset(spec.offset(), geom)            # input pixels -> working pixels
 
-        def slide(x):                                         # any grid, same pixel transform
-            return similarity_warp(x, geom.work_hw, center, 1.0, offset)
+        def slide(x, mode="nearest"):                         # any grid, same pixel transform
+            return similarity_warp(x, geom.work_hw, center, 1.0, offset, mode)
 
-        m_obj_f = grid_mask(m_obj, geom.feature_hw)
-        m_dst_f = (slide(m_obj_f) > 0.5).float()
-        m_keep_f = 1 - torch.clamp(m_obj_f + m_dst_f, max=1)
-        m_obj_l = grid_mask(m_obj, geom.latent_hw)
-        m_dst_l = (slide(m_obj_l) > 0.5).float()
+        # the starting point, in pixels: the object slid, the place it left filled from its
+        # surroundings; the kernel inverts this "composite" beside the source
+        moved = pixel_surgery(images["source"], m_obj, geom, slide)
 
-        def e_edit(cur, refs):  # the destination should look like the slid source object
-            src = refs["source"]
-            return level_mean([inverse_energy(1.0, masked_mean(cosine_map(f, slide(src[lv])), m_dst_f))
+        m_dst_f = (slide(grid_mask(m_obj, geom.feature_hw)) > 0.5).float()
+        m_rest_f = 1 - m_dst_f
+
+        def e_edit(cur, refs):  # the destination looks like the slid object
+            comp = refs[moved.name]
+            return level_mean([inverse_energy(1.0, masked_mean(cosine_map(f, comp[lv]), m_dst_f))
                                for lv, f in cur.items()])
 
-        def e_content(cur, refs):  # everything else stays as it was
-            src = refs["source"]
-            return level_mean([inverse_energy(1.0, masked_mean(cosine_map(f, src[lv]), m_keep_f))
+        def e_content(cur, refs):  # everything else, the vacated place included, like the composite
+            comp = refs[moved.name]
+            return level_mean([inverse_energy(1.0, masked_mean(cosine_map(f, comp[lv]), m_rest_f))
                                for lv, f in cur.items()])
 
-        def surgery(zt):  # start from the source's latent with the object already slid
-            z = zt["source"]
-            return m_dst_l * slide(z) + (1 - m_dst_l) * z
-
+        plan_images, prompts = {"source": images["source"]}, {"source": spec.prompt}
+        moved.add_to(plan_images, prompts, spec.prompt)
+        m_dst_l = moved.destination_latent
         return EditPlan(
-            images={"source": images["source"]},
-            prompts={"source": spec.prompt},
+            images=plan_images,
+            prompts=prompts,
             regions={"edit": m_dst_l, "content": 1 - m_dst_l},
             energies=[EnergyTerm("edit", e_edit, spec.w_edit, "edit"),
                       EnergyTerm("content", e_content, spec.w_content, "content")],
-            sde_mask=torch.clamp(m_dst_l + m_obj_l, max=1),
+            sde_mask=moved.edit_latent,                      # old and new place
             attention=AttentionPolicy(mode="replace", window=Window(start=0.1, stop=1.0)),
-            surgery=surgery,
-            masks={"object": m_obj, "destination": (slide(m_obj) > 0.5).float()},
+            surgery=moved.surgery,
+            pins=[moved.pin(spec.object_blend)],
+            masks={"object": m_obj, "destination": moved.destination},
+            pixel_region=moved.pixel_region,
             info={"centroid": center, "offset_work_px": offset, "direction": spec.direction},
         )
 

@@ -93,7 +93,8 @@ def add_demo_command(subparsers) -> None:
         "the bundled shapes model (CPU, offline), and write OUT_DIR/source.png, moved.png, "
         "dragged.png (each with a .json sidecar), vae_only.png (the source through the VAE "
         "alone: what this small model does to an image with no edit at all), side_by_side.png, "
-        "and the two generated spec cases under OUT_DIR/cases/.")
+        "and the two generated spec cases under OUT_DIR/cases/ ('diffeditor edit "
+        "OUT_DIR/cases/ --model shapes' runs them; 'diffeditor shapes scene' makes others).")
     p.add_argument("--out-dir", type=Path, default=Path("diffeditor-demo"), help="where to write (default: ./diffeditor-demo)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     p.add_argument("--seed", type=int, default=3, help="which scene (default 3)")

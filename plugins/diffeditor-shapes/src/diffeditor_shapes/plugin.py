@@ -33,7 +33,9 @@ def register_models(register):
 
 @hookimpl
 def register_commands(subparsers):
-    """Add ``diffeditor demo``."""
+    """Add ``diffeditor demo`` and ``diffeditor shapes scene``."""
     from .demo import add_demo_command
+    from .scene_command import add_shapes_commands
 
     add_demo_command(subparsers)
+    add_shapes_commands(subparsers)

@@ -40,7 +40,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -766,21 +765,7 @@ def _case_paste(task, seed, rng, noise, size) -> EditCase | None:
 # --------------------------------------------------------------------------------------------
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def _save_png(path: Path, array: np.ndarray) -> None:
+def _png_bytes(array: np.ndarray) -> bytes:
     import io
 
     from PIL import Image
@@ -791,7 +776,7 @@ def _save_png(path: Path, array: np.ndarray) -> None:
         img = Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8), mode="RGB")
     buf = io.BytesIO()
     img.save(buf, format="PNG")
-    _atomic_bytes(path, buf.getvalue())
+    return buf.getvalue()
 
 
 def _pair(p: Sequence[float]) -> list[int | float]:
@@ -838,7 +823,7 @@ def case_spec(case: EditCase) -> dict[str, Any]:
     raise ValueError(f"unknown task {t!r}")
 
 
-def save_case(case: EditCase, folder: str | os.PathLike[str]) -> Path:
+def save_case(case: EditCase, folder: str | os.PathLike[str], force: bool = True) -> Path:
     """Write a case into ``folder`` and return the path of its ``spec.json``.
 
     Files: ``source.png``; ``mask.png`` (move/resize/appearance: the subject);
@@ -846,21 +831,19 @@ def save_case(case: EditCase, folder: str | os.PathLike[str]) -> Path:
     the truth, ``truth.png`` and ``truth_mask.png`` (the subject in the true result); the CLI
     spec ``spec.json`` (paths relative to it, points and offsets in pixels); and ``case.json``
     (the scenes, captions, colours and parameters, for scoring). Masks are white where
-    selected. Every file is written atomically (temporary file, then :func:`os.replace`).
+    selected. The files are written as one unit (temporary files, then renamed into place:
+    :func:`diffeditor.imageio.atomic_write_many`), with the permissions a plain ``open()``
+    gives (0666 less the umask), replacing the files of an earlier case in ``folder``; with
+    ``force=False`` an existing file is an :class:`~diffeditor.errors.OutputError` instead and
+    nothing is written.
     """
+    from diffeditor.imageio import atomic_write_many
+
     out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
-    _save_png(out / "source.png", case.source)
-    if case.mask is not None:
-        _save_png(out / "mask.png", case.mask)
-    if case.editable_mask is not None:
-        _save_png(out / "editable.png", case.editable_mask)
-    if case.reference is not None:
-        _save_png(out / "reference.png", case.reference)
-    if case.reference_mask is not None:
-        _save_png(out / "reference_mask.png", case.reference_mask)
-    _save_png(out / "truth.png", case.result)
-    _save_png(out / "truth_mask.png", case.result_mask)
+    arrays = {"source.png": case.source, "mask.png": case.mask, "editable.png": case.editable_mask,
+              "reference.png": case.reference, "reference_mask.png": case.reference_mask,
+              "truth.png": case.result, "truth_mask.png": case.result_mask}
+    files = {name: _png_bytes(a) for name, a in arrays.items() if a is not None}
     meta = {
         "task": case.task,
         "seed": case.seed,
@@ -879,10 +862,12 @@ def save_case(case: EditCase, folder: str | os.PathLike[str]) -> Path:
         "result_scene": case.result_scene.to_dict(),
         "reference_scene": case.reference_scene.to_dict() if case.reference_scene else None,
     }
-    _atomic_bytes(out / "case.json", (json.dumps(meta, indent=2) + "\n").encode())
-    spec_path = out / "spec.json"
-    _atomic_bytes(spec_path, (json.dumps(case_spec(case), indent=2) + "\n").encode())
-    return spec_path
+    files["case.json"] = (json.dumps(meta, indent=2) + "\n").encode()
+    files["spec.json"] = (json.dumps(case_spec(case), indent=2) + "\n").encode()
+    # one unit, with the mode a plain open() gives (the umask), replacing an earlier case
+    atomic_write_many([(out / name, lambda fh, b=data: fh.write(b)) for name, data in files.items()],
+                      force=force)
+    return out / "spec.json"
 
 
 # --------------------------------------------------------------------------------------------
