@@ -15,7 +15,7 @@ from PIL import Image
 
 from diffeditor.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SPECS = REPO / "specs"
 
 pytestmark = pytest.mark.slow

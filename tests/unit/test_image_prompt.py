@@ -34,7 +34,7 @@ from diffeditor.image_prompt import (
     validate_ip_state_dict,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHAPES_MODEL = Path(
     os.environ.get("DIFFEDITOR_SHAPES_MODEL", REPO.parent / "shared" / "models" / "shapes-ldm")
 )
