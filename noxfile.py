@@ -38,11 +38,11 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def fuzz(session: nox.Session) -> None:
-    """The fuzz suite (tests/test_fuzz.py, docs/reliability.md) with many more examples per
+    """The fuzz suite (tests/unit/test_fuzz.py, docs/reliability.md) with many more examples per
     property than the fast suite's: ``FUZZ_EXAMPLES`` (default 2000), random seeds."""
     _install(session)
     examples = os.environ.get("FUZZ_EXAMPLES", "2000")
-    session.run("pytest", "tests/test_fuzz.py", "-q", "-p", "no:cacheprovider", *session.posargs,
+    session.run("pytest", "tests/unit/test_fuzz.py", "-q", "-p", "no:cacheprovider", *session.posargs,
                 env={"DIFFEDITOR_FUZZ_EXAMPLES": examples, "OMP_NUM_THREADS": "1"})
 
 
