@@ -1,5 +1,5 @@
 """nox sessions: ``nox -s tests`` (the whole suite), ``nox -s fast`` (no slow end-to-end
-cases), ``nox -s lint`` (ruff), ``nox -s mutate`` (mutation testing, not run by default),
+cases), ``nox -s unit`` (tests/unit: no model, no subprocess; docs/testing.md), ``nox -s lint`` (ruff), ``nox -s mutate`` (mutation testing, not run by default),
 ``nox -s fuzz`` (the fuzz suite's long profile, not run by default)."""
 
 import os
@@ -28,6 +28,12 @@ def tests(session: nox.Session) -> None:
 def fast(session: nox.Session) -> None:
     _install(session)
     session.run("pytest", "-m", "not slow", *session.posargs)
+
+
+@nox.session
+def unit(session: nox.Session) -> None:
+    _install(session)
+    session.run("pytest", "tests/unit", *session.posargs)
 
 
 @nox.session
