@@ -1,6 +1,7 @@
 """nox sessions: ``nox -s tests`` (the whole suite), ``nox -s fast`` (no slow end-to-end
-cases), ``nox -s unit`` (tests/unit: no model, no subprocess; docs/testing.md), ``nox -s lint`` (ruff), ``nox -s mutate`` (mutation testing, not run by default),
-``nox -s fuzz`` (the fuzz suite's long profile, not run by default)."""
+cases), ``nox -s unit`` (tests/unit: no model, no subprocess; docs/testing.md), ``nox -s lint``
+(ruff), ``nox -s mutate`` (mutation testing, not run by default), ``nox -s fuzz`` (the fuzz
+suite's long profile, not run by default)."""
 
 import os
 import shutil
