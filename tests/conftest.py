@@ -18,8 +18,8 @@ SHAPES_MODEL = Path(
 SHARED = Path(os.environ.get("DIFFEDITOR_SHARED", REPO.parent / "shared"))
 
 # The tests mutation testing runs (`nox -s mutate`, docs/testing.md): fast and model-free. A
-# file name (in whichever folder under tests/ it is) takes the whole file, ``file::function`` one test; files that do not exist (yet) are
-# simply not there. They get the ``mutation`` marker, which pyproject's [tool.mutmut] selects.
+# file name (in whichever folder under tests/ it is) takes the whole file, ``file::function``
+# one test; files that do not exist (yet) are simply not there. They get the ``mutation`` marker, which pyproject's [tool.mutmut] selects.
 MUTATION_SUITE = frozenset({
     "test_sampling_properties.py",
     "test_schedule.py",

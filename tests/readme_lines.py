@@ -1,5 +1,6 @@
 """The README's command-line section, read by the tests that check it: the fast parse check
-(``unit/test_readme_commands.py``) and the slow run of every line (``slow/test_readme_commands_run.py``)."""
+(``unit/test_readme_commands.py``) and the slow run of every line
+(``slow/test_readme_commands_run.py``)."""
 
 from __future__ import annotations
 
