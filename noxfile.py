@@ -1,6 +1,7 @@
 """nox sessions: ``nox -s tests`` (the whole suite), ``nox -s fast`` (no slow end-to-end
-cases), ``nox -s lint`` (ruff), ``nox -s mutate`` (mutation testing, not run by default),
-``nox -s fuzz`` (the fuzz suite's long profile, not run by default)."""
+cases), ``nox -s unit`` (tests/unit: no model, no subprocess; docs/testing.md), ``nox -s lint``
+(ruff), ``nox -s mutate`` (mutation testing, not run by default), ``nox -s fuzz`` (the fuzz
+suite's long profile, not run by default)."""
 
 import os
 import shutil
@@ -31,6 +32,12 @@ def fast(session: nox.Session) -> None:
 
 
 @nox.session
+def unit(session: nox.Session) -> None:
+    _install(session)
+    session.run("pytest", "tests/unit", *session.posargs)
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff")
     session.run("ruff", "check", "diffeditor", "tasks", "plugins", "tests", "tools")
@@ -38,11 +45,11 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def fuzz(session: nox.Session) -> None:
-    """The fuzz suite (tests/test_fuzz.py, docs/reliability.md) with many more examples per
+    """The fuzz suite (tests/unit/test_fuzz.py, docs/reliability.md) with many more examples per
     property than the fast suite's: ``FUZZ_EXAMPLES`` (default 2000), random seeds."""
     _install(session)
     examples = os.environ.get("FUZZ_EXAMPLES", "2000")
-    session.run("pytest", "tests/test_fuzz.py", "-q", "-p", "no:cacheprovider", *session.posargs,
+    session.run("pytest", "tests/unit/test_fuzz.py", "-q", "-p", "no:cacheprovider", *session.posargs,
                 env={"DIFFEDITOR_FUZZ_EXAMPLES": examples, "OMP_NUM_THREADS": "1"})
 
 

@@ -20,8 +20,8 @@ SHAPES_MODEL = Path(os.environ.get("DIFFEDITOR_SHAPES_MODEL", _SHAPES_DIR))
 SHARED = Path(os.environ.get("DIFFEDITOR_SHARED", REPO.parent / "shared"))
 
 # The tests mutation testing runs (`nox -s mutate`, docs/testing.md): fast and model-free. A
-# file name takes the whole file, ``file::function`` one test; files that do not exist (yet) are
-# simply not there. They get the ``mutation`` marker, which pyproject's [tool.mutmut] selects.
+# file name (in whichever folder under tests/ it is) takes the whole file, ``file::function``
+# one test; files that do not exist (yet) are simply not there. They get the ``mutation`` marker, which pyproject's [tool.mutmut] selects.
 MUTATION_SUITE = frozenset({
     "test_sampling_properties.py",
     "test_schedule.py",
@@ -32,11 +32,26 @@ MUTATION_SUITE = frozenset({
 })
 
 
+# Tests are sorted by what they need (docs/testing.md): each folder under tests/ is a marker
+# given to every test in it, so `pytest -m unit` and `pytest tests/unit` select the same tests.
+# tests/slow/ also gets ``slow``; a slow test elsewhere keeps its own ``@pytest.mark.slow``.
+FOLDERS = ("unit", "model", "cli", "ui", "slow")
+TESTS = Path(__file__).resolve().parent
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         name = item.path.name
         if name in MUTATION_SUITE or f"{name}::{item.originalname}" in MUTATION_SUITE:
             item.add_marker(pytest.mark.mutation)
+        try:
+            folder = item.path.resolve().relative_to(TESTS).parts[0]
+        except ValueError:  # a plugin's own tests (plugins/*/tests)
+            continue
+        if folder in FOLDERS:
+            item.add_marker(getattr(pytest.mark, folder))
+            if folder == "slow":
+                item.add_marker(pytest.mark.slow)
 
 
 def write_disc_scene(folder: Path, editable: bool = False) -> Path:

@@ -1,6 +1,6 @@
 """Print every registered task's resolved spec defaults as JSON (field -> default, the task's
 own field set): ``tests/data/task_defaults.json`` is this output, taken before the shared spec
-fields were declared once (issue 13), and tests/test_hygiene.py checks it still holds.
+fields were declared once (issue 13), and tests/model/test_hygiene.py checks it still holds.
 
 Run: ``DIFFEDITOR_DISABLE_PLUGINS=1 python tools/dump_task_defaults.py > tests/data/task_defaults.json``
 """

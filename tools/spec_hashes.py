@@ -1,6 +1,6 @@
 """SHA-256 of the PNG each example spec in ``specs/`` gives on the shapes model (CPU, float32).
 
-The hashes pin the sampler bit for bit through refactors: ``tests/test_spec_hashes.py``
+The hashes pin the sampler bit for bit through refactors: ``tests/model/test_spec_hashes.py``
 recomputes them and compares with ``tests/data/spec_hashes.json``. Regenerate that file only
 when the maths changes on purpose (and say so in the commit)::
 

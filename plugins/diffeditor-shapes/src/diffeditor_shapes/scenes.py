@@ -16,7 +16,7 @@ The generator follows the training recipe of ``model/README.md`` exactly:
 * Caption: ``"a {size} {colour} {shape}"`` per object, joined with ``" and "``, then
   ``" on a {background} background"``; size is ``small`` when ``r < 0.17*size`` else ``big``.
 
-Choices where the recipe is silent (documented here, tested in ``tests/test_shapes_scenes.py``):
+Choices where the recipe is silent (documented here, tested in ``tests/unit/test_shapes_scenes.py``):
 
 * **Gradient background.** Its caption name is ``gradient`` ("... on a gradient background").
   Its two end colours *a* (top row) and *b* (bottom row) are two *distinct* palette colours.

@@ -15,13 +15,13 @@ import torch
 from PIL import Image
 
 # An installed diffeditor-eval (or PYTHONPATH) wins; otherwise use the source tree.
-sys.path.append(str(Path(__file__).resolve().parents[1] / "plugins/diffeditor-eval/src"))
+sys.path.append(str(Path(__file__).resolve().parents[2] / "plugins/diffeditor-eval/src"))
 
 from diffeditor_eval import dragbench as DB
 from diffeditor_eval import metrics as M
 from diffeditor_eval import plugin
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("DIFFEDITOR_SHARED", REPO.parent / "shared"))
 SAMPLE = SHARED / "data" / "dragbench-sample"
 

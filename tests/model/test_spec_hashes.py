@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 if REPO.name == "mutants":
     REPO = REPO.parent
 DATA = json.loads((REPO / "tests" / "data" / "spec_hashes.json").read_text())

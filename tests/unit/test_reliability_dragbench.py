@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-sys.path.append(str(Path(__file__).resolve().parents[1] / "plugins/diffeditor-eval/src"))
+sys.path.append(str(Path(__file__).resolve().parents[2] / "plugins/diffeditor-eval/src"))
 
 from diffeditor_eval import dragbench as DB  # noqa: E402
 

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 # An installed diffeditor-shapes (or PYTHONPATH) wins; otherwise use the source tree.
-sys.path.append(str(Path(__file__).resolve().parents[1] / "plugins/diffeditor-shapes/src"))
+sys.path.append(str(Path(__file__).resolve().parents[2] / "plugins/diffeditor-shapes/src"))
 
 from diffeditor_shapes import MODEL_DIR
 from diffeditor_shapes.scenes import (

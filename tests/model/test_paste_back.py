@@ -146,7 +146,7 @@ def test_a_compose_pixel_region_is_the_union_of_its_edits(editor):
 
     import yaml
 
-    specs = Path(__file__).resolve().parents[1] / "specs"
+    specs = Path(__file__).resolve().parents[2] / "specs"
     data = yaml.safe_load((specs / "compose.yaml").read_text())
     _, plan, _ = editor.prepare(editor.parse(data, base_dir=specs))
     subs = [editor.prepare(editor.parse({"image": data["image"], "prompt": data["prompt"], **e},

@@ -105,7 +105,7 @@ def test_pinned_diffusers_range_is_declared():
 
     import diffusers
 
-    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    text = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
     m = re.search(r'"diffusers>=([\d.]+),<([\d.]+)"', text)
     assert m, "pyproject.toml must pin diffusers to a range (>=low,<high)"
     low, high = (tuple(int(x) for x in v.split(".")) for v in m.groups())

@@ -29,7 +29,7 @@ from PIL import Image
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 CHROMIUM = os.environ.get("DIFFEDITOR_CHROMIUM", "/usr/bin/chromium")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BUILT_IN = ("appearance", "compose", "drag", "face", "move", "paste", "resize")
 STEPS = 4  # few DDIM steps: each 128-px edit takes a few seconds on a CPU
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}

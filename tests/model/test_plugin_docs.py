@@ -17,7 +17,7 @@ from diffeditor.interfaces import Geometry
 from diffeditor.plugins import registry_from
 from diffeditor.testing import TaskConformance
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "plugins.md"
 SHIFT = REPO / "plugins" / "diffeditor-example" / "src" / "diffeditor_example" / "shift.py"
 

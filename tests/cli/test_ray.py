@@ -17,7 +17,7 @@ from PIL import Image
 
 from diffeditor.cli import build_parser, main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SPECS = REPO / "specs"
 
 ray = pytest.importorskip("ray")

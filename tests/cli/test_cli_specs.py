@@ -15,7 +15,7 @@ from diffeditor.cli import main
 from diffeditor.errors import SpecError
 from diffeditor.specs import json_schema, parse_spec
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import install_distribution
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 KERNEL = ROOT / "diffeditor"
 
 # -- the import graph ---------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from diffeditor import batch
 from diffeditor.cli import main
 from diffeditor.errors import CheckErrors
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SPECS = REPO / "specs"
 
 
