@@ -80,6 +80,7 @@ __all__ = [
     "render",
     "save_case",
     "spread_points",
+    "strict_scores",
     "subject_mask_by_colour",
 ]
 
@@ -1071,3 +1072,77 @@ def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
     if mse == 0.0:
         return float("inf")
     return 10.0 * math.log10(255.0**2 / mse)
+
+
+# --------------------------------------------------------------------------------------------
+# Strict criteria (issue 27): does an edit *look right*?
+# --------------------------------------------------------------------------------------------
+
+#: the strict criteria's thresholds
+STRICT_COLOUR = 60.0       # subject colour region / purity: RGB distance below this
+STRICT_IOU = 0.8           # shape
+STRICT_PURE = 0.95         # purity: fraction of the eroded true subject
+STRICT_ERODE = 2           # px eroded from the true subject and from the vacated area
+STRICT_GHOST_RGB = 40.0    # vacated pixel within this RGB distance of the true result
+STRICT_CLEAN = 0.95        # no ghost: fraction of the eroded vacated area
+STRICT_SEAM_DB = 32.0      # no seam: PSNR against the input outside the masks
+STRICT_SEAM_DILATION = 4   # px the source and true masks are dilated by for the seam
+#: the four criteria, in table order
+CRITERIA = ("shape", "purity", "no_ghost", "no_seam")
+
+
+def _rgb_distance(image: np.ndarray, rgb) -> np.ndarray:
+    diff = np.asarray(image, dtype=np.float64)[..., :3] - np.asarray(rgb, dtype=np.float64)
+    return np.sqrt((diff * diff).sum(-1))
+
+
+def _subjects(case) -> list:
+    """The cases whose subjects the strict criteria look at: a compose case's parts, else it."""
+    return list(case.parts) if getattr(case, "parts", None) else [case]
+
+
+def strict_scores(case, edited: np.ndarray) -> dict[str, float]:
+    """The strict criteria of one edited image (H, W, 3 uint8) against the case's truth.
+
+    Returns each criterion's measure (``strict_iou``, ``strict_purity``, ``strict_clean``,
+    ``strict_seam_db``; for a compose case the worst of its subjects), ``strict_vacated_px``
+    (pixels of the eroded vacated area), the verdicts ``ok_shape``, ``ok_purity``,
+    ``ok_no_ghost``, ``ok_no_seam`` and ``looks_right`` (all four; 1.0 or 0.0) and
+    ``psnr_full_db``, the whole image against the true result."""
+    ious, purities, cleans, vacated_px = [], [], [], 0
+    touched = np.zeros(case.result_mask.shape, dtype=bool)
+    for part in _subjects(case):
+        true = part.result_mask
+        rgb = part.subject_rgb
+        near = _rgb_distance(edited, rgb) < STRICT_COLOUR
+        ious.append(iou(near, true))
+        core = erode(true, STRICT_ERODE)
+        if not core.any():
+            core = true
+        purities.append(float(near[core].mean()) if core.any() else 0.0)
+        src = part.mask if part.mask is not None else np.zeros_like(true)
+        vacated = erode(src & ~true, STRICT_ERODE)
+        vacated_px += int(vacated.sum())
+        if vacated.any():
+            close = _rgb_distance(edited, case.result) < STRICT_GHOST_RGB
+            cleans.append(float(close[vacated].mean()))
+        else:
+            cleans.append(1.0)  # nothing vacated
+        touched |= src | true
+    outside = ~dilate(touched, STRICT_SEAM_DILATION)
+    seam = psnr(edited, case.source, outside)
+    out = {
+        "strict_iou": min(ious),
+        "strict_purity": min(purities),
+        "strict_clean": min(cleans),
+        "strict_vacated_px": float(vacated_px),
+        "strict_seam_db": seam,
+        "psnr_full_db": psnr(edited, case.result),
+    }
+    out["ok_shape"] = float(out["strict_iou"] >= STRICT_IOU)
+    out["ok_purity"] = float(out["strict_purity"] >= STRICT_PURE)
+    out["ok_no_ghost"] = float(out["strict_clean"] >= STRICT_CLEAN)
+    # nan (nothing outside) cannot show a seam; inf (identical) is no seam
+    out["ok_no_seam"] = float(not seam < STRICT_SEAM_DB)
+    out["looks_right"] = float(all(out["ok_" + c] for c in CRITERIA))
+    return out
