@@ -84,14 +84,12 @@ def psnr(a: Image.Image, b: Image.Image) -> float:
 
 def run_demo(out_dir: Path, steps: int = 50, seed: int = DEFAULT_SEED, device: str = "cpu",
              force: bool = False, quiet: bool = False) -> dict[str, Path]:
-    from diffeditor import Editor
-    from diffeditor.cli import progress_factory
-    from diffeditor.imageio import check_writable, save_image
-    from diffeditor.models import quiet_libraries
-
     import numpy as np
 
-    from diffeditor.imageio import save_json
+    from diffeditor import Editor
+    from diffeditor.cli import progress_factory
+    from diffeditor.imageio import check_writable, save_image, save_json
+    from diffeditor.models import quiet_libraries
 
     from .scenes import make_case, save_case, strict_scores
 
