@@ -340,3 +340,49 @@ def test_demo_verdict_line_and_rule():
     assert demo.DEFAULT_SEED == 100 and "100" in demo.SCENE_RULE
     assert demo._short(strict_scores(case, case.result)) == "looks right"
     assert demo.__doc__ and "How the scenes are chosen" in demo.__doc__
+
+
+def test_demo_scores_a_perfect_editor_as_right_and_passes_its_steps(tmp_path, monkeypatch):
+    """run_demo with a stand-in editor that returns each case's true result: scores.json says
+    both edits look right (exact oracle), the printed lines say so, the sheet is 7 panels at the
+    input's displayed size, and --steps reaches the specs (it used to be ignored)."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    import diffeditor
+    from diffeditor.imageio import save_image
+    from diffeditor_shapes import demo
+
+    seen = []
+
+    class Result:
+        def __init__(self, image):
+            self.image = image
+
+        def save(self, path, force=False):
+            return save_image(self.image, path, force)
+
+    class Engine:
+        def encode_image(self, x):
+            return x
+
+        def decode(self, z):
+            return z
+
+    class FakeEditor:
+        engine = Engine()
+
+        def edit(self, spec_path, progress=None):
+            spec = json.loads(Path(spec_path).read_text())
+            seen.append((spec["task"], spec["steps"]))
+            return Result(Image.fromarray(make_case(spec["task"], demo.DEFAULT_SEED).result))
+
+    monkeypatch.setattr(diffeditor.Editor, "from_pretrained", classmethod(lambda cls, *a, **k: FakeEditor()))
+    out = demo.run_demo(tmp_path, steps=7, quiet=True)
+    assert seen == [("move", 7), ("drag", 7)]
+    report = json.loads((tmp_path / "scores.json").read_text())
+    assert report["seed"] == 100 and report["steps"] == 7 and report["rule"] == demo.SCENE_RULE
+    assert {k: v["looks_right"] for k, v in report["edits"].items()} == {"move": 1.0, "drag": 1.0}
+    assert all(": looks right: " in line for line in out["verdicts"])
+    assert Image.open(tmp_path / "side_by_side.png").size == (7 * 256, 256 + 18)

@@ -82,6 +82,17 @@ def psnr(a: Image.Image, b: Image.Image) -> float:
     return float("inf") if err == 0 else float(10 * np.log10(255.0**2 / err))
 
 
+def _with_steps(spec_path: Path, steps: int) -> Path:
+    """The saved spec with ``steps`` written into it (``--steps`` used to be ignored: every demo
+    edit ran the spec's default), so the spec under ``cases/`` reruns what the demo ran."""
+    import json
+
+    data = json.loads(spec_path.read_text())
+    data["steps"] = int(steps)
+    spec_path.write_text(json.dumps(data, indent=2) + "\n")
+    return spec_path
+
+
 def run_demo(out_dir: Path, steps: int = 50, seed: int = DEFAULT_SEED, device: str = "cpu",
              force: bool = False, quiet: bool = False) -> dict[str, Path]:
     import numpy as np
@@ -104,8 +115,8 @@ def run_demo(out_dir: Path, steps: int = 50, seed: int = DEFAULT_SEED, device: s
     cases = out_dir / "cases"
     move_case = make_case("move", seed)
     drag_case = make_case("drag", seed)
-    move_spec = save_case(move_case, cases / "move")
-    drag_spec = save_case(drag_case, cases / "drag")
+    move_spec = _with_steps(save_case(move_case, cases / "move"), steps)
+    drag_spec = _with_steps(save_case(drag_case, cases / "drag"), steps)
     moved = editor.edit(move_spec, progress=progress)
     dragged = editor.edit(drag_spec, progress=progress)
     source = Image.fromarray(move_case.source)
