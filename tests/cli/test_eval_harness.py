@@ -666,8 +666,8 @@ def test_every_shapes_ablation_is_a_valid_spec_for_the_tasks_it_runs_and_skips_t
                     parse_spec(data, base_dir=folder)
     work = work_items(TASKS, 2, ["full", "latent_surgery"], seed=5)
     assert len(work) == 2 * len(TASKS) + 2 * 4
-    assert {t for ab, t, _ in work if ab == "latent_surgery"} == {"move", "resize", "appearance", "paste"}
-    assert {s for *_, s in work} == {5, 6}
+    assert {t for ab, t, *_ in work if ab == "latent_surgery"} == {"move", "resize", "appearance", "paste"}
+    assert {s for _, _, s, *_ in work} == {5, 6}
 
 
 def test_shapes_eval_with_workers_reports_a_bad_model_in_one_line(tmp_path, capfd):

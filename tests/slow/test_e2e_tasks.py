@@ -218,6 +218,12 @@ def test_demo_writes_its_outputs(tmp_path, shapes_registered, capsys):
     out, err = capsys.readouterr()
     assert "VAE alone" in err
     assert "side_by_side" in out
+    # the strict scores of its own edits, written and printed, on the stated scenes
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert scores["seed"] == 100 and "make_case" in scores["rule"]
+    for name in ("move", "drag"):
+        assert scores["edits"][name]["looks_right"] in (0.0, 1.0)
+        assert f"strict: {name} (seed 100, " in out
 
 
 def test_eval_shapes_scores_and_reproduces(tmp_path, shapes_registered, capsys):

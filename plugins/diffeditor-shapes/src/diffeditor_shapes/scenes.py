@@ -50,6 +50,8 @@ import numpy as np
 __all__ = [
     "BACKGROUNDS",
     "BACKGROUND_RGB",
+    "CASE_KINDS",
+    "MAX_PAIRS",
     "NOISE_SIGMA",
     "PALETTE",
     "SHAPES",
@@ -65,6 +67,7 @@ __all__ = [
     "centroid",
     "dilate",
     "dragged",
+    "erode",
     "iou",
     "make_case",
     "moved",
@@ -75,6 +78,8 @@ __all__ = [
     "recoloured",
     "render",
     "save_case",
+    "spread_points",
+    "strict_scores",
     "subject_mask_by_colour",
 ]
 
@@ -114,6 +119,12 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 
 TASKS: tuple[str, ...] = ("move", "resize", "drag", "appearance", "paste")
 """The tasks :func:`make_case` can build."""
+
+CASE_KINDS: tuple[str, ...] = (*TASKS, "compose")
+"""Every case kind :func:`make_case` can build: the tasks, and ``compose`` (two edits in one)."""
+
+MAX_PAIRS = 4
+"""Most handle/target pairs of a drag case."""
 
 R_RANGE = (0.12, 0.25)
 """Radius range, as fractions of the image size."""
@@ -449,6 +460,9 @@ class EditCase:
         reference, reference_clean, reference_scene, reference_mask, reference_prompt: the
             reference image, its noise-free version, scene, the reference object's mask and the
             reference caption (appearance and paste only).
+        parts: ``compose`` only: one case per edit (its ``task``, subject, ``mask``,
+            ``result_mask``, colours, ``offset`` and ``scale``; the same images), in the order
+            of the compose spec's ``edits``.
     """
 
     task: str
@@ -475,6 +489,7 @@ class EditCase:
     reference_scene: Scene | None = None
     reference_mask: np.ndarray | None = None
     reference_prompt: str | None = None
+    parts: list[EditCase] | None = None
 
     @property
     def subject_rgb(self) -> tuple[int, int, int]:
@@ -587,7 +602,8 @@ def _reference_scene(rng: np.random.Generator, size: int, ok) -> tuple[Scene, Sh
     raise RuntimeError("could not draw a usable reference scene")
 
 
-def make_case(task: str, seed: int, *, noise: bool = True, size: int = SIZE) -> EditCase:
+def make_case(task: str, seed: int, *, noise: bool = True, size: int = SIZE,
+              background: str | None = None, pairs: int = 1) -> EditCase:
     """Build a well-posed edit case for ``task`` with its true result.
 
     Every case keeps the subject fully inside the frame (before and after), never touching or
@@ -608,28 +624,88 @@ def make_case(task: str, seed: int, *, noise: bool = True, size: int = SIZE) -> 
     * ``paste``: a one-object reference scene; its object is pasted on top of the source at
       its reference position plus ``offset`` (``scale`` 1), in a free spot.
 
+    * ``compose`` (a case kind, not one of :data:`TASKS`): a 2-object scene; one object is
+      moved by 15-40 px and the other (a circle or square) resized about its centre, in one
+      ``compose`` spec of a ``move`` and a ``resize`` edit. :attr:`EditCase.parts` holds each
+      edit's subject (source mask, true mask, colour); the case's own subject fields are the
+      moved object's.
+
     Args:
-        task: one of :data:`TASKS`.
-        seed: the case is a function of ``(task, seed, noise, size)``.
+        task: one of :data:`CASE_KINDS`.
+        seed: the case is a function of ``(task, seed, noise, size, background, pairs)``.
         noise: add the recipe's noise to the source and reference images (the result is
             always noise-free).
         size: image side.
+        background: ``None`` (default): the background is drawn as in training, and the case
+            is exactly what it always was for this seed. A name of :data:`BACKGROUNDS`: the
+            case is drawn from the same distribution conditioned on that background (seeded
+            ``[task, seed, 1 + background's index]``, scenes drawn until one has it), so
+            ``--background gradient`` gives gradient cases without hunting for seeds.
+        pairs: drag only, 1 to :data:`MAX_PAIRS` handle/target pairs. ``1`` is the historical
+            case (one handle at the subject's rounded centre). ``k > 1`` is the *same* case
+            (scene, offset, noise, truth) with ``k`` handles spread over the subject
+            (:func:`spread_points`: that centre handle first, then farthest-point picks in the
+            subject eroded by 2 px), every target its handle plus the same offset: the truth is
+            the rigid move.
     """
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
-    rng = np.random.default_rng([TASKS.index(task), int(seed)])
+    if task not in CASE_KINDS:
+        raise ValueError(f"unknown task {task!r}; expected one of {CASE_KINDS}")
+    if background is not None and background not in BACKGROUNDS:
+        raise ValueError(f"unknown background {background!r}; expected one of {BACKGROUNDS}")
+    if not 1 <= int(pairs) <= MAX_PAIRS:
+        raise ValueError(f"pairs must be 1 to {MAX_PAIRS}, got {pairs}")
+    if pairs != 1 and task != "drag":
+        raise ValueError("pairs applies to drag cases only")
+    key = [CASE_KINDS.index(task), int(seed)]
+    if background is not None:
+        key.append(1 + BACKGROUNDS.index(background))
+    rng = np.random.default_rng(key)
     builder = {
         "move": _case_move,
         "resize": _case_resize,
         "drag": _case_move,
         "appearance": _case_appearance,
         "paste": _case_paste,
+        "compose": _case_compose,
     }[task]
-    for _ in range(_MAX_TRIES):
+    tries = _MAX_TRIES * (20 if background is not None else 1)
+    for _ in range(tries):
         case = builder(task, seed, rng, noise, size)
-        if case is not None:
-            return case
+        if case is None:
+            continue
+        if background is not None and case.source_scene.background != background:
+            continue
+        if pairs > 1:
+            handles = spread_points(case.mask, pairs, case.handles[0])
+            dx, dy = case.offset
+            case.handles = handles
+            case.targets = [(x + dx, y + dy) for x, y in handles]
+        return case
     raise RuntimeError(f"could not build a {task} case for seed {seed}")
+
+
+def erode(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Binary erosion of ``mask`` by a disk of ``radius`` pixels (the frame counts as inside:
+    a mask touching the border is not eaten from there)."""
+    return ~dilate(~np.asarray(mask, dtype=bool), radius)
+
+
+def spread_points(mask: np.ndarray, k: int, first: Sequence[int]) -> list[tuple[int, int]]:
+    """``k`` integer points ``(x, y)`` spread over ``mask``: ``first`` (kept as given), then
+    each next point the pixel of ``mask`` eroded by 2 px (the mask itself if that is empty)
+    farthest from the points so far (ties: the first in row-major order)."""
+    inner = erode(mask, 2)
+    if not inner.any():
+        inner = np.asarray(mask, dtype=bool)
+    ys, xs = np.nonzero(inner)
+    pts = np.stack([xs, ys], axis=1).astype(np.float64)
+    chosen = [(int(first[0]), int(first[1]))]
+    d = np.hypot(pts[:, 0] - chosen[0][0], pts[:, 1] - chosen[0][1])
+    for _ in range(k - 1):
+        i = int(np.argmax(d))
+        chosen.append((int(xs[i]), int(ys[i])))
+        d = np.minimum(d, np.hypot(pts[:, 0] - xs[i], pts[:, 1] - ys[i]))
+    return chosen
 
 
 def _finish(
@@ -760,6 +836,51 @@ def _case_paste(task, seed, rng, noise, size) -> EditCase | None:
     )  # fmt: skip
 
 
+def _case_compose(task, seed, rng, noise, size) -> EditCase | None:
+    """Two edits in one: move one object of a 2-object scene, resize the other."""
+    scene = random_scene(rng, n_objects=2, size=size)
+    objs = scene.objects
+    if objs[0].colour == objs[1].colour:
+        return None
+    if any(background_distance(scene, o.colour) < MIN_CONTRAST for o in objs):
+        return None
+    if not all(o.inside(size, FRAME_MARGIN) for o in objs):
+        return None
+    resizable = [i for i, o in enumerate(objs) if o.shape in ("circle", "square")]
+    if not resizable:
+        return None
+    b = resizable[int(rng.integers(len(resizable)))]
+    a = 1 - b
+    mask_a, mask_b = object_mask(objs[a], size), object_mask(objs[b], size)
+    if (mask_a & dilate(mask_b, CLEARANCE)).any():
+        return None
+    lo, hi = RESIZE_SCALES[int(rng.integers(len(RESIZE_SCALES)))]
+    scale = round(float(rng.uniform(lo, hi)), 2)
+    new_b = objs[b].shifted(0, 0, scale)
+    if not (new_b.inside(size, FRAME_MARGIN) and _clear_of(new_b, dilate(mask_a, CLEARANCE), size)):
+        return None
+    grown = dilate(mask_b | object_mask(new_b, size), CLEARANCE)
+    for _ in range(50):
+        dx, dy = _random_offset(rng)
+        new_a = objs[a].shifted(dx, dy)
+        if new_a.inside(size, FRAME_MARGIN) and _clear_of(new_a, grown, size):
+            break
+    else:
+        return None
+    res = moved(moved(scene, a, dx, dy), b, 0, 0, scale)
+    case = _finish(task, seed, rng, noise, scene, res, a, a, offset=(dx, dy), scale=1.0)
+    src_masks, res_masks = render(scene).masks, render(res).masks
+    case.parts = [
+        replace(case, task="move", subject_index=a, mask=src_masks[a], result_mask=res_masks[a],
+                subject_colour=objs[a].colour, result_colour=objs[a].colour,
+                offset=(dx, dy), scale=1.0),
+        replace(case, task="resize", subject_index=b, mask=src_masks[b], result_mask=res_masks[b],
+                subject_colour=objs[b].colour, result_colour=objs[b].colour,
+                offset=(0, 0), scale=scale),
+    ]
+    return case
+
+
 # --------------------------------------------------------------------------------------------
 # Saving
 # --------------------------------------------------------------------------------------------
@@ -783,6 +904,10 @@ def _pair(p: Sequence[float]) -> list[int | float]:
     return [int(v) if float(v).is_integer() else float(v) for v in p]
 
 
+def _part_mask_name(j: int) -> str:
+    return "mask.png" if j == 0 else f"mask_{j + 1}.png"
+
+
 def case_spec(case: EditCase) -> dict[str, Any]:
     """The diffeditor CLI spec of a case, with the file names :func:`save_case` writes."""
     t = case.task
@@ -790,6 +915,12 @@ def case_spec(case: EditCase) -> dict[str, Any]:
         spec: dict[str, Any] = {"task": t, "image": "source.png", "mask": "mask.png"}
         spec.update(offset=_pair(case.offset), scale=float(case.scale), prompt=case.prompt)
         return spec
+    if t == "compose":
+        edits = []
+        for j, part in enumerate(case.parts or []):
+            edits.append({"task": part.task, "mask": _part_mask_name(j),
+                          "offset": _pair(part.offset), "scale": float(part.scale)})
+        return {"task": "compose", "image": "source.png", "prompt": case.prompt, "edits": edits}
     if t == "drag":
         return {
             "task": "drag",
@@ -843,6 +974,7 @@ def save_case(case: EditCase, folder: str | os.PathLike[str], force: bool = True
     arrays = {"source.png": case.source, "mask.png": case.mask, "editable.png": case.editable_mask,
               "reference.png": case.reference, "reference_mask.png": case.reference_mask,
               "truth.png": case.result, "truth_mask.png": case.result_mask}
+    arrays.update({_part_mask_name(j): part.mask for j, part in enumerate((case.parts or [])[1:], start=1)})
     files = {name: _png_bytes(a) for name, a in arrays.items() if a is not None}
     meta = {
         "task": case.task,
@@ -924,3 +1056,77 @@ def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
     if mse == 0.0:
         return float("inf")
     return 10.0 * math.log10(255.0**2 / mse)
+
+
+# --------------------------------------------------------------------------------------------
+# Strict criteria (issue 27): does an edit *look right*?
+# --------------------------------------------------------------------------------------------
+
+#: the strict criteria's thresholds
+STRICT_COLOUR = 60.0       # subject colour region / purity: RGB distance below this
+STRICT_IOU = 0.8           # shape
+STRICT_PURE = 0.95         # purity: fraction of the eroded true subject
+STRICT_ERODE = 2           # px eroded from the true subject and from the vacated area
+STRICT_GHOST_RGB = 40.0    # vacated pixel within this RGB distance of the true result
+STRICT_CLEAN = 0.95        # no ghost: fraction of the eroded vacated area
+STRICT_SEAM_DB = 32.0      # no seam: PSNR against the input outside the masks
+STRICT_SEAM_DILATION = 4   # px the source and true masks are dilated by for the seam
+#: the four criteria, in table order
+CRITERIA = ("shape", "purity", "no_ghost", "no_seam")
+
+
+def _rgb_distance(image: np.ndarray, rgb) -> np.ndarray:
+    diff = np.asarray(image, dtype=np.float64)[..., :3] - np.asarray(rgb, dtype=np.float64)
+    return np.sqrt((diff * diff).sum(-1))
+
+
+def _subjects(case) -> list:
+    """The cases whose subjects the strict criteria look at: a compose case's parts, else it."""
+    return list(case.parts) if getattr(case, "parts", None) else [case]
+
+
+def strict_scores(case, edited: np.ndarray) -> dict[str, float]:
+    """The strict criteria of one edited image (H, W, 3 uint8) against the case's truth.
+
+    Returns each criterion's measure (``strict_iou``, ``strict_purity``, ``strict_clean``,
+    ``strict_seam_db``; for a compose case the worst of its subjects), ``strict_vacated_px``
+    (pixels of the eroded vacated area), the verdicts ``ok_shape``, ``ok_purity``,
+    ``ok_no_ghost``, ``ok_no_seam`` and ``looks_right`` (all four; 1.0 or 0.0) and
+    ``psnr_full_db``, the whole image against the true result."""
+    ious, purities, cleans, vacated_px = [], [], [], 0
+    touched = np.zeros(case.result_mask.shape, dtype=bool)
+    for part in _subjects(case):
+        true = part.result_mask
+        rgb = part.subject_rgb
+        near = _rgb_distance(edited, rgb) < STRICT_COLOUR
+        ious.append(iou(near, true))
+        core = erode(true, STRICT_ERODE)
+        if not core.any():
+            core = true
+        purities.append(float(near[core].mean()) if core.any() else 0.0)
+        src = part.mask if part.mask is not None else np.zeros_like(true)
+        vacated = erode(src & ~true, STRICT_ERODE)
+        vacated_px += int(vacated.sum())
+        if vacated.any():
+            close = _rgb_distance(edited, case.result) < STRICT_GHOST_RGB
+            cleans.append(float(close[vacated].mean()))
+        else:
+            cleans.append(1.0)  # nothing vacated
+        touched |= src | true
+    outside = ~dilate(touched, STRICT_SEAM_DILATION)
+    seam = psnr(edited, case.source, outside)
+    out = {
+        "strict_iou": min(ious),
+        "strict_purity": min(purities),
+        "strict_clean": min(cleans),
+        "strict_vacated_px": float(vacated_px),
+        "strict_seam_db": seam,
+        "psnr_full_db": psnr(edited, case.result),
+    }
+    out["ok_shape"] = float(out["strict_iou"] >= STRICT_IOU)
+    out["ok_purity"] = float(out["strict_purity"] >= STRICT_PURE)
+    out["ok_no_ghost"] = float(out["strict_clean"] >= STRICT_CLEAN)
+    # nan (nothing outside) cannot show a seam; inf (identical) is no seam
+    out["ok_no_seam"] = float(not seam < STRICT_SEAM_DB)
+    out["looks_right"] = float(all(out["ok_" + c] for c in CRITERIA))
+    return out
