@@ -16,17 +16,17 @@ TOKENIZER = REPO / "plugins" / "diffeditor-shapes" / "src" / "diffeditor_shapes"
 
 
 def tiny_sd1_folder(folder: Path, seed: int = 0) -> Path:
-    """A random SD 1.x-layout pipeline (two UNet levels, a two-level VAE, a two-layer CLIP text
+    """A random SD 1.x-layout pipeline (four UNet levels as SD's, a two-level VAE, a two-layer CLIP text
     encoder, the shapes model's tokenizer) saved as a diffusers folder."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=32, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
-        attention_head_dim=8, norm_num_groups=32,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+        sample_size=32, block_out_channels=(32, 32, 64, 64), layers_per_block=1,
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
     vae = AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4,
                         norm_num_groups=32, down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, sample_size=64)
@@ -169,9 +169,8 @@ def _lora_targets(pipe) -> list[tuple[str, torch.nn.Linear]]:
 def write_lora(pipe, path: Path, fmt: str, rank: int = 4, strength: float = 0.5,
                seed: int = 1, text_encoder: bool = True) -> Path:
     """A random LoRA over the UNet's attention projections and the text encoder's (as kohya
-    trains them) in
-    ``fmt`` ``"diffusers"`` (``unet.<module>.lora_A/B.weight``, peft names) or ``"kohya"``
-    (``lora_unet_<module_with_underscores>.lora_down/up.weight`` and ``.alpha``)."""
+    trains them) in ``fmt`` ``"diffusers"`` (``unet.<module>.lora_A/B.weight``, peft names)
+    or ``"kohya"`` (``lora_unet_<module_with_underscores>.lora_down/up.weight``, ``.alpha``)."""
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(seed)
