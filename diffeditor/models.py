@@ -357,24 +357,7 @@ def load_pipeline(location: str, device=None, dtype=None, local_files_only: bool
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(dev)
-    if dev.type == "cpu" and (is_single_file(location) or vae is not None or lora):
-        _own_storage(pipe)
     return pipe
-
-
-def _own_storage(pipe) -> None:
-    """Copy every weight into memory of its own. Weights read from a file are views into the
-    memory-mapped file at whatever byte offset the file gives them, and fused LoRA layers are
-    fresh tensors; CPU kernels round differently by alignment, so without this a LoRA at scale
-    0 would not give exactly the pixels of no LoRA. (A plain folder model is left as loaded,
-    so its outputs stay what they were.)"""
-    import torch
-
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        module = getattr(pipe, name, None)
-        if isinstance(module, torch.nn.Module):
-            for t in list(module.parameters()) + list(module.buffers()):
-                t.data = t.data.clone()
 
 
 def _missing_model_message(location: str, exc: BaseException) -> str:
