@@ -284,7 +284,7 @@ class Editor:
 
         loras = [parse_lora(item) for item in (lora or [])]
         pipe = load_pipeline(location, device, dtype, config=None if config is None else str(config),
-                             lora=loras, vae=None if vae is None else str(vae))
+                             lora=loras, vae=None if vae is None else str(vae), registry=registry)
         name = str(model or location)
         if name not in registry.models and Path(name).expanduser().exists():
             # a folder is named absolutely in sidecars, so they replay from anywhere

@@ -308,11 +308,13 @@ def content_hash(folder: str | Path) -> str | None:
 
 
 def load_pipeline(location: str, device=None, dtype=None, local_files_only: bool | None = None,
-                  config: str | None = None, lora: list | None = None, vae: str | None = None):
+                  config: str | None = None, lora: list | None = None, vae: str | None = None,
+                  registry=None):
     """Load a Stable Diffusion pipeline from a folder, a hub id or a single checkpoint file
     (``.safetensors``/``.ckpt``, see :func:`load_single_file`; ``config`` names its local
     config folder), swap in the VAE ``vae`` names (:func:`load_vae`) and fuse the LoRAs
-    ``lora`` lists (``[(file, scale), ...]``, :func:`apply_loras`).
+    ``lora`` lists (``[(file, scale), ...]``, :func:`apply_loras`). ``registry`` (default: the
+    installed plugins') names the installed models an error message offers.
 
     The scheduler is replaced by a ``DDIMScheduler`` built from the pipeline's own scheduler
     config. Missing weights without network give a :class:`ModelError` that says how to get
@@ -349,7 +351,7 @@ def load_pipeline(location: str, device=None, dtype=None, local_files_only: bool
                     f"{location} is not a loadable SD 1.x diffusers pipeline folder ({_first_line(exc)}); "
                     "it needs model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/"
                 ) from None
-            raise ModelError(_missing_model_message(location, exc)) from None
+            raise ModelError(_missing_model_message(location, exc, registry)) from None
     if vae is not None:
         pipe.vae = load_vae(vae, pipe, dt)
     if lora:
@@ -360,8 +362,9 @@ def load_pipeline(location: str, device=None, dtype=None, local_files_only: bool
     return pipe
 
 
-def _missing_model_message(location: str, exc: BaseException) -> str:
-    """One clean line for a hub id that could not be loaded (offline, not cached)."""
+def _missing_model_message(location: str, exc: BaseException, registry=None) -> str:
+    """One clean line for a hub id that could not be loaded (offline, not cached); for the
+    built-in default, the installed models of ``registry`` are offered."""
     import logging
 
     logging.getLogger("diffeditor").info("loading %s failed: %s", location, exc)
@@ -375,10 +378,11 @@ def _missing_model_message(location: str, exc: BaseException) -> str:
         try:
             from .plugins import default_registry
 
-            names = sorted(default_registry(None).models)
+            names = sorted(default_registry(registry).models)
         except Exception:  # pragma: no cover - the message must not fail
             names = []
-        installed = f"--model {names[0]} (installed)" if names else "--model NAME|PATH"
+        installed = (f"--model {names[0]} (installed) or --model PATH" if names
+                     else "--model PATH")
         return (f"the built-in default model {location} is not available: {why}; choose a model "
                 f"with {installed}, 'diffeditor config set model NAME|PATH' or ${MODEL_ENV}, "
                 f"or {fetch}")

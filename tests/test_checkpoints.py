@@ -93,7 +93,9 @@ def test_single_file_builds_the_same_model(files, base):
 def test_ckpt_loads_with_weights_only(files, base, tmp_path):
     assert edit(files, tmp_path / "c.png", "--model", str(files["ckpt"]), "--config",
                 str(files["config"])) == 0
-    assert np.array_equal(pixels(tmp_path / "c.png"), base)
+    # the same weights (memory-mapped at other offsets than the .safetensors file's, so the
+    # CPU kernels may round the last bit differently)
+    assert np.abs(pixels(tmp_path / "c.png") - base).max() <= 2
 
 
 class _RunsCode:
