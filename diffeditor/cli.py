@@ -267,7 +267,10 @@ def _sidecar_extras(paths: list[Path], args) -> None:
         return
     records = []
     for p in paths:
-        data = read_spec_file(p)
+        try:
+            data = read_spec_file(p)
+        except DiffEditorError:  # a manifest or a broken file: the batch's checks report it
+            return
         if not is_sidecar(data):
             return
         records.append((p, {k: data.get(k) for k in ("config", "lora", "vae")}))
@@ -734,7 +737,7 @@ def build_parser(registry=None) -> argparse.ArgumentParser:
         description="Read or change the user settings, kept in the platform's config folder "
         "($XDG_CONFIG_HOME/diffeditor/config.json when XDG_CONFIG_HOME is set, else "
         "~/.config/diffeditor, ~/Library/Application Support/diffeditor on macOS, "
-        "%%APPDATA%%\\diffeditor on Windows). 'model' is used when --model is not given; "
+        "%APPDATA%\\diffeditor on Windows). 'model' is used when --model is not given; "
         "$DIFFEDITOR_MODEL wins over it.")
     p.add_argument("action", choices=["set", "get", "unset", "list", "path"],
                    help="set KEY VALUE, get KEY, unset KEY, list, or path (of the file)")

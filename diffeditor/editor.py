@@ -279,8 +279,10 @@ class Editor:
         from .plugins import default_registry
 
         registry = default_registry(registry)
+        from .models import default_model, file_hash, parse_lora
+
+        model = model or default_model()[0]  # recorded as chosen: a name stays a name
         location, entry = resolve_model(model, registry)
-        from .models import file_hash, parse_lora
 
         loras = [parse_lora(item) for item in (lora or [])]
         pipe = load_pipeline(location, device, dtype, config=None if config is None else str(config),
