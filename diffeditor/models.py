@@ -633,11 +633,17 @@ def apply_loras(pipe, loras: list) -> None:
             raise ModelError("--lora needs the peft package: pip install peft (or "
                              "pip install 'diffeditor[lora]')") from None
         before = _adapter_count(pipe)
+        from diffusers.utils import logging as dlogging
+
+        level = dlogging.get_verbosity()
+        dlogging.set_verbosity(dlogging.CRITICAL)  # its own error report: ours is the one line
         try:
             pipe.load_lora_weights(str(path), adapter_name=name)
         except Exception as exc:
             raise ModelError(f"--lora {path}: not a LoRA for this model ({type(exc).__name__}: "
                              f"{_first_line(exc)[:160]})") from None
+        finally:
+            dlogging.set_verbosity(level)
         if _adapter_count(pipe) == before:
             raise ModelError(f"--lora {path}: none of its weights matches a layer of this "
                              "model (a LoRA of another model family?)")

@@ -248,6 +248,29 @@ def test_bad_lora_and_vae_are_one_line(files, tmp_path, capsys):
     assert not (tmp_path / "o.png").exists()
 
 
+def test_lora_of_another_model_is_one_line(files, tmp_path, capfd):
+    """A LoRA naming layers this model lacks, and one for another pipeline altogether (no
+    unet/text_encoder keys: diffusers would load nothing and only warn)."""
+    from safetensors.torch import save_file
+
+    model = ["--model", str(files["st"]), "--config", str(files["config"])]
+    bigger = tmp_path / "bigger.safetensors"
+    name = "unet.down_blocks.9.attentions.0.transformer_blocks.0.attn1.to_q"
+    save_file({f"{name}.lora_A.weight": torch.ones(4, 32),
+               f"{name}.lora_B.weight": torch.ones(32, 4)}, str(bigger))
+    capfd.readouterr()
+    assert edit(files, tmp_path / "o.png", *model, "--lora", str(bigger)) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a LoRA for this model" in err[0], err
+    other = tmp_path / "other.safetensors"
+    save_file({"transformer.blocks.0.attn.to_q.lora_A.weight": torch.ones(4, 32),
+               "transformer.blocks.0.attn.to_q.lora_B.weight": torch.ones(32, 4)}, str(other))
+    assert edit(files, tmp_path / "o.png", *model, "--lora", str(other)) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "none of its weights matches" in err[0], err
+    assert not (tmp_path / "o.png").exists()
+
+
 def test_default_model_from_config_and_environment(files, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
     monkeypatch.delenv("DIFFEDITOR_MODEL", raising=False)
