@@ -6,7 +6,10 @@ original-layout VAE file."""
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -258,10 +261,14 @@ def test_lora_of_another_model_is_one_line(files, tmp_path, capfd):
     name = "unet.down_blocks.9.attentions.0.transformer_blocks.0.attn1.to_q"
     save_file({f"{name}.lora_A.weight": torch.ones(4, 32),
                f"{name}.lora_B.weight": torch.ones(32, 4)}, str(bigger))
-    capfd.readouterr()
-    assert edit(files, tmp_path / "o.png", *model, "--lora", str(bigger)) == 2
-    err = capfd.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "not a LoRA for this model" in err[0], err
+    scene = files["scene"]  # in a process of its own: what really reaches the terminal
+    run = subprocess.run(
+        [sys.executable, "-m", "diffeditor.cli", "move", str(scene / "i.png"), "--mask",
+         str(scene / "m.png"), "--offset", "10", "0", "--device", "cpu", "-q", "--out",
+         str(tmp_path / "o.png"), *model, "--lora", str(bigger)],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    err = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and len(err) == 1 and "not a LoRA for this model" in err[0], err
     other = tmp_path / "other.safetensors"
     save_file({"transformer.blocks.0.attn.to_q.lora_A.weight": torch.ones(4, 32),
                "transformer.blocks.0.attn.to_q.lora_B.weight": torch.ones(32, 4)}, str(other))
