@@ -371,7 +371,7 @@ def _missing_model_message(location: str, exc: BaseException, registry=None) -> 
     offline = "outgoing traffic has been disabled" in str(exc) or type(exc).__name__ in (
         "LocalEntryNotFoundError", "OfflineModeIsEnabled", "ConnectionError")
     why = ("it is not in the local Hugging Face cache and the hub is unreachable" if offline
-           else f"{type(exc).__name__}: {_first_line(exc)[:120].rstrip(' .,;(')}")
+           else _reason(exc, 120))
     fetch = (f"fetch it where a network exists with 'diffeditor download {location}' (HF_HOME "
              "chooses the cache)")
     if location == DEFAULT_MODEL:
@@ -427,11 +427,17 @@ def checkpoint_shapes(path: str | Path) -> dict[str, list[int]]:
             header = json.loads(fh.read(n))
         return {k: list(v["shape"]) for k, v in header.items() if k != "__metadata__"}
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            # a file of PyTorch's legacy (non-zip) format: the same safe loader, not mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ModelError(
             f"{path}: refused: PyTorch's safe loader (weights_only=True) cannot read it "
-            f"({_first_line(exc)[:120]}); a .ckpt that needs more than plain tensors may run "
+            f"({_reason(exc, 100)}); a .ckpt that needs more than plain tensors may run "
             "code when loaded: use a .safetensors file instead") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
@@ -525,7 +531,7 @@ def load_single_file(path: str | Path, config: str | None = None, dtype=None):
                                     torch_dtype=dtype, **extra)
     except Exception as exc:
         raise ModelError(f"{path}: cannot build an {label} pipeline from it with the config "
-                         f"{folder} ({type(exc).__name__}: {_first_line(exc)[:160]}); the config "
+                         f"{folder} ({_reason(exc)}); the config "
                          "must describe this checkpoint's architecture") from None
     pipe._diffeditor_family = family
     return pipe
@@ -573,10 +579,15 @@ def load_vae(vae: str | Path, pipe, dtype=None):
         raise
     except Exception as exc:
         raise ModelError(f"--vae {path}: cannot load it as this model's VAE "
-                         f"({type(exc).__name__}: {_first_line(exc)[:160]})") from None
+                         f"({_reason(exc)})") from None
     if model.config.latent_channels != pipe.vae.config.latent_channels:
         raise ModelError(f"--vae {path}: {model.config.latent_channels} latent channels, the "
                          f"model's UNet needs {pipe.vae.config.latent_channels}")
+    scale = 2 ** (len(model.config.block_out_channels) - 1)
+    wanted = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    if scale != wanted:
+        raise ModelError(f"--vae {path}: it shrinks images {scale}x, the model's own VAE "
+                         f"{wanted}x; the UNet was trained on latents of the latter")
     return model
 
 
@@ -640,8 +651,7 @@ def apply_loras(pipe, loras: list) -> None:
         try:
             pipe.load_lora_weights(str(path), adapter_name=name)
         except Exception as exc:
-            raise ModelError(f"--lora {path}: not a LoRA for this model ({type(exc).__name__}: "
-                             f"{_first_line(exc)[:160]})") from None
+            raise ModelError(f"--lora {path}: not a LoRA for this model ({_reason(exc)})") from None
         finally:
             dlogging.set_verbosity(level)
         if _adapter_count(pipe) == before:
@@ -678,6 +688,17 @@ def file_hash(path: str | Path) -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else type(exc).__name__
+
+
+def _reason(exc: BaseException, limit: int = 160) -> str:
+    """A library's error as one short clause: its type and first sentence, cut at a word
+    with '...' when longer than ``limit`` (never mid-word, never a dangling bracket)."""
+    text = _first_line(exc)
+    head, sep, _ = text.partition(". ")
+    text = head if sep and len(head) >= 20 else text
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0].rstrip(" ,;:(") + "..."
+    return f"{type(exc).__name__}: {text.rstrip('.')}"
 
 
 # -- model folder checks before anything is allocated -------------------------------------------

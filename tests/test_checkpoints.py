@@ -109,16 +109,31 @@ class _RunsCode:
         return (Path.touch, (self.marker,))
 
 
-def test_ckpt_that_runs_code_is_refused(files, tmp_path, capsys):
+@pytest.mark.parametrize("layout", ["zip", "legacy"])
+def test_ckpt_that_runs_code_is_refused(files, tmp_path, capsys, layout):
     marker = tmp_path / "ran"
     bad = tmp_path / "evil.ckpt"
-    with open(bad, "wb") as fh:
-        pickle.dump({"state_dict": {"x": _RunsCode(marker)}}, fh)
+    payload = {"state_dict": {"x": _RunsCode(marker)}}
+    if layout == "zip":  # what torch.save writes
+        torch.save(payload, bad)
+    else:  # PyTorch's legacy format, a plain pickle
+        with open(bad, "wb") as fh:
+            pickle.dump(payload, fh)
     assert edit(files, tmp_path / "o.png", "--model", str(bad), "--config",
                 str(files["config"])) == 2
     line = one_error_line(capsys)
-    assert "refused" in line and "weights_only" in line
+    assert "refused" in line and "weights_only" in line and "Weights only load failed" in line
     assert not marker.exists() and not (tmp_path / "o.png").exists()
+
+
+def test_legacy_format_ckpt_loads(files, tmp_path):
+    """An old .ckpt (PyTorch's pre-zip format) is read by the same weights-only loader."""
+    from diffeditor.models import checkpoint_shapes, detect_family
+
+    state = torch.load(files["ckpt"], weights_only=True)
+    old = tmp_path / "old.ckpt"
+    torch.save(state, old, _use_new_zipfile_serialization=False)
+    assert detect_family(checkpoint_shapes(old)) == "sd1"
 
 
 def test_single_file_without_config_names_the_option(files, tmp_path, monkeypatch, capsys):
