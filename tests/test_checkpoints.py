@@ -293,6 +293,23 @@ def test_lora_of_another_model_is_one_line(files, tmp_path, capfd):
     assert not (tmp_path / "o.png").exists()
 
 
+SHAPES = Path(__file__).resolve().parents[1] / "plugins" / "diffeditor-shapes" / "src" / "diffeditor_shapes" / "model"
+
+
+def test_config_or_vae_of_another_size_is_one_line(files, tmp_path, capsys):
+    """The shapes model (SD 1.x layout, other widths, an 8x VAE) as the config of the tiny
+    checkpoint, and as its VAE."""
+    if not (SHAPES / "model_index.json").is_file():
+        pytest.skip("the shapes model folder is not in this checkout")
+    assert edit(files, tmp_path / "o.png", "--model", str(files["st"]), "--config", str(SHAPES)) == 2
+    line = one_error_line(capsys)
+    assert "cannot build an SD 1.x pipeline" in line and "expected shape" in line
+    assert edit(files, tmp_path / "o.png", "--model", str(files["st"]), "--config",
+                str(files["config"]), "--vae", str(SHAPES)) == 2
+    assert "shrinks images 8x, the model's own VAE 2x" in one_error_line(capsys)
+    assert not (tmp_path / "o.png").exists()
+
+
 def test_default_model_from_config_and_environment(files, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
     monkeypatch.delenv("DIFFEDITOR_MODEL", raising=False)
