@@ -595,7 +595,7 @@ def parse_lora(text: str | tuple | list) -> tuple[str, float]:
     """``FILE`` or ``FILE:SCALE`` (scale default 1.0) -> ``(file, scale)``."""
     import math
 
-    from .errors import ModelError
+    from .errors import ModelError, show
 
     if isinstance(text, (tuple, list)):
         file, scale = text
@@ -611,14 +611,10 @@ def parse_lora(text: str | tuple | list) -> tuple[str, float]:
     try:
         scale = float(scale)
     except (TypeError, ValueError):
-        raise ModelError(f"--lora {show_text(text)}: the scale must be a number") from None
+        raise ModelError(f"--lora {show(str(text), 200)}: the scale must be a number") from None
     if not math.isfinite(scale):
-        raise ModelError(f"--lora {show_text(text)}: the scale must be a finite number")
+        raise ModelError(f"--lora {show(str(text), 200)}: the scale must be a finite number")
     return str(file), scale
-
-
-def show_text(value) -> str:
-    return str(value)[:200]
 
 
 def apply_loras(pipe, loras: list) -> None:
