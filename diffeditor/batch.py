@@ -258,6 +258,15 @@ def spec_hash(spec, model: str | None, dtype: str | None, digests: dict | None =
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def _model_key(args) -> str | None:
+    """The model as the resume hash sees it: its name, and the LoRAs, VAE and checkpoint
+    config when given (without them the key is the name alone, as before)."""
+    extras = {k: getattr(args, k, None) for k in ("config", "lora", "vae")}
+    if not any(extras.values()):
+        return args.model
+    return json.dumps({"model": args.model, **extras}, sort_keys=True)
+
+
 def already_done(out: Path, digest: str) -> bool:
     """Whether ``out`` and its sidecar exist and the sidecar records ``digest``."""
     side = out.with_suffix(".json")
@@ -294,7 +303,7 @@ def prepare(jobs: list[Job], out_dir: Path, args, defaults: dict, single_out: Pa
                 job.spec = parse_spec(job.source, base_dir=job.base_dir, defaults=defaults,
                                       registry=registry, source=job.label)
                 check_spec(job.spec, registry=registry)
-                job.hash = spec_hash(job.spec, args.model, args.dtype, digests)
+                job.hash = spec_hash(job.spec, _model_key(args), args.dtype, digests)
             except DiffEditorError as exc:
                 msg = str(exc)
                 job.error = msg if msg.startswith(job.label) else f"{job.label}: {msg}"

@@ -44,8 +44,24 @@ def progress_factory(quiet: bool, label: str | None = None):
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, metavar="NAME|ID|PATH",
-                   help="registered model name (e.g. shapes; see diffeditor models), hub id or "
-                   "local folder (default: stable-diffusion-v1-5/stable-diffusion-v1-5)")
+                   help="registered model name (e.g. shapes; see diffeditor models), hub id, "
+                   "local diffusers folder, or a single checkpoint file (.safetensors, or .ckpt "
+                   "read with weights_only) whose family (SD 1.x, SD 2.x, SDXL) is detected from "
+                   "its tensor names (default: $DIFFEDITOR_MODEL, else 'diffeditor config set "
+                   "model', else stable-diffusion-v1-5/stable-diffusion-v1-5)")
+    p.add_argument("--config", default=None, metavar="DIR",
+                   help="with a checkpoint file: a diffusers folder of the same family whose "
+                   "configs, tokenizer and scheduler it is built with (weights not needed; "
+                   "default: the family's reference model in the local Hugging Face cache; "
+                   "the hub is never asked)")
+    p.add_argument("--lora", action="append", default=None, metavar="FILE[:SCALE]",
+                   help="a LoRA (diffusers or kohya format, .safetensors) fused into the model "
+                   "at SCALE (default 1.0); repeat for several. Recorded in the sidecar with "
+                   "its hash (default: none; a sidecar replay uses the sidecar's)")
+    p.add_argument("--vae", default=None, metavar="DIR|FILE",
+                   help="a replacement VAE: a diffusers AutoencoderKL folder (or a model folder "
+                   "with vae/) or a single file such as vae-ft-mse-840000-ema-pruned.safetensors "
+                   "(default: the model's own; a sidecar replay uses the sidecar's)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: float32 on CPU, float16 on GPU)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars (default: bars on stderr)")
@@ -143,15 +159,61 @@ def cmd_plugins(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .models import DEFAULT_MODEL
+    from .models import DEFAULT_MODEL, default_model
 
     reg = args.registry
     for name, entry in sorted(reg.models.items()):
         print(f"{name:<12}  {entry.location}  {entry.description}")
         for key, value in sorted(entry.defaults.items()):
             print(f"{'':<14}default {key} = {json.dumps(value)}")
-    print(f"{'(default)':<12}  {DEFAULT_MODEL}  SD 1.5 from the Hugging Face hub or its cache "
-          "(the tasks' own defaults)")
+    model, source = default_model()
+    if model == DEFAULT_MODEL and source == "built in":
+        print(f"{'(default)':<12}  {DEFAULT_MODEL}  SD 1.5 from the Hugging Face hub or its cache "
+              "(the tasks' own defaults); change it with 'diffeditor config set model NAME|PATH'")
+    else:
+        print(f"{'(default)':<12}  {model}  (set by {source})")
+    return 0
+
+
+def cmd_config(args) -> int:
+    """``diffeditor config``: user settings (the default model) in the platform's config
+    folder (``$XDG_CONFIG_HOME/diffeditor/config.json`` when that is set)."""
+    from .models import (CONFIG_KEYS, MODEL_ENV, read_user_config, resolve_model,
+                         user_config_path, write_user_config)
+
+    data = read_user_config()
+    if args.action == "path":
+        print(user_config_path())
+        return 0
+    if args.action == "list":
+        for key in CONFIG_KEYS:
+            if key in data:
+                print(f"{key} = {data[key]}")
+        return 0
+    if args.key not in CONFIG_KEYS:
+        raise DiffEditorError(f"unknown setting {show(args.key, 40)!r}; settings: "
+                              f"{', '.join(CONFIG_KEYS)}")
+    if args.action == "get":
+        if args.key not in data:
+            print(f"(not set: {CONFIG_KEYS[args.key]})", file=sys.stderr)
+            return 1
+        print(data[args.key])
+        return 0
+    if args.action == "unset":
+        data.pop(args.key, None)
+        write_user_config(data)
+        return 0
+    if args.value is None:
+        raise DiffEditorError(f"config set {args.key} needs a value")
+    value = args.value
+    resolve_model(value, args.registry)  # a name, an existing folder or file, or a hub id
+    if value not in args.registry.models and Path(value).expanduser().exists():
+        value = str(Path(value).expanduser().absolute())
+    data[args.key] = value
+    path = write_user_config(data)
+    print(f"{args.key} = {value}  ({path})")
+    if os.environ.get(MODEL_ENV, "").strip():
+        print(f"note: ${MODEL_ENV} is set and wins over this setting", file=sys.stderr)
     return 0
 
 
@@ -202,6 +264,56 @@ def _sidecar_model(paths: list[Path]) -> str | None:
     return models.pop() if len(models) == 1 else None
 
 
+def _sidecar_extras(paths: list[Path], args) -> None:
+    """A replay of sidecars (``diffeditor edit OUT.json``) uses the checkpoint config, LoRAs
+    and VAE they record, unless the command line names its own; a recorded file whose bytes
+    changed (or that is gone) is an error that says so."""
+    from .models import file_hash
+    from .specs import is_sidecar, read_spec_file
+
+    if not paths:
+        return
+    records = []
+    for p in paths:
+        try:
+            data = read_spec_file(p)
+        except DiffEditorError:  # a manifest or a broken file: the batch's checks report it
+            return
+        if not is_sidecar(data):
+            return
+        records.append((p, {k: data.get(k) for k in ("config", "lora", "vae")}))
+    first = records[0][1]
+    for p, rec in records[1:]:
+        if rec != first and (args.lora is None or args.vae is None or args.config is None):
+            raise DiffEditorError(f"{show(p, 200)} was made with another config, LoRA or VAE "
+                                  f"than {show(records[0][0], 200)}; replay them separately")
+    source = show(records[0][0], 200)
+
+    def check(what: str, rec: dict) -> str:
+        path = rec.get("path") if isinstance(rec, dict) else None
+        if not isinstance(path, str):
+            raise DiffEditorError(f"{source}: damaged {what} record in the sidecar")
+        if not Path(path).exists():
+            raise DiffEditorError(f"{source} was made with the {what} {path}, which no longer "
+                                  f"exists; pass --{what} FILE to replay with another")
+        now = file_hash(path)
+        if now != rec.get("sha256"):
+            raise DiffEditorError(
+                f"{source} was made with the {what} {path}, which has changed since (recorded "
+                f"{str(rec.get('sha256'))[:19]}..., now {now[:19]}...); pass --{what} "
+                f"{path} to replay with it as it is now")
+        return path
+
+    if args.config is None and isinstance(first.get("config"), str):
+        args.config = first["config"]
+    if args.lora is None and first.get("lora"):
+        if not isinstance(first["lora"], list):
+            raise DiffEditorError(f"{source}: damaged lora record in the sidecar")
+        args.lora = [f"{check('lora', r)}:{float(r.get('scale', 1.0))!r}" for r in first["lora"]]
+    if args.vae is None and first.get("vae"):
+        args.vae = check("vae", first["vae"])
+
+
 def cmd_edit(args) -> int:
     """``diffeditor edit``: one spec or a batch (see :mod:`diffeditor.batch`)."""
     from . import batch
@@ -220,6 +332,8 @@ def cmd_edit(args) -> int:
     if args.model is None:
         args.model = _sidecar_model([j.source for j in jobs if isinstance(j.source, Path)]
                                     if all(isinstance(j.source, Path) for j in jobs) else [])
+    if all(isinstance(j.source, Path) for j in jobs) and not args.check:
+        _sidecar_extras([j.source for j in jobs], args)
     _, entry = resolve_model(args.model, args.registry)
     defaults = dict(entry.defaults) if entry else {}
     if args.check:
@@ -264,7 +378,9 @@ def load_editor(args):
     return Editor.from_pretrained(args.model, device=args.device, dtype=args.dtype, image_prompt=ip,
                                   cache_dir=args.cache_dir, vae_tiling=args.vae_tiling,
                                   vae_slicing=args.vae_slicing, attention_slice=args.attention_slice,
-                                  compile=args.compile, registry=getattr(args, "registry", None))
+                                  compile=args.compile, registry=getattr(args, "registry", None),
+                                  config=getattr(args, "config", None),
+                                  lora=getattr(args, "lora", None), vae=getattr(args, "vae", None))
 
 
 def command_line() -> str:
@@ -627,6 +743,20 @@ def build_parser(registry=None) -> argparse.ArgumentParser:
                        description="List the registered model names, where their weights are, "
                        "and the spec defaults each model sets over the tasks' own.")
     p.set_defaults(func=cmd_models)
+    p = sub.add_parser(
+        "config", help="user settings: the default model",
+        description="Read or change the user settings, kept in the platform's config folder "
+        "($XDG_CONFIG_HOME/diffeditor/config.json when XDG_CONFIG_HOME is set, else "
+        "~/.config/diffeditor, ~/Library/Application Support/diffeditor on macOS, "
+        "%APPDATA%\\diffeditor on Windows). 'model' is used when --model is not given; "
+        "$DIFFEDITOR_MODEL wins over it.")
+    p.add_argument("action", choices=["set", "get", "unset", "list", "path"],
+                   help="set KEY VALUE, get KEY, unset KEY, list, or path (of the file)")
+    p.add_argument("key", nargs="?", default="model", metavar="KEY",
+                   help="the setting (default: model; the only one)")
+    p.add_argument("value", nargs="?", default=None, metavar="VALUE",
+                   help="for set: a registered model name, a folder, a checkpoint file or a hub id")
+    p.set_defaults(func=cmd_config)
     p = sub.add_parser("schema", help="print the JSON Schema of edit specs",
                        description="Print the JSON Schema of every spec the installed tasks "
                        "accept, or of one task's spec.")

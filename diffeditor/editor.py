@@ -234,6 +234,9 @@ class Editor:
         #: recorded in every sidecar: the command line that asked for the edits (the CLI sets it)
         self.command_line: str | None = None
         self._model_hash: str | None | bool = False  # computed on the first edit
+        #: recorded in every sidecar when set: ``config`` (a single file's config folder),
+        #: ``lora`` (``[{"path", "scale", "sha256"}]``) and ``vae`` (``{"path", "sha256"}``)
+        self.extras: dict[str, Any] = {}
 
     @classmethod
     def from_pretrained(
@@ -241,7 +244,8 @@ class Editor:
         cache_size: int = 4, image_prompt: dict[str, str] | None = None,
         cache_dir: str | Path | None = None, vae_tiling: bool = False,
         attention_slice: int | None = None, vae_slicing: bool = False, compile: str | None = None,
-        verbose: bool = False, registry=None,
+        verbose: bool = False, registry=None, config: str | Path | None = None,
+        lora: list | None = None, vae: str | Path | None = None,
     ) -> "Editor":
         """Load a registered model name (``shapes``), a local folder or a hub id.
 
@@ -255,6 +259,13 @@ class Editor:
         (see :meth:`Engine.compile`). diffusers' and transformers' warnings and loading bars
         are silenced unless ``verbose``. ``registry`` (default: the installed plugins') names
         the models, tasks and prompt encoders.
+
+        ``model`` may be a single checkpoint file (``.safetensors``/``.ckpt``, original SD
+        layout); ``config`` then names its local diffusers config folder (default: the
+        family's reference model in the local Hugging Face cache). ``lora`` lists LoRA files,
+        each ``"file"``, ``"file:scale"`` or ``(file, scale)``, fused in that order; ``vae``
+        swaps the VAE (a diffusers folder or a single file). Files and their hashes are
+        recorded in every sidecar (``lora``, ``vae``).
         """
         check_load_options(model, device, dtype, cache_size, attention_slice, compile)
         import os
@@ -268,14 +279,30 @@ class Editor:
         from .plugins import default_registry
 
         registry = default_registry(registry)
+        from .models import default_model, file_hash, parse_lora
+
+        model = model or default_model()[0]  # recorded as chosen: a name stays a name
         location, entry = resolve_model(model, registry)
-        pipe = load_pipeline(location, device, dtype)
+
+        loras = [parse_lora(item) for item in (lora or [])]
+        pipe = load_pipeline(location, device, dtype, config=None if config is None else str(config),
+                             lora=loras, vae=None if vae is None else str(vae), registry=registry)
         name = str(model or location)
-        if name not in registry.models and Path(name).expanduser().is_dir():
+        if name not in registry.models and Path(name).expanduser().exists():
             # a folder is named absolutely in sidecars, so they replay from anywhere
             name = str(Path(name).expanduser().absolute())
         editor = cls(Engine(pipe, model_id=str(model or location), cache_size=cache_size,
                             cache_dir=cache_dir), entry, name, registry=registry)
+        editor.extras = {}
+        if config is not None:
+            editor.extras["config"] = str(Path(config).expanduser().absolute())
+        if loras:
+            editor.extras["lora"] = [
+                {"path": str(Path(f).expanduser().absolute()), "scale": s,
+                 "sha256": file_hash(f)} for f, s in loras]
+        if vae is not None:
+            editor.extras["vae"] = {"path": str(Path(vae).expanduser().absolute()),
+                                    "sha256": file_hash(vae)}
         editor._attach_image_prompt(image_prompt)
         editor.engine.set_memory_options(attention_slice, vae_slicing, vae_tiling)
         if compile:
@@ -424,6 +451,7 @@ class Editor:
             "spec_path": str(Path(spec_path).absolute()) if spec_path is not None else None,
             "model_hash": self.model_hash(),
             "plugins": _plugin_versions(self.registry),
+            **self.extras,
         }
         return EditResult(image=image, spec=spec, masks=masks, metadata=meta, latent=out.latent)
 

@@ -149,21 +149,103 @@ def _check_default_keys(defaults: dict, path: Path, registry=None) -> None:
                              + (f" (unknown task {task!r})" if task and task not in specs else ""))
 
 
-def resolve_model(model: str | None, registry=None) -> tuple[str, ModelEntry | None]:
-    """A model name, local folder or hub id -> (location, entry or None).
+# -- the default model: --model, else $DIFFEDITOR_MODEL, else the user config, else built in ---
 
-    The entry is the registered one for a name, the folder's ``diffeditor.json`` for a folder
-    that has one (so a registered model's folder, or a copy of it, behaves as its name)."""
+MODEL_ENV = "DIFFEDITOR_MODEL"
+CONFIG_KEYS = {"model": "the model used when --model is not given (a name, folder, file or hub id)"}
+
+
+def config_dir() -> Path:
+    """The platform's folder for diffeditor's user settings: ``$XDG_CONFIG_HOME/diffeditor``
+    when that variable is set (on any platform), else ``%APPDATA%\\diffeditor`` on Windows,
+    ``~/Library/Application Support/diffeditor`` on macOS, ``~/.config/diffeditor`` elsewhere."""
+    import os
+    import sys
+
+    if os.environ.get("XDG_CONFIG_HOME"):
+        return Path(os.environ["XDG_CONFIG_HOME"]).expanduser() / "diffeditor"
+    if sys.platform == "win32" and os.environ.get("APPDATA"):
+        return Path(os.environ["APPDATA"]) / "diffeditor"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "diffeditor"
+    return Path.home() / ".config" / "diffeditor"
+
+
+def user_config_path() -> Path:
+    return config_dir() / "config.json"
+
+
+def read_user_config() -> dict[str, Any]:
+    """The user settings (``{}`` without a file); a damaged file is one :class:`ModelError`."""
+    path = user_config_path()
+    if not path.is_file():
+        return {}
+    data = _read_json(path)
+    unknown = sorted(set(data) - set(CONFIG_KEYS))
+    if unknown or not all(isinstance(v, str) for v in data.values()):
+        from .errors import ModelError
+
+        raise ModelError(f"{path}: expected a mapping of {', '.join(CONFIG_KEYS)} to strings"
+                         + (f"; unknown: {', '.join(unknown)}" if unknown else "")
+                         + "; fix it or remove it ('diffeditor config unset KEY')")
+    return data
+
+
+def write_user_config(data: dict[str, Any]) -> Path:
+    import json
+
+    from .imageio import atomic_write
+
+    path = user_config_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    atomic_write(path, lambda fh: fh.write(text.encode()), force=True)
+    return path
+
+
+def default_model() -> tuple[str, str]:
+    """The model used when none is named, and where that choice comes from:
+    ``$DIFFEDITOR_MODEL``, else ``model`` in the user config file, else the built-in
+    :data:`DEFAULT_MODEL`."""
+    import os
+
+    env = os.environ.get(MODEL_ENV, "").strip()
+    if env:
+        return env, MODEL_ENV
+    configured = read_user_config().get("model")
+    if configured:
+        return configured, str(user_config_path())
+    return DEFAULT_MODEL, "built in"
+
+
+def resolve_model(model: str | None, registry=None) -> tuple[str, ModelEntry | None]:
+    """A model name, local folder, single checkpoint file or hub id -> (location, entry or None).
+
+    ``None`` is the default model (:func:`default_model`). The entry is the registered one for
+    a name, the folder's ``diffeditor.json`` for a folder that has one (so a registered model's
+    folder, or a copy of it, behaves as its name)."""
     from .plugins import default_registry
 
-    model = model or DEFAULT_MODEL
+    model = model or default_model()[0]
     reg = default_registry(registry)
     if model in reg.models:
         entry = reg.models[model]
         return entry.location, entry
     if Path(model).expanduser().exists():
         folder = Path(model).expanduser()
+        if folder.is_file():
+            if not is_single_file(folder):
+                from .errors import ModelError
+
+                raise ModelError(f"model {model!r} is a file but not a single-file checkpoint "
+                                 f"({' or '.join(SINGLE_FILE_SUFFIXES)}); a diffusers model is a "
+                                 "folder: pass the folder")
+            return str(folder), None
         return str(folder), read_model_card(folder, reg)
+    if is_single_file(model):
+        from .errors import ModelError
+
+        raise ModelError(f"model file not found: {model}")
     looks_like_path = model.startswith((".", "/", "~")) or model.count("/") != 1
     if looks_like_path:
         from .errors import ModelError
@@ -206,6 +288,8 @@ def content_hash(folder: str | Path) -> str | None:
     import hashlib
 
     path = Path(folder).expanduser()
+    if path.is_file():
+        return file_hash(path)
     if not path.is_dir():
         try:
             from huggingface_hub import snapshot_download
@@ -223,8 +307,14 @@ def content_hash(folder: str | Path) -> str | None:
     return "sha256:" + h.hexdigest()
 
 
-def load_pipeline(location: str, device=None, dtype=None, local_files_only: bool | None = None):
-    """Load an SD 1.x-layout diffusers pipeline from a folder or a hub id.
+def load_pipeline(location: str, device=None, dtype=None, local_files_only: bool | None = None,
+                  config: str | None = None, lora: list | None = None, vae: str | None = None,
+                  registry=None):
+    """Load a Stable Diffusion pipeline from a folder, a hub id or a single checkpoint file
+    (``.safetensors``/``.ckpt``, see :func:`load_single_file`; ``config`` names its local
+    config folder), swap in the VAE ``vae`` names (:func:`load_vae`) and fuse the LoRAs
+    ``lora`` lists (``[(file, scale), ...]``, :func:`apply_loras`). ``registry`` (default: the
+    installed plugins') names the installed models an error message offers.
 
     The scheduler is replaced by a ``DDIMScheduler`` built from the pipeline's own scheduler
     config. Missing weights without network give a :class:`ModelError` that says how to get
@@ -240,36 +330,371 @@ def load_pipeline(location: str, device=None, dtype=None, local_files_only: bool
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     is_dir = Path(location).is_dir()
-    if is_dir:
-        check_model_folder(location)
-    if local_files_only is None:
-        local_files_only = is_dir or os.environ.get("HF_HUB_OFFLINE", "") in ("1", "true")
-    try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            location, dtype=dt, local_files_only=local_files_only,
-            safety_checker=None, requires_safety_checker=False, feature_extractor=None,
-        )
-    except Exception as exc:  # a library's error for a bad folder: one line, never a traceback
+    if config is not None and not is_single_file(location):
+        raise ModelError("--config names the configuration of a single-file checkpoint; "
+                         f"{location} is not one (.safetensors or .ckpt)")
+    if is_single_file(location):
+        pipe = load_single_file(location, config, dt)
+    else:
         if is_dir:
-            raise ModelError(
-                f"{location} is not a loadable SD 1.x diffusers pipeline folder ({_first_line(exc)}); "
-                "it needs model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/"
-            ) from None
-        raise ModelError(
-            f"cannot load model {location!r}: weights are not in the local cache and the hub is "
-            f"unreachable ({_first_line(exc)}). Fetch them where a network exists with "
-            f"'diffeditor download {location}' (set HF_HOME to choose the cache), or pass a local "
-            "folder with --model PATH"
-        ) from None
+            check_model_folder(location)
+        if local_files_only is None:
+            local_files_only = is_dir or os.environ.get("HF_HUB_OFFLINE", "") in ("1", "true")
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                location, dtype=dt, local_files_only=local_files_only,
+                safety_checker=None, requires_safety_checker=False, feature_extractor=None,
+            )
+        except Exception as exc:  # a library's error for a bad folder: one line, never a traceback
+            if is_dir:
+                raise ModelError(
+                    f"{location} is not a loadable SD 1.x diffusers pipeline folder ({_first_line(exc)}); "
+                    "it needs model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/"
+                ) from None
+            raise ModelError(_missing_model_message(location, exc, registry)) from None
+    if vae is not None:
+        pipe.vae = load_vae(vae, pipe, dt)
+    if lora:
+        apply_loras(pipe, lora)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(dev)
     return pipe
 
 
+def _missing_model_message(location: str, exc: BaseException, registry=None) -> str:
+    """One clean line for a hub id that could not be loaded (offline, not cached); for the
+    built-in default, the installed models of ``registry`` are offered."""
+    import logging
+
+    logging.getLogger("diffeditor").info("loading %s failed: %s", location, exc)
+    offline = "outgoing traffic has been disabled" in str(exc) or type(exc).__name__ in (
+        "LocalEntryNotFoundError", "OfflineModeIsEnabled", "ConnectionError")
+    why = ("it is not in the local Hugging Face cache and the hub is unreachable" if offline
+           else _reason(exc, 120))
+    fetch = (f"fetch it where a network exists with 'diffeditor download {location}' (HF_HOME "
+             "chooses the cache)")
+    if location == DEFAULT_MODEL:
+        try:
+            from .plugins import default_registry
+
+            names = sorted(default_registry(registry).models)
+        except Exception:  # pragma: no cover - the message must not fail
+            names = []
+        installed = (f"--model {names[0]} (installed) or --model PATH" if names
+                     else "--model PATH")
+        return (f"the built-in default model {location} is not available: {why}; choose a model "
+                f"with {installed}, 'diffeditor config set model NAME|PATH' or ${MODEL_ENV}, "
+                f"or {fetch}")
+    return (f"cannot load model {location!r}: {why}; {fetch}, or pass a local folder or "
+            "checkpoint file with --model PATH")
+
+
+# -- single-file checkpoints (the original Stable Diffusion key layout) ------------------------
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+#: family -> (what users read, diffusers pipeline class, hub repo whose cached configs serve
+#: when no --config is given)
+FAMILIES = {
+    "sd1": ("SD 1.x", "StableDiffusionPipeline", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+    "sd2": ("SD 2.x", "StableDiffusionPipeline", "stabilityai/stable-diffusion-2-1"),
+    "sdxl": ("SDXL", "StableDiffusionXLPipeline", "stabilityai/stable-diffusion-xl-base-1.0"),
+}
+
+
+def is_single_file(location: str | Path) -> bool:
+    return Path(str(location)).suffix.lower() in SINGLE_FILE_SUFFIXES
+
+
+def checkpoint_shapes(path: str | Path) -> dict[str, list[int]]:
+    """Tensor name -> shape of a checkpoint file, without loading the weights: a safetensors
+    header (checked: a truncated file is one :class:`ModelError`), or a ``.ckpt`` read with
+    PyTorch's weights-only unpickler (memory-mapped; one that asks to run code is refused)."""
+    import json
+
+    import torch
+
+    from .errors import ModelError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"file not found: {path}")
+    if path.suffix.lower() == ".safetensors":
+        _safetensors_elements(path)  # header complete, every tensor inside the file
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        return {k: list(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            # a file of PyTorch's legacy (non-zip) format: the same safe loader, not mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelError(
+            f"{path}: refused: PyTorch's safe loader (weights_only=True) cannot read it "
+            f"({_reason(exc, 100)}); a .ckpt that needs more than plain tensors may run "
+            "code when loaded: use a .safetensors file instead") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ModelError(f"{path}: not a checkpoint (no state dict inside)")
+    return {k: list(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def detect_family(shapes: dict[str, list[int]], path: str | Path = "checkpoint") -> str:
+    """``"sd1"``, ``"sd2"`` or ``"sdxl"`` from a checkpoint's tensor names (and shapes):
+
+    * SDXL: a ``conditioner.embedders.*`` text encoder (base and refiner);
+    * SD 2.x: an OpenCLIP text encoder (``cond_stage_model.model.*``) or cross-attention
+      keys of width 1024;
+    * SD 1.x: a CLIP text encoder (``cond_stage_model.transformer.*``) and cross-attention of
+      width 768 (or any other, for small models).
+
+    A file without a UNet (``model.diffusion_model.*``) or an inpainting UNet (9 input
+    channels) is a :class:`ModelError`."""
+    from .errors import ModelError
+
+    unet = [k for k in shapes if k.startswith("model.diffusion_model.")]
+    if not unet:
+        raise ModelError(f"{path}: not a Stable Diffusion checkpoint (no model.diffusion_model.* "
+                         "tensors; a VAE or LoRA file goes to --vae or --lora)")
+    conv_in = shapes.get("model.diffusion_model.input_blocks.0.0.weight", [0, 4])
+    if len(conv_in) > 1 and conv_in[1] != 4:
+        raise ModelError(f"{path}: the UNet takes {conv_in[1]} input channels (an inpainting or "
+                         "other special model); DiffEditor needs a 4-channel text-to-image UNet")
+    if any(k.startswith("conditioner.embedders.") for k in shapes):
+        return "sdxl"
+    if any(k.startswith("cond_stage_model.model.") for k in shapes):
+        return "sd2"
+    cross = [v[-1] for k, v in shapes.items() if k.endswith("attn2.to_k.weight")]
+    if cross and cross[0] == 1024:
+        return "sd2"
+    return "sd1"
+
+
+def family_config(family: str, config: str | None, path: str | Path) -> Path:
+    """The local diffusers folder whose configs (and tokenizer, scheduler) a single-file
+    checkpoint is built with: ``config`` when given, else the family's reference repository
+    in the local Hugging Face cache. The hub is never asked."""
+    from .errors import ModelError
+
+    label, class_name, repo = FAMILIES[family]
+    if config is None:
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(repo, local_files_only=True, allow_patterns=[
+                "model_index.json", "*/*.json", "*/*.txt"]))
+        except Exception:
+            raise ModelError(
+                f"{path} is an {label} checkpoint and needs its configuration: pass --config DIR "
+                f"(a diffusers folder of an {label} model: model_index.json with unet/, vae/, "
+                f"text_encoder/, tokenizer/, scheduler/ configs; weights are not needed), or run "
+                f"'diffeditor download {repo}' once where a network exists") from None
+    else:
+        folder = Path(config).expanduser()
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise ModelError(f"--config {folder}: not a diffusers model folder (no model_index.json)")
+    given = _read_json(index).get("_class_name")
+    if family == "sdxl" and given != class_name or family != "sdxl" and "XL" in str(given):
+        raise ModelError(f"--config {folder} describes a {given}, but {path} is an {label} "
+                         f"checkpoint (a {class_name}); pass a config of the same family")
+    for comp in ("unet", "vae", "text_encoder"):
+        cfg = folder / comp / "config.json"
+        if cfg.is_file():
+            _check_config_ints(_read_json(cfg), cfg)
+    return folder
+
+
+def load_single_file(path: str | Path, config: str | None = None, dtype=None):
+    """A pipeline from one checkpoint file in the original Stable Diffusion key layout, through
+    diffusers' ``from_single_file`` with a local config folder (:func:`family_config`)."""
+    import diffusers
+
+    from .errors import ModelError
+
+    path = Path(path).expanduser()
+    family = detect_family(checkpoint_shapes(path), path)
+    folder = family_config(family, config, path)
+    label, class_name, _ = FAMILIES[family]
+    cls = getattr(diffusers, class_name)
+    extra = {"safety_checker": None, "requires_safety_checker": False,
+             "feature_extractor": None} if family != "sdxl" else {}
+    try:
+        pipe = cls.from_single_file(str(path), config=str(folder), local_files_only=True,
+                                    torch_dtype=dtype, **extra)
+    except Exception as exc:
+        raise ModelError(f"{path}: cannot build an {label} pipeline from it with the config "
+                         f"{folder} ({_reason(exc)}); the config "
+                         "must describe this checkpoint's architecture") from None
+    pipe._diffeditor_family = family
+    return pipe
+
+
+# -- a swapped VAE and LoRAs -------------------------------------------------------------------
+
+def load_vae(vae: str | Path, pipe, dtype=None):
+    """An ``AutoencoderKL`` from a diffusers folder (``config.json`` and weights, or a model
+    folder's ``vae/``) or a single file (original layout, such as ``vae-ft-mse-840000``;
+    built with the pipeline's own VAE config). Its latent channels must match the UNet's."""
+    import tempfile
+
+    from diffusers import AutoencoderKL
+
+    from .errors import ModelError
+
+    path = Path(vae).expanduser()
+    try:
+        if path.is_dir():
+            sub = "vae" if not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file() else None
+            folder = path / sub if sub else path
+            if not (folder / "config.json").is_file():
+                raise ModelError(f"--vae {path}: no config.json (a diffusers AutoencoderKL folder, "
+                                 "or a model folder with vae/)")
+            _check_config_ints(_read_json(folder / "config.json"), folder / "config.json")
+            for w in folder.glob("*.safetensors"):
+                _safetensors_elements(w)
+            model = AutoencoderKL.from_pretrained(str(folder), torch_dtype=dtype,
+                                                  local_files_only=True)
+        elif path.is_file():
+            if not is_single_file(path):
+                raise ModelError(f"--vae {path}: expected a folder, .safetensors or .ckpt file")
+            shapes = checkpoint_shapes(path)
+            if not any(k.split(".", 1)[0] in ("encoder", "decoder", "first_stage_model", "vae")
+                       for k in shapes):
+                raise ModelError(f"--vae {path}: no VAE tensors in it (encoder.*, decoder.*)")
+            with tempfile.TemporaryDirectory() as tmp:
+                pipe.vae.save_config(tmp)
+                model = AutoencoderKL.from_single_file(str(path), config=tmp,
+                                                       local_files_only=True, torch_dtype=dtype)
+        else:
+            raise ModelError(f"--vae: not found: {path}")
+    except ModelError:
+        raise
+    except Exception as exc:
+        raise ModelError(f"--vae {path}: cannot load it as this model's VAE "
+                         f"({_reason(exc)})") from None
+    if model.config.latent_channels != pipe.vae.config.latent_channels:
+        raise ModelError(f"--vae {path}: {model.config.latent_channels} latent channels, the "
+                         f"model's UNet needs {pipe.vae.config.latent_channels}")
+    scale = 2 ** (len(model.config.block_out_channels) - 1)
+    wanted = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    if scale != wanted:
+        raise ModelError(f"--vae {path}: it shrinks images {scale}x, the model's own VAE "
+                         f"{wanted}x; the UNet was trained on latents of the latter")
+    return model
+
+
+def parse_lora(text: str | tuple | list) -> tuple[str, float]:
+    """``FILE`` or ``FILE:SCALE`` (scale default 1.0) -> ``(file, scale)``."""
+    import math
+
+    from .errors import ModelError, show
+
+    if isinstance(text, (tuple, list)):
+        file, scale = text
+    else:
+        file, scale = str(text), 1.0
+        head, sep, tail = file.rpartition(":")
+        if sep and head:
+            try:
+                scale = float(tail)
+                file = head
+            except ValueError:
+                pass
+    try:
+        scale = float(scale)
+    except (TypeError, ValueError):
+        raise ModelError(f"--lora {show(str(text), 200)}: the scale must be a number") from None
+    if not math.isfinite(scale):
+        raise ModelError(f"--lora {show(str(text), 200)}: the scale must be a finite number")
+    return str(file), scale
+
+
+def apply_loras(pipe, loras: list) -> None:
+    """Load each ``(file, scale)`` through diffusers' ``load_lora_weights`` (peft; the
+    diffusers and kohya formats), weight them by their scales, fuse them into the UNet and
+    text encoder, and drop the LoRA layers: the model then computes as a plain one."""
+    from .errors import ModelError
+
+    names, scales = [], []
+    for i, item in enumerate(loras):
+        file, scale = parse_lora(item)
+        path = Path(file).expanduser()
+        if not path.is_file():
+            raise ModelError(f"--lora: file not found: {path}")
+        if path.suffix.lower() != ".safetensors":
+            checkpoint_shapes(path)  # weights-only check of a pickle before diffusers reads it
+        else:
+            _safetensors_elements(path)
+        name = f"lora{i}"
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            raise ModelError("--lora needs the peft package: pip install peft (or "
+                             "pip install 'diffeditor[lora]')") from None
+        before = _adapter_count(pipe)
+        from diffusers.utils import logging as dlogging
+
+        level = dlogging.get_verbosity()
+        dlogging.set_verbosity(dlogging.CRITICAL)  # its own error report: ours is the one line
+        try:
+            pipe.load_lora_weights(str(path), adapter_name=name)
+        except Exception as exc:
+            raise ModelError(f"--lora {path}: not a LoRA for this model ({_reason(exc)})") from None
+        finally:
+            dlogging.set_verbosity(level)
+        if _adapter_count(pipe) == before:
+            raise ModelError(f"--lora {path}: none of its weights matches a layer of this "
+                             "model (a LoRA of another model family?)")
+        names.append(name)
+        scales.append(scale)
+    pipe.set_adapters(names, adapter_weights=scales)
+    pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
+    pipe.unload_lora_weights()
+
+
+def _adapter_count(pipe) -> int:
+    try:
+        return sum(len(v) for v in pipe.get_list_adapters().values())
+    except Exception:
+        return 0
+
+
+def file_hash(path: str | Path) -> str:
+    """``sha256:`` of a file's bytes, or of a folder's files (:func:`content_hash`)."""
+    import hashlib
+
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return content_hash(path)  # type: ignore[return-value]
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else type(exc).__name__
+
+
+def _reason(exc: BaseException, limit: int = 160) -> str:
+    """A library's error as one short clause: its type and first sentence, cut at a word
+    with '...' when longer than ``limit`` (never mid-word, never a dangling bracket)."""
+    text = _first_line(exc)
+    head, sep, _ = text.partition(". ")
+    text = head if sep and len(head) >= 20 else text
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0].rstrip(" ,;:(") + "..."
+    return f"{type(exc).__name__}: {text.rstrip('.')}"
 
 
 # -- model folder checks before anything is allocated -------------------------------------------

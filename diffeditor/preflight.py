@@ -113,6 +113,22 @@ def check_options(args) -> list[str]:
     except DiffEditorError as exc:
         msg = str(exc).replace("attention_slice must", "--attention-slice must")
         errors.append(msg)
+    from .models import parse_lora
+
+    for item in getattr(args, "lora", None) or []:
+        try:
+            file, _ = parse_lora(item)
+        except DiffEditorError as exc:
+            errors.append(str(exc))
+            continue
+        if not Path(file).expanduser().is_file():
+            errors.append(f"--lora: file not found: {show(file, 200)}")
+    vae = getattr(args, "vae", None)
+    if vae is not None and not Path(vae).expanduser().exists():
+        errors.append(f"--vae: not found: {show(vae, 200)}")
+    config = getattr(args, "config", None)
+    if config is not None and not Path(config).expanduser().is_dir():
+        errors.append(f"--config: folder not found: {show(config, 200)}")
     weights = getattr(args, "image_prompt_weights", None)
     encoder = getattr(args, "image_prompt_encoder", None)
     if bool(weights) != bool(encoder):

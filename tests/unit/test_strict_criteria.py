@@ -1,4 +1,4 @@
-"""The strict criteria of ``diffeditor eval shapes`` (issue 27) and the wider cases (backgrounds,
+"""The strict criteria of ``diffeditor eval shapes`` and the wider cases (backgrounds,
 drag pairs, compose), with exact synthetic oracles: no model is needed.
 
 Each criterion is checked on the true result (all hold) and on a picture built to break it and

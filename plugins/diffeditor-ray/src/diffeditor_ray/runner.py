@@ -25,7 +25,8 @@ MAX_RESTARTS = 3
 MAX_TASK_RETRIES = 3
 
 _MODEL_OPTIONS = ("model", "device", "dtype", "cache_dir", "vae_tiling", "vae_slicing",
-                  "attention_slice", "compile", "image_prompt_weights", "image_prompt_encoder")
+                  "attention_slice", "compile", "image_prompt_weights", "image_prompt_encoder",
+                  "config", "lora", "vae")
 
 
 class EditWorker:
