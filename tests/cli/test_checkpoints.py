@@ -293,7 +293,7 @@ def test_lora_of_another_model_is_one_line(files, tmp_path, capfd):
     assert not (tmp_path / "o.png").exists()
 
 
-SHAPES = Path(__file__).resolve().parents[1] / "plugins" / "diffeditor-shapes" / "src" / "diffeditor_shapes" / "model"
+from conftest import SHAPES_MODEL as SHAPES  # noqa: E402  (the installed shapes plugin's model)
 
 
 def test_config_or_vae_of_another_size_is_one_line(files, tmp_path, capsys):
