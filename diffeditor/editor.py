@@ -425,6 +425,10 @@ class Editor:
             "model_hash": self.model_hash(),
             "plugins": _plugin_versions(self.registry),
         }
+        turned = {name: im.info.get("exif_orientation", 1) for name, im in inputs.items()}
+        if any(v != 1 for v in turned.values()):
+            # the inputs were edited as viewers show them (EXIF Orientation applied)
+            meta["exif_orientation"] = {k: v for k, v in turned.items() if v != 1}
         return EditResult(image=image, spec=spec, masks=masks, metadata=meta, latent=out.latent)
 
     # -- per-task helpers ---------------------------------------------------------------------

@@ -101,6 +101,15 @@ class Registry:
                         f"plugin {_info.name!r} registered {task!r}, which is not a "
                         "diffeditor.interfaces.Task"
                     )
+                from .specs import EditSpec
+
+                model = getattr(task, "spec_model", None)
+                if not (isinstance(model, type) and issubclass(model, EditSpec)):
+                    raise TypeError(
+                        f"task {getattr(task, 'name', '?')!r} of plugin {_info.name!r}: "
+                        f"spec_model is {model!r}, not a subclass of diffeditor.specs.EditSpec")
+                if not isinstance(getattr(task, "name", None), str) or not task.name:
+                    raise TypeError(f"plugin {_info.name!r} registered a task with no name")
                 if task.name in self.tasks:
                     first = self.task_origin[task.name]
                     raise ValueError(

@@ -189,7 +189,7 @@ IMAGE_CASES = [("bomb", "megapixels"), ("over-limit", "megapixel limit"),
                ("truncated", "cannot read image"), ("zero-bytes", "cannot read image"),
                ("random", "cannot read image"), ("text", "cannot read image"),
                ("tiny", "at least 8 pixels"), ("strip", "at most 16 times"),
-               ("folder", "file not found")]
+               ("folder", "is a folder, not a file")]
 
 
 @pytest.mark.parametrize("case, words", IMAGE_CASES, ids=[c[0] for c in IMAGE_CASES])
