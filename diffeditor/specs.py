@@ -711,6 +711,12 @@ def parse_spec(
         path, data = data, read_spec_file(data)
         base_dir = Path(path).resolve().parent if base_dir is None else base_dir
     source = source or "spec"
+    sidecar_parts = [k for k in ("spec", "versions") if k in data]
+    if isinstance(data.get("task"), dict) and sidecar_parts and not is_sidecar(data):
+        # an output's sidecar (its 'task' is {name, version}) with a part missing or broken
+        missing = [k for k in ("spec", "versions") if k not in data] or ["spec (a mapping)"]
+        raise SpecError(f"{source}: a sidecar with no {' or '.join(missing)}; replay an intact "
+                        f"sidecar, or give a spec file")
     data = dict(spec_section(data))
     task = data.get("task")
     if task is not None and not isinstance(task, str):

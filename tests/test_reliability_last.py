@@ -293,3 +293,21 @@ def test_not_a_regular_file_says_what_it_is(scene, capsys, where, kind):  # noqa
     else:
         code, lines = run(capsys, "edit", path, "--check")
         assert_one_error(code, lines, f"{path} is {what}, not a spec file; give a regular file")
+
+
+@pytest.mark.parametrize("drop, spec_value", [("versions", None), ("spec", None), (None, [1])],
+                         ids=["no-versions", "no-spec", "spec-a-list"])
+def test_broken_sidecar_says_so(scene, capsys, drop, spec_value):  # noqa: F811
+    """22: a sidecar missing versions or spec (was "task: must be a task name ..., not dict")."""
+    spec = parse_spec({"task": "move", "image": "image.png", "mask": "mask.png"}, base_dir=scene)
+    side = {"versions": {"diffeditor": "0"}, "task": {"name": "move", "version": "0.1.0"},
+            "spec": json.loads(spec.model_dump_json())}
+    if drop:
+        del side[drop]
+    else:
+        side["spec"] = spec_value
+    (scene / "side.json").write_text(json.dumps(side))
+    code, lines = run(capsys, "edit", scene / "side.json", "--model", scene, "--out",
+                      scene / "o.png")
+    want = {"versions": "no versions", "spec": "no spec", None: "no spec (a mapping)"}[drop]
+    assert_one_error(code, lines, f"side.json: a sidecar with {want}; replay an intact sidecar")
