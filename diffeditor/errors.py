@@ -32,7 +32,7 @@ class CheckErrors(DiffEditorError):
     line each, in :attr:`lines`."""
 
     def __init__(self, lines: list[str]):
-        self.lines = list(lines)
+        self.lines = list(dict.fromkeys(lines))  # one problem, one line: repeats dropped
         super().__init__("; ".join(self.lines))
 
 

@@ -367,7 +367,7 @@ def test_two_edits_of_a_batch_never_write_one_file(scene, capsys):
     code, lines = run(capsys, "edit", scene / "jobs.jsonl", "--model", scene, "--out-dir", scene / "out")
     assert code == 2, lines
     twice = [ln for ln in lines if "would be written twice in this batch" in ln]
-    assert [Path(ln.split()[2]).name for ln in twice] == ["same.png", "same.json"], lines
+    assert [Path(ln.split()[2]).name for ln in twice] == ["same.png"], lines  # sidecar: one line
     assert all("different names or ids" in ln for ln in twice)
     assert not (scene / "out").exists()
     assert {p.name: p.read_bytes() for p in scene.iterdir() if p.is_file()} == before

@@ -311,3 +311,19 @@ def test_broken_sidecar_says_so(scene, capsys, drop, spec_value):  # noqa: F811
                       scene / "o.png")
     want = {"versions": "no versions", "spec": "no spec", None: "no spec (a mapping)"}[drop]
     assert_one_error(code, lines, f"side.json: a sidecar with {want}; replay an intact sidecar")
+
+
+def test_one_problem_one_line(scene, capsys):  # noqa: F811
+    """25: a spec folder plus a spec file inside it, and --out-dir naming a file, each gave the
+    same error line twice."""
+    (scene / "sp").mkdir()
+    (scene / "sp" / "a.yaml").write_text("task: move\nimage: ../image.png\nmask: ../mask.png\n")
+    (scene / "sp" / "b.yaml").write_text("task: move\nimage: ../image.png\nmask: ../mask.png\n")
+    code, lines = run(capsys, "edit", scene / "sp", scene / "sp" / "a.yaml", "--model", scene,
+                      "--out-dir", scene / "o")
+    assert_one_error(code, lines, f"{scene}/o/a.png would be written twice in this batch")
+    (scene / "ofile").write_text("PRECIOUS")
+    code, lines = run(capsys, "edit", scene / "sp" / "a.yaml", scene / "sp" / "b.yaml",
+                      "--model", scene, "--out-dir", scene / "ofile")
+    assert_one_error(code, lines, f"output folder {scene}/ofile cannot be created")
+    assert (scene / "ofile").read_text() == "PRECIOUS"
