@@ -146,6 +146,8 @@ def _note_skipped(folder: str, total: int, skipped: dict[str, list[str]]) -> Non
 def _expand(inputs: list[Path]) -> list[tuple[Path, int | None, Any]]:
     """``(file, line number or None, manifest line or None)`` for every spec named by the
     inputs, in order. Raises :class:`CheckErrors` for inputs that name nothing."""
+    from .specs import SpecTextError, loads_json
+
     found: list[tuple[Path, int | None, Any]] = []
     errors = []
     for item in inputs:
@@ -173,12 +175,18 @@ def _expand(inputs: list[Path]) -> list[tuple[Path, int | None, Any]]:
             except (OSError, UnicodeDecodeError) as exc:
                 errors.append(f"{show(text, 200)}: cannot read the manifest: {exc}")
                 continue
+            if not any(line.strip() for line in lines):
+                errors.append(f"{show(text, 200)}: no specs in this manifest (it is empty or "
+                              f"holds blank lines only); write one JSON spec per line")
+                continue
             for k, line in enumerate(lines, 1):
                 if line.strip():
                     try:
-                        found.append((path, k, json.loads(line)))
+                        found.append((path, k, loads_json(line)))
                     except json.JSONDecodeError as exc:
                         found.append((path, k, f"not valid JSON ({exc.msg})"))
+                    except SpecTextError as exc:
+                        found.append((path, k, str(exc)))
         elif not path.exists() and _has_glob(text):
             matches = sorted(glob.glob(text, recursive=True))
             if not matches:

@@ -260,7 +260,12 @@ def _sidecar_model(paths: list[Path]) -> str | None:
         data = read_spec_file(p)
         if not is_sidecar(data):
             return None
-        models.add(data.get("model"))
+        model = data.get("model")
+        if model is not None and not isinstance(model, str):
+            raise SpecError(f"{show(p, 200)}: model: must be the model's name or folder (a "
+                            f"string), not {type(model).__name__}; fix the sidecar or give "
+                            f"--model")
+        models.add(model)
     return models.pop() if len(models) == 1 else None
 
 
@@ -327,7 +332,7 @@ def cmd_edit(args) -> int:
     if args.ray is None and (args.workers is not None or args.gpus_per_worker is not None):
         raise DiffEditorError("--workers and --gpus-per-worker go with --ray")
     jobs = batch.collect(args.specs)
-    if args.out is not None and len(jobs) != 1:
+    if args.out is not None and len(jobs) > 1:
         raise OutputError("--out names one file; use --out-dir DIR for several specs")
     if args.model is None:
         args.model = _sidecar_model([j.source for j in jobs if isinstance(j.source, Path)]
@@ -614,14 +619,16 @@ def _add_task_commands(subparsers, registry) -> None:
 def _edit_arg(text: str, field: str, registry) -> dict:
     """One ``--edit``: inline JSON (paths relative to the current folder) or a spec file (paths
     relative to that file); the paths are made absolute here."""
-    from .specs import read_spec_file
+    from .specs import SpecTextError, loads_json, read_spec_file
 
     text = text.strip()
     if text.startswith("{"):
         try:
-            data = json.loads(text)
+            data = loads_json(text)
         except json.JSONDecodeError as exc:
             raise SpecError(f"not valid JSON ({exc.msg} at column {exc.colno}): {text}", field) from None
+        except SpecTextError as exc:
+            raise SpecError(str(exc), field) from None
         base = Path.cwd()
     else:
         data = read_spec_file(text)

@@ -453,6 +453,10 @@ class Editor:
             "plugins": _plugin_versions(self.registry),
             **self.extras,
         }
+        turned = {name: im.info.get("exif_orientation", 1) for name, im in inputs.items()}
+        if any(v != 1 for v in turned.values()):
+            # the inputs were edited as viewers show them (EXIF Orientation applied)
+            meta["exif_orientation"] = {k: v for k, v in turned.items() if v != 1}
         return EditResult(image=image, spec=spec, masks=masks, metadata=meta, latent=out.latent)
 
     # -- per-task helpers ---------------------------------------------------------------------

@@ -32,7 +32,7 @@ class CheckErrors(DiffEditorError):
     line each, in :attr:`lines`."""
 
     def __init__(self, lines: list[str]):
-        self.lines = list(lines)
+        self.lines = list(dict.fromkeys(lines))  # one problem, one line: repeats dropped
         super().__init__("; ".join(self.lines))
 
 
@@ -61,3 +61,31 @@ def is_file(path) -> bool:
         return Path(path).is_file()
     except (OSError, ValueError):
         return False
+
+
+def file_kind(path) -> str | None:
+    """What ``path`` is when it is there but is not a regular file ("a folder", "a FIFO (named
+    pipe)", "a character device", ...), else None (a regular file, or nothing there): a
+    message then says what was given instead of "file not found"."""
+    import os
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError, TypeError):
+        return None
+    for test, what in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return what
+    return None
+
+
+def not_a_file(path, what: str = "file") -> str:
+    """The message for a ``path`` that is not a regular file: what it is, or "not found"."""
+    kind = file_kind(path)
+    name = show(path, 200)
+    if kind is None:
+        return f"{what} not found: {name}"
+    return f"{name} is {kind}, not a {what}; give a regular file"

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import OutputError, SpecError, is_file, show
+from .errors import OutputError, SpecError, is_file, not_a_file, show
 from .geometry import resample_mask
 
 #: images with more pixels than this are refused before decoding (8192 x 8192); the edit works
@@ -39,15 +39,25 @@ def _open(path, field: str, mode: str, what: str, hint: str) -> Image.Image:
     p = Path(path)
     name = show(p, 200)
     if not is_file(p):
-        raise SpecError(f"file not found: {name}", field)
+        raise SpecError(not_a_file(p), field)
     try:
         with warnings.catch_warnings():
             # the size is checked below, once, with a message of ours
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(p) as im:
                 _check_size(im.size, name, what, field)
+                frames = getattr(im, "n_frames", 1)
+                if frames > 1:  # which frame was meant is not ours to guess
+                    raise SpecError(f"{what} {name} has {frames} frames (an animation or a "
+                                    f"multi-page file); save the one frame to edit as a PNG",
+                                    field)
                 im.load()  # decode fully: a truncated file fails here
-                return _convert(im, mode)
+                orientation = exif_orientation(im)
+                out = _convert(im, mode, name, what, field)
+                if orientation != 1:  # as every viewer shows it (the camera's rotation)
+                    out = _ORIENT[orientation](out)
+                out.info["exif_orientation"] = orientation
+                return out
     except SpecError:
         raise
     except Image.DecompressionBombError:
@@ -77,7 +87,31 @@ def _check_size(size: tuple[int, int], name: str, what: str, field: str) -> None
 _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
 
-def _convert(im: Image.Image, mode: str) -> Image.Image:
+def exif_orientation(im: Image.Image) -> int:
+    """The EXIF Orientation (1-8) of an open image; 1 when it has none or an invalid one."""
+    try:
+        value = im.getexif().get(0x0112, 1)
+    except Exception:  # a broken EXIF block is no orientation
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+# the transposition that shows an image with EXIF orientation n upright (what Pillow's
+# ImageOps.exif_transpose applies; here on the converted image, so 16-bit and float images keep
+# their scaling)
+_ORIENT = {
+    2: lambda im: im.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+    3: lambda im: im.transpose(Image.Transpose.ROTATE_180),
+    4: lambda im: im.transpose(Image.Transpose.FLIP_TOP_BOTTOM),
+    5: lambda im: im.transpose(Image.Transpose.TRANSPOSE),
+    6: lambda im: im.transpose(Image.Transpose.ROTATE_270),
+    7: lambda im: im.transpose(Image.Transpose.TRANSVERSE),
+    8: lambda im: im.transpose(Image.Transpose.ROTATE_90),
+}
+
+
+def _convert(im: Image.Image, mode: str, name: str = "", what: str = "image",
+             field: str = "image") -> Image.Image:
     """``im`` in ``mode`` (``RGB`` or ``L``), scaling high-bit-depth grayscale to 8 bits.
 
     Pillow's own ``convert`` clips 16-bit values at 255 (a 16-bit PNG turns white): 16-bit
@@ -86,7 +120,11 @@ def _convert(im: Image.Image, mode: str) -> Image.Image:
     if im.mode in _SIXTEEN_BIT or im.mode == "F":
         arr = np.asarray(im, dtype=np.float64)
         if im.mode == "F":
-            arr = np.nan_to_num(arr, nan=0.0, posinf=1.0, neginf=0.0) * 255.0
+            bad = int((~np.isfinite(arr)).sum())
+            if bad:  # no pixel value to show there: refused, not painted black
+                raise SpecError(f"{what} {name} has {bad} of {arr.size} pixels that are NaN or "
+                                f"infinite; give finite pixel values", field)
+            arr = arr * 255.0
         else:
             arr = arr / 257.0
         gray = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -226,6 +227,13 @@ def resolve_model(model: str | None, registry=None) -> tuple[str, ModelEntry | N
     folder, or a copy of it, behaves as its name)."""
     from .plugins import default_registry
 
+    if isinstance(model, os.PathLike):
+        model = os.fspath(model)
+    if model is not None and not isinstance(model, str):
+        from .errors import UsageError
+
+        raise UsageError(f"model must be a model name, folder or hub id (a string), not "
+                         f"{type(model).__name__}")
     model = model or default_model()[0]
     reg = default_registry(registry)
     if model in reg.models:

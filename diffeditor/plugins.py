@@ -82,9 +82,15 @@ class Registry:
             return PluginInfo(name, "(registered in code)", "")
         return PluginInfo(name, dist[0], dist[1])
 
+    def _impls(self, hook) -> list:
+        """``hook``'s implementations, diffeditor's own first (so that a plugin reusing a
+        built-in name is the one refused, whatever order pluggy or the entry points give)."""
+        return sorted(hook.get_hookimpls(),
+                      key=lambda impl: self._plugin_info(impl.plugin).distribution != BUILTIN_DIST)
+
     def _collect(self) -> None:
         self._dists: dict[str, tuple[str, str]] = getattr(self.pm, "diffeditor_dists", {})
-        for impl in self.pm.hook.register_tasks.get_hookimpls():
+        for impl in self._impls(self.pm.hook.register_tasks):
             info = self._plugin_info(impl.plugin)
 
             def add_task(task, _info=info):
@@ -95,16 +101,27 @@ class Registry:
                         f"plugin {_info.name!r} registered {task!r}, which is not a "
                         "diffeditor.interfaces.Task"
                     )
+                from .specs import EditSpec
+
+                model = getattr(task, "spec_model", None)
+                if not (isinstance(model, type) and issubclass(model, EditSpec)):
+                    raise TypeError(
+                        f"task {getattr(task, 'name', '?')!r} of plugin {_info.name!r}: "
+                        f"spec_model is {model!r}, not a subclass of diffeditor.specs.EditSpec")
+                if not isinstance(getattr(task, "name", None), str) or not task.name:
+                    raise TypeError(f"plugin {_info.name!r} registered a task with no name")
                 if task.name in self.tasks:
+                    first = self.task_origin[task.name]
                     raise ValueError(
-                        f"task {task.name!r} is registered twice: by "
-                        f"{self.task_origin[task.name].name!r} and by {_info.name!r}"
+                        f"task {task.name!r} is registered twice: by {first.name!r} "
+                        f"({_dist_label(first)}) and by {_info.name!r} ({_dist_label(_info)}); "
+                        f"the first is kept, rename the task in {_info.distribution}"
                     )
                 self.tasks[task.name] = task
                 self.task_origin[task.name] = _info
 
             self._call(impl, add_task, info)
-        for impl in self.pm.hook.register_models.get_hookimpls():
+        for impl in self._impls(self.pm.hook.register_models):
             info = self._plugin_info(impl.plugin)
 
             def add_model(entry, _info=info):
@@ -119,11 +136,11 @@ class Registry:
                 (self.pm.hook.register_samplers, self.samplers, Sampler, "sampler"),
                 (self.pm.hook.register_energies, self.energies, Energy, "energy"),
                 (self.pm.hook.register_schedules, self.schedules, NamedSchedule, "schedule")):
-            for impl in hook.get_hookimpls():
+            for impl in self._impls(hook):
                 self._call(impl, self._adder(store, kind, what, self._plugin_info(impl.plugin)),
                            self._plugin_info(impl.plugin))
 
-        for impl in self.pm.hook.register_prompt_encoders.get_hookimpls():
+        for impl in self._impls(self.pm.hook.register_prompt_encoders):
             info = self._plugin_info(impl.plugin)
 
             def add_encoder(encoder, _info=info):
@@ -140,7 +157,7 @@ class Registry:
                 table[encoder.name] = encoder
 
             self._call(impl, add_encoder, info)
-        for impl in self.pm.hook.register_bench_scenes.get_hookimpls():
+        for impl in self._impls(self.pm.hook.register_bench_scenes):
             info = self._plugin_info(impl.plugin)
 
             def add_scene(scene, _info=info):
@@ -161,12 +178,21 @@ class Registry:
             store[obj.name] = obj
         return add
 
+    def _stores(self) -> list[dict]:
+        return [self.tasks, self.task_origin, self.models, self.samplers, self.energies,
+                self.schedules, self.bench_scenes, *self.prompt_encoders.values()]
+
     def _call(self, impl, register, info: PluginInfo) -> None:
+        before = [dict(store) for store in self._stores()]
         try:
             # pass arguments by name, so an implementation may take fewer than the spec
             kwargs = {"register": register}
             impl.function(**{name: kwargs[name] for name in impl.argnames})
         except Exception as exc:  # a broken plugin must not take the others down
+            # nothing of what this call registered stays: the plugin is skipped as a whole
+            for store, old in zip(self._stores(), before):
+                store.clear()
+                store.update(old)
             log.debug("plugin %s failed while registering: %s", info.name, exc)
             self.failures.append(PluginFailure(info.name, info.distribution, f"{type(exc).__name__}: {exc}"))
 
@@ -209,6 +235,10 @@ class Registry:
         return sorted(out, key=lambda p: p.name)
 
 
+def _dist_label(info: PluginInfo) -> str:
+    return f"{info.distribution} {info.version}".strip()
+
+
 def make_plugin_manager(
     extra_plugins: list[object] | tuple = (), autoload: bool | None = None
 ) -> tuple[pluggy.PluginManager, list[PluginFailure]]:
@@ -229,13 +259,24 @@ def make_plugin_manager(
     only = {s.strip() for s in os.environ.get(ONLY_ENV, "").split(",") if s.strip()}
     if autoload:
         seen: set[str] = set()
-        for ep in importlib.metadata.entry_points(group=hookspecs.PROJECT):
+        eps = list(importlib.metadata.entry_points(group=hookspecs.PROJECT))
+        # diffeditor's own entry points first: a plugin cannot take a built-in's name
+        eps.sort(key=lambda ep: _ep_dist(ep) != BUILTIN_DIST)
+        for ep in eps:
             dist = getattr(ep, "dist", None)
-            dist_name = dist.metadata["Name"] if dist is not None else "?"
+            dist_name = _ep_dist(ep)
             seen.add(ep.name)
             if dist_name != BUILTIN_DIST and (not third_party or (only and ep.name not in only)):
                 continue
-            if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
+            if pm.is_blocked(ep.name):
+                continue
+            if pm.get_plugin(ep.name) is not None:
+                if dists.get(ep.name, ("?",))[0] != dist_name:  # not the same one listed twice
+                    first = dists.get(ep.name, ("?", ""))
+                    failures.append(PluginFailure(
+                        ep.name, dist_name, f"ValueError: entry point {ep.name!r} of "
+                        f"{dist_name} has the name of one of {first[0]} {first[1]}".rstrip()
+                        + f"; the first is kept, rename it in {dist_name}"))
                 continue
             try:
                 plugin = ep.load()
@@ -257,6 +298,11 @@ def make_plugin_manager(
     for plugin in extra_plugins:
         _register_checked(pm, plugin, None, "(registered in code)", failures)
     return pm, failures
+
+
+def _ep_dist(ep) -> str:
+    dist = getattr(ep, "dist", None)
+    return dist.metadata["Name"] if dist is not None else "?"
 
 
 def _hook_names() -> list[str]:

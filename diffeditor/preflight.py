@@ -88,12 +88,14 @@ def output_clashes(out: Path, inputs: dict[str, str], seen: set[str], out_flags:
     what it is), or a path already in ``seen`` (which gets both). ``out_flags`` and ``names``
     name the command's output options and what tells its specs apart, for the hint."""
     errors = []
+    twice = False
     for path in (out, out.with_suffix(".json")):
         key = _key(path)
         if key in inputs:
             errors.append(f"{show(path, 200)} is {inputs[key]}; inputs are never "
                           f"overwritten: choose another {out_flags}")
-        elif key in seen:
+        elif key in seen and not twice:  # the image and its sidecar: one line
+            twice = True
             errors.append(f"{show(path, 200)} would be written twice in this batch; give "
                           f"the specs different {names}")
         seen.add(key)

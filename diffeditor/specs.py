@@ -30,7 +30,7 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import SpecError, UsageError, is_file, show
+from .errors import DiffEditorError, SpecError, UsageError, is_file, not_a_file, show
 from .schedule import ScheduleSpec
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def _resolve(value: Any, info: ValidationInfo) -> Any:
 
 def _must_exist(p: Path | None, info: ValidationInfo) -> Path | None:
     if p is not None and not is_file(p):
-        raise ValueError(f"file not found: {show(p, 200)}")
+        raise ValueError(not_a_file(p))
     return p
 
 
@@ -273,6 +273,35 @@ class EditSpec(BaseModel):
             raise ValueError(f"unknown {kind} prompt encoder {show(v, 60)!r}; installed: {known}")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _strict_numbers(cls, data: Any) -> Any:
+        """``true``/``false`` where a field takes numbers is refused (pydantic would read them as
+        1 and 0: ``offset: [true, false]`` would move by one pixel), in every field, nested
+        ones and a plugin task's own included."""
+        if isinstance(data, dict):
+            where = bool_in_numbers(cls, data)
+            if where:
+                raise ValueError(f"{where}: must be a number, not true/false")
+        return data
+
+    @model_validator(mode="after")
+    def _explicit_steps_in_range(self) -> "EditSpec":
+        """Explicit schedule ``steps`` must be steps of this run (0 to ``steps - 1``): a step
+        past the end would silently switch its mechanism off."""
+        sched = self.schedule
+        for name in type(sched).model_fields:
+            value = getattr(sched, name)
+            windows = value if isinstance(value, tuple) else (value,)
+            for i, w in enumerate(windows):
+                past = [s for s in (getattr(w, "steps", None) or ()) if s >= self.steps]
+                if past:
+                    loc = f"schedule.{name}" + (f".{i}" if isinstance(value, tuple) else "")
+                    raise ValueError(f"{loc}.steps: step {show(past[0], 30)} is past the last "
+                                     f"step of this run ({self.steps - 1}: steps is "
+                                     f"{self.steps}, counted from 0)")
+        return self
+
     @model_validator(mode="after")
     def _known_energies(self, info: ValidationInfo) -> "EditSpec":
         """Each named energy is registered and takes the params given (before any model
@@ -303,6 +332,68 @@ class EditSpec(BaseModel):
                 f"reference object) and task {task!r} names none: use 'task', 'replace', "
                 f"'concat' or 'off'")
         return v
+
+
+def _numeric_types(annotation: Any) -> tuple[bool, bool, list[type]]:
+    """(takes int/float, takes bool, nested models) of a field's annotation, at any depth."""
+    import typing
+
+    number = boolean = False
+    models: list[type] = []
+    stack = [annotation]
+    while stack:
+        ann = stack.pop()
+        if ann is bool:
+            boolean = True
+        elif ann in (int, float):
+            number = True
+        elif isinstance(ann, type) and issubclass(ann, BaseModel):
+            models.append(ann)
+        elif typing.get_origin(ann) is not Literal:
+            stack.extend(a for a in typing.get_args(ann) if a is not Ellipsis)
+    return number, boolean, models
+
+
+#: values :func:`bool_in_numbers` looks at, at most (a spec has a few hundred; the fields' own
+#: length limits refuse anything near this, and a YAML anchor bomb must not be walked)
+MAX_WALK = 10_000
+
+
+def bool_in_numbers(model: type[BaseModel], data: dict, prefix: str = "",
+                    _seen: set | None = None, _budget: list | None = None) -> str | None:
+    """The location (``offset.0``, ``schedule.guidance.0.steps.1``) of the first boolean given
+    for a field of ``model`` that takes numbers and not booleans, else None. Shared containers
+    are looked at once, and at most :data:`MAX_WALK` values in all."""
+    seen = set() if _seen is None else _seen
+    budget = [MAX_WALK] if _budget is None else _budget
+
+    def walk(value: Any, ann: Any, loc: str) -> str | None:
+        budget[0] -= 1
+        if budget[0] < 0:
+            return None
+        number, boolean, models = _numeric_types(ann)
+        if isinstance(value, bool):
+            return loc if number and not boolean else None
+        if isinstance(value, (list, tuple, dict)):
+            if id(value) in seen:
+                return None
+            seen.add(id(value))
+        if isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                found = walk(item, ann, f"{loc}.{i}")
+                if found or budget[0] < 0:
+                    return found
+        elif isinstance(value, dict) and len(models) == 1:
+            return bool_in_numbers(models[0], value, f"{loc}.", seen, budget)
+        return None
+
+    for name, f in model.model_fields.items():
+        key = f.alias or name
+        if key in data:
+            found = walk(data[key], f.annotation, f"{prefix}{name}")
+            if found:
+                return found
+    return None
 
 
 def path_validators(*names: str):
@@ -435,7 +526,7 @@ def read_spec_file(path: str | Path) -> dict:
     p = Path(path)
     name = show(p, 200)
     if not is_file(p):
-        raise SpecError(f"spec file not found: {name}")
+        raise SpecError(not_a_file(p, "spec file"))
     try:
         size = p.stat().st_size
         if size > MAX_SPEC_BYTES:
@@ -454,10 +545,12 @@ def read_spec_file(path: str | Path) -> dict:
         raise SpecError(f"{name}: nested too deeply to be a spec (more than {MAX_SPEC_DEPTH} "
                         "levels of brackets)")
     try:
-        data = json.loads(text) if is_json else yaml.safe_load(text)
+        data = loads_json(text) if is_json else load_yaml(text)
     except json.JSONDecodeError as exc:
         raise SpecError(f"{name}: not valid JSON: {exc.msg} at line {exc.lineno} "
                         f"column {exc.colno}") from None
+    except SpecTextError as exc:
+        raise SpecError(f"{name}: {exc}") from None
     except yaml.YAMLError as exc:
         raise SpecError(f"{name}: not valid YAML: {_yaml_problem(exc)}") from None
     except RecursionError:
@@ -466,6 +559,100 @@ def read_spec_file(path: str | Path) -> dict:
         raise SpecError(f"{name}: a spec must be a mapping with a 'task' field, "
                         f"not {'an empty file' if data is None else type(data).__name__}")
     return data
+
+
+#: the most digits an integer in a spec document may have (a seed has at most 10; Python
+#: itself refuses to convert more than 4300 and would raise from inside the parser)
+MAX_INT_DIGITS = 100
+
+
+class SpecTextError(ValueError):
+    """A problem of a spec document's text the parsers accept but a spec must not have (a
+    duplicate key, an integer of thousands of digits); the message is one line."""
+
+
+def _bounded_int(text: str, base: int = 10) -> int:
+    digits = text.lstrip("+-")
+    if len(digits) > MAX_INT_DIGITS:
+        raise SpecTextError(f"an integer of {len(digits)} digits ({show(text, 20)}) is too long "
+                            f"for a spec (at most {MAX_INT_DIGITS} digits)")
+    return int(text, base)
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict:
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise SpecTextError(f"key {show(key, 60)!r} appears twice in one mapping; keep one")
+        out[key] = value
+    return out
+
+
+def loads_json(text: str) -> Any:
+    """``json.loads`` for spec documents (spec files, manifest lines, ``--edit``): a key given
+    twice in one object and integers of more than :data:`MAX_INT_DIGITS` digits are refused
+    (:class:`SpecTextError`) instead of the last key winning or a traceback."""
+    return json.loads(text, object_pairs_hook=_unique_pairs, parse_int=_bounded_int)
+
+
+class SpecLoader(yaml.SafeLoader):
+    """YAML for spec files with the YAML 1.2 core schema's plain scalars (what JSON and every
+    YAML 1.2 reader mean): ``true``/``false`` only are booleans (``yes``, ``on`` are strings), no
+    base-60 numbers (``1:30`` is a string, not 90), no ``0``-prefixed octal (``0o17`` is), no
+    timestamps; a key given twice in one mapping is an error naming the key, and integers of
+    more than :data:`MAX_INT_DIGITS` digits are refused."""
+
+    yaml_implicit_resolvers: dict = {}
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # keys merged in with << may be overridden: that is their point
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    dup = key in seen
+                    seen.add(key)
+                except TypeError:
+                    continue  # unhashable: the base constructor reports it
+                if dup:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"key {show(str(key), 60)!r} appears twice in one mapping; keep one",
+                        key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node):
+        text = str(self.construct_scalar(node))
+        try:
+            if text.lstrip("+-").startswith("0o"):
+                return _bounded_int(text.replace("0o", "", 1), 8)
+            if text.lstrip("+-").startswith("0x"):
+                return _bounded_int(text.replace("0x", "", 1), 16)
+            return _bounded_int(text)
+        except SpecTextError as exc:
+            raise yaml.constructor.ConstructorError(None, None, str(exc), node.start_mark) from None
+        except ValueError:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{show(text, 40)!r} is not an integer", node.start_mark) from None
+
+
+SpecLoader.add_constructor("tag:yaml.org,2002:int", SpecLoader.construct_yaml_int)
+for _tag, _regex, _first in (  # the YAML 1.2 core schema (yaml.org/spec/1.2.2, 10.3.2)
+        ("bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+        ("int", r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$", "-+0123456789"),
+        ("float", r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+                  r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$", "-+0123456789."),
+        ("null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
+        ("merge", r"^(?:<<)$", "<"),
+):
+    SpecLoader.add_implicit_resolver(f"tag:yaml.org,2002:{_tag}", re.compile(_regex), list(_first))
+
+
+def load_yaml(text: str) -> Any:
+    """A spec document's YAML (see :class:`SpecLoader`)."""
+    return yaml.load(text, Loader=SpecLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
 #: the deepest bracket nesting a spec file may have (a real spec has 3 or 4)
@@ -524,6 +711,12 @@ def parse_spec(
         path, data = data, read_spec_file(data)
         base_dir = Path(path).resolve().parent if base_dir is None else base_dir
     source = source or "spec"
+    sidecar_parts = [k for k in ("spec", "versions") if k in data]
+    if isinstance(data.get("task"), dict) and sidecar_parts and not is_sidecar(data):
+        # an output's sidecar (its 'task' is {name, version}) with a part missing or broken
+        missing = [k for k in ("spec", "versions") if k not in data] or ["spec (a mapping)"]
+        raise SpecError(f"{source}: a sidecar with no {' or '.join(missing)}; replay an intact "
+                        f"sidecar, or give a spec file")
     data = dict(spec_section(data))
     task = data.get("task")
     if task is not None and not isinstance(task, str):
@@ -547,3 +740,11 @@ def parse_spec(
         raise SpecError(format_validation_error(err, source)) from None
     except RecursionError:
         raise SpecError(f"{source}: nested too deeply to be a spec") from None
+    except DiffEditorError:
+        raise
+    except Exception as exc:  # a plugin's validator raised something pydantic does not collect
+        origin = reg.task_origin.get(task)
+        where = f" (plugin {origin.name!r}, {origin.distribution})" if origin else ""
+        raise SpecError(f"{source}: the {show(task, 60)} task's spec check failed{where}: "
+                        f"{type(exc).__name__}: {show(str(exc), 120)}; a bug in that plugin, "
+                        f"report it there") from None

@@ -392,3 +392,83 @@ def test_get_registry_is_cached_and_refreshable(fake_entry_points, monkeypatch):
     assert sorted(reg.tasks) == ["ep_one", "ep_two"]
     fresh = plugins_mod.get_registry(refresh=True)
     assert fresh is not reg and sorted(fresh.tasks) == ["ep_one", "ep_two"]
+
+
+DUP_TASK_MODULE = """
+from typing import Literal
+from diffeditor.hookspecs import hookimpl
+from diffeditor.interfaces import Task
+from diffeditor.specs import EditSpec
+
+class S(EditSpec):
+    task: Literal[{name!r}] = {name!r}
+
+class T(Task):
+    version = "6.6.6"
+    description = "duptask"
+    spec_model = S
+
+    def plan(self, spec, images, geom):
+        raise RuntimeError("the plugin's plan ran")
+    name = {name!r}
+
+class U(Task):
+    version = "6.6.6"
+    description = "duptask"
+    spec_model = S
+
+    def plan(self, spec, images, geom):
+        raise RuntimeError("the plugin's plan ran")
+    name = {extra!r}
+
+@hookimpl
+def register_tasks(register):
+    register(U())
+    register(T())
+"""
+
+
+def test_a_plugin_cannot_take_a_built_in_name(tmp_path):
+    """Issue 31, case 4: a third-party task named ``move`` (and an entry point named ``move``,
+    installed before diffeditor on the path) is refused in one line naming both distributions;
+    the built-in move stays, and nothing else of the refused plugin is registered."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "dfe_duptask_plugin.py").write_text(DUP_TASK_MODULE.format(name="move", extra="dupextra"))
+    (site / "dfe_dupname_plugin.py").write_text(DUP_TASK_MODULE.format(name="sneaky", extra="sneaky2"))
+    dist = site / "dfe_duptask-6.6.6.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: dfe-duptask\nVersion: 6.6.6\n")
+    (dist / "entry_points.txt").write_text(
+        "[diffeditor]\nduptask = dfe_duptask_plugin\nmove = dfe_dupname_plugin\n")
+    env = {"PYTHONPATH": str(site), "DIFFEDITOR_DISABLE_PLUGINS": "", "DIFFEDITOR_PLUGINS": ""}
+    res = _cli(env, "tasks")
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    rows = {ln.split()[0]: ln.split()[1:3] for ln in res.stdout.splitlines()}
+    assert rows["move"] == ["0.1.0", "diffeditor"]
+    assert not {"dupextra", "sneaky", "sneaky2"} & set(rows)
+    lines = res.stderr.strip().splitlines()
+    dup = [ln for ln in lines if "'duptask'" in ln]
+    assert len(dup) == 1 and "task 'move' is registered twice" in dup[0], res.stderr
+    assert "(diffeditor 0." in dup[0] and "(dfe-duptask 6.6.6)" in dup[0]
+    name = [ln for ln in lines if "entry point 'move'" in ln]
+    assert len(name) == 1 and "dfe-duptask" in name[0] and "diffeditor" in name[0], res.stderr
+
+
+class LateMovePlugin:
+    """Registered in code, ordered by pluggy before the built-ins (``trylast``)."""
+
+    @staticmethod
+    @hookimpl(trylast=True)
+    def register_tasks(register):
+        register(DummyTask("dupextra"))
+        register(DummyTask("move"))
+
+
+def test_a_code_plugin_cannot_take_a_built_in_name():
+    reg = registry_from([LateMovePlugin], autoload=True)
+    assert reg.task_origin["move"].distribution == "diffeditor"
+    assert type(reg.tasks["move"]).__module__ == "diffeditor_tasks.move"
+    assert "dupextra" not in reg.tasks
+    (f,) = [f for f in reg.failures if f.name == "LateMovePlugin"]
+    assert "task 'move' is registered twice" in f.error and "(registered in code)" in f.error

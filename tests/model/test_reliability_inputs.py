@@ -189,7 +189,7 @@ IMAGE_CASES = [("bomb", "megapixels"), ("over-limit", "megapixel limit"),
                ("truncated", "cannot read image"), ("zero-bytes", "cannot read image"),
                ("random", "cannot read image"), ("text", "cannot read image"),
                ("tiny", "at least 8 pixels"), ("strip", "at most 16 times"),
-               ("folder", "file not found")]
+               ("folder", "is a folder, not a file")]
 
 
 @pytest.mark.parametrize("case, words", IMAGE_CASES, ids=[c[0] for c in IMAGE_CASES])
@@ -367,7 +367,7 @@ def test_two_edits_of_a_batch_never_write_one_file(scene, capsys):
     code, lines = run(capsys, "edit", scene / "jobs.jsonl", "--model", scene, "--out-dir", scene / "out")
     assert code == 2, lines
     twice = [ln for ln in lines if "would be written twice in this batch" in ln]
-    assert [Path(ln.split()[2]).name for ln in twice] == ["same.png", "same.json"], lines
+    assert [Path(ln.split()[2]).name for ln in twice] == ["same.png"], lines  # sidecar: one line
     assert all("different names or ids" in ln for ln in twice)
     assert not (scene / "out").exists()
     assert {p.name: p.read_bytes() for p in scene.iterdir() if p.is_file()} == before

@@ -83,8 +83,32 @@ def _deep(depth: int, kind: str):
 def spec_files(draw) -> tuple[str, bytes]:
     """(suffix, bytes) of a spec file: YAML or JSON of a generated document, deep nesting, or
     broken bytes."""
-    kind = draw(st.sampled_from(["yaml", "json", "json-nan", "deep", "bytes", "truncated"]))
+    kind = draw(st.sampled_from(["yaml", "json", "json-nan", "deep", "bytes", "truncated",
+                                 "big-int", "dup-key", "yaml-1.1"]))
     doc = draw(spec_documents())
+    if kind == "big-int":  # issue 31: Python refuses int() of more than 4300 digits
+        digits = draw(st.sampled_from([101, 4300, 4301, 20000]))
+        key = draw(st.sampled_from(["seed", "offset", "junk", "schedule"]))
+        big = "-" * draw(st.integers(0, 1)) + "9" * digits
+        inner = {"offset": f"[{big}, 0]", "schedule": f"{{sde: {{steps: [{big}]}}}}"}.get(key, big)
+        if draw(st.booleans()):
+            inner = inner.replace("{sde: {steps: ", '{"sde": {"steps": ')
+            return ".json", (json.dumps(doc, default=str)[:-1] + f', "{key}": {inner}}}').encode() \
+                if _finite(doc) else f'{{"task": "move", "{key}": {inner}}}'.encode()
+        return ".yaml", (yaml.safe_dump(doc) + f"{key}: {inner}\n").encode()
+    if kind == "dup-key":  # issue 31: the last key must not silently win
+        key = draw(st.sampled_from(sorted(doc)))
+        if draw(st.booleans()) and _finite(doc):
+            text = json.dumps(doc, default=str)
+            return ".json", (text[:-1] + f", {json.dumps(key)}: {json.dumps(doc[key], default=str)}}}").encode()
+        return ".yaml", (yaml.safe_dump(doc) + yaml.safe_dump({key: doc[key]})).encode()
+    if kind == "yaml-1.1":  # issue 31: base-60, yes/on, 0-prefixed octal, dates
+        form = draw(st.sampled_from(["1:30", "-1:30:00", "190:20:30.15", "yes", "on", "off", "Y",
+                                     "017", "0b101", "2001-12-14", "1_000"]))
+        field = draw(st.sampled_from(["offset", "scale", "seed", "steps", "guidance_k"]))
+        value = f"[{form}, 0]" if field == "offset" else form
+        return ".yaml", (yaml.safe_dump({k: v for k, v in doc.items() if k != field})
+                         + f"{field}: {value}\n").encode()
     if kind == "yaml":
         return ".yaml", yaml.safe_dump(doc, allow_unicode=draw(st.booleans())).encode()
     if kind in ("json", "json-nan"):
@@ -211,6 +235,26 @@ def image_files(draw) -> tuple[str, bytes]:
         im.save(buf, format=FORMATS[ext])
     except (OSError, ValueError, KeyError):  # this format cannot hold this mode
         im.convert("RGB").save(buf, format=FORMATS[ext])
+    extra = draw(st.sampled_from(["none", "none", "exif", "frames", "non-finite"]))
+    if extra == "exif" and FORMATS[ext] in ("PNG", "JPEG", "TIFF", "WEBP"):  # issue 31
+        exif = Image.Exif()
+        exif[0x0112] = draw(st.integers(0, 9))
+        buf = io.BytesIO()
+        try:
+            im.save(buf, format=FORMATS[ext], exif=exif)
+        except (OSError, ValueError, KeyError):
+            im.convert("RGB").save(buf, format=FORMATS[ext], exif=exif)
+    elif extra == "frames" and FORMATS[ext] in ("GIF", "TIFF"):
+        buf = io.BytesIO()
+        rgb = im.convert("RGB")
+        rgb.save(buf, format=FORMATS[ext], save_all=True,
+                 append_images=[rgb.transpose(Image.Transpose.ROTATE_180)] * draw(st.integers(1, 3)))
+    elif extra == "non-finite":
+        arr = rng.random((h, w)).astype(np.float32)
+        arr.flat[draw(st.integers(0, arr.size - 1))] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+        buf = io.BytesIO()
+        Image.fromarray(arr, "F").save(buf, format="TIFF")
+        ext = "tif"
     data = buf.getvalue()
     damage = draw(st.sampled_from(["none", "none", "truncate", "flip", "garbage-tail"]))
     if damage == "truncate":
@@ -249,7 +293,12 @@ def test_fuzz_loaded_images_are_rgb_of_their_size(tmp_path_factory, image):
         assert "\n" not in str(exc)
         return
     with Image.open(path) as raw:
-        assert im.mode == "RGB" and im.size == raw.size
+        from diffeditor.imageio import exif_orientation
+
+        w, h = raw.size  # as viewers show it: EXIF orientations 5-8 swap the sides
+        assert im.mode == "RGB" and im.size == ((h, w) if exif_orientation(raw) >= 5 else (w, h))
+        assert getattr(raw, "n_frames", 1) == 1  # several frames are refused
+    assert im.info["exif_orientation"] in range(1, 9)
 
 
 # -- DragBench pickles ---------------------------------------------------------------------------
@@ -280,3 +329,71 @@ def test_fuzz_restricted_unpickler_on_broken_bytes(data, arr, cut):
         DB.restricted_load(data)
     except DB.DragBenchFormatError:
         pass
+
+
+# -- sidecars and plugins (issue 31) -------------------------------------------------------------
+
+
+@FUZZ
+@given(versions=values, task=values, spec=values, model=values,
+       drop=st.sampled_from([None, "versions", "spec", "model", "task"]))
+def test_fuzz_sidecar_fields_of_every_type(scene, capsys, versions, task, spec, model, drop):
+    """A sidecar (an output's JSON, replayed with ``edit OUT.json``) with any field of any type:
+    a replay that gets as far as the (absent) model, or one clean line per problem."""
+    good = {"task": "move", "image": str(scene / "image.png"), "mask": str(scene / "mask.png")}
+    side = {"versions": versions, "task": task, "spec": spec if not isinstance(spec, str) else good,
+            "model": model}
+    if drop:
+        side.pop(drop)
+    if not _finite(side):
+        return
+    path = scene / "side.json"
+    path.write_text(json.dumps(side, default=str))
+    code, lines = _cli(capsys, "edit", path, "--model", scene, "--out", scene / "out" / "o.png")
+    _assert_clean_refusal(code, lines)
+    code, lines = _cli(capsys, "edit", path, "--out", scene / "out" / "o.png", "--check")
+    assert code in (0, 2) and all(ln.startswith("diffeditor: ") for ln in lines), lines
+
+
+@FUZZ
+@given(name=st.sampled_from(["move", "drag", "compose", "fz_task"]) | odd_text,
+       model=st.sampled_from(["dict", "int", "none", "str", "basemodel", "editspec"]))
+def test_fuzz_plugin_tasks_with_broken_spec_models_or_taken_names(name, model):
+    """A plugin task with any name (a built-in's included) and any ``spec_model``: the built-in
+    tasks stay diffeditor's, a broken plugin is skipped with a failure line, never an error."""
+    from pydantic import BaseModel
+
+    from diffeditor.hookspecs import hookimpl
+    from diffeditor.interfaces import Task
+    from diffeditor.plugins import registry_from
+    from diffeditor.specs import EditSpec
+
+    spec_model = {"dict": dict, "int": 3, "none": None, "str": "x",
+                  "basemodel": type("M", (BaseModel,), {}), "editspec": EditSpec}[model]
+
+    class FuzzTask(Task):
+        version = "9"
+        description = "fuzz"
+
+        def plan(self, spec, images, geom):
+            raise AssertionError("never planned")
+
+    FuzzTask.name = name
+    FuzzTask.spec_model = spec_model
+
+    class FuzzPlugin:
+        @staticmethod
+        @hookimpl(trylast=True)
+        def register_tasks(register):
+            register(FuzzTask())
+
+    reg = registry_from([FuzzPlugin], autoload=True)
+    for builtin in ("move", "drag", "compose", "appearance", "paste", "resize"):
+        assert reg.task_origin[builtin].distribution == "diffeditor"
+    own = {n for n, info in reg.task_origin.items() if info.distribution == "diffeditor"}
+    if model != "editspec" or not name or name in own:
+        assert not any(isinstance(t, FuzzTask) for t in reg.tasks.values())
+        assert [f.name for f in reg.failures if f.name == "FuzzPlugin"] == ["FuzzPlugin"]
+        assert all("\n" not in f.error for f in reg.failures)
+    else:
+        assert isinstance(reg.tasks[name], FuzzTask)

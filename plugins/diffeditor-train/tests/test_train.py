@@ -297,3 +297,55 @@ def test_the_trained_shapes_image_prompt_changes_edits(tmp_path):
                                 dtype=np.float64)
     diff = np.abs(out[0.0] - out[1.0]).mean()
     assert diff > 0.01, diff  # mean absolute difference on the 0..255 scale (a no-op gives 0)
+
+
+# -- outputs: checked before training, never replaced without --force (issue 31, cases 1-3) -----
+
+
+@pytest.mark.parametrize("what, out, existing, words", [
+    # 1: an existing weights file / folder is not replaced
+    ("image-prompt", "w.bin", {"w.bin": b"PRECIOUS"}, "--out w.bin exists; add --force"),
+    ("image-encoder", "enc", {"enc/keep.txt": b"PRECIOUS"}, "--out enc exists; add --force"),
+    ("ldm", "pipe", {"pipe/keep.txt": b"PRECIOUS"}, "--out pipe exists; add --force"),
+    ("image-encoder", "enc", {"enc": b"PRECIOUS"}, "--out enc exists and is not a folder"),
+    ("image-prompt", "w.bin", {"w.bin/keep.txt": b"PRECIOUS"}, "--out w.bin is a folder"),
+    # 2: an existing checkpoint is not replaced by a run without --resume
+    ("image-prompt", "w.bin", {"w.bin.ckpt": b"PRECIOUS"},
+     "checkpoint w.bin.ckpt exists; add --resume to continue that run or --force"),
+    ("ldm", "pipe", {"pipe.ckpt.vae": b"PRECIOUS"}, "checkpoint pipe.ckpt.vae exists"),
+    # 3: a file name the command cannot write is refused before training
+    ("image-prompt", "w.xyz", {}, "--out w.xyz: use a file name ending in .bin or .pt or"),
+])
+def test_outputs_checked_before_training(what, out, existing, words, capsys, tmp_path,
+                                         monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name, data in existing.items():
+        Path(name).parent.mkdir(parents=True, exist_ok=True)
+        Path(name).write_bytes(data)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    extra = ["--preset", "tiny"] if what != "image-prompt" else []
+    assert run(what, "--shapes", 4, "--steps", 2, "--out", out, *extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0], err
+    # nothing written, nothing replaced (no checkpoint left behind)
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+    for name, data in existing.items():
+        assert Path(name).read_bytes() == data
+
+
+def test_checkpoint_and_out_the_same_file(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run("image-prompt", "--shapes", 4, "--out", "w.bin", "--checkpoint", "w.bin") == 2
+    assert "--checkpoint w.bin is --out too" in capsys.readouterr().err
+
+
+def test_force_replaces_an_existing_output(tiny_encoder, tmp_path):
+    out = tmp_path / "w.bin"
+    out.write_bytes(b"PRECIOUS")
+    Path(str(out) + ".ckpt").write_bytes(b"OLD")
+    args = ["image-prompt", "--image-encoder", tiny_encoder, "--shapes", 4, "--batch-size", 2,
+            "--steps", 1, "--out", out]
+    assert run(*args) == 2 and out.read_bytes() == b"PRECIOUS"
+    assert run(*args, "--force") == 0
+    assert set(load_ip_state_dict(out)) == {"image_proj", "ip_adapter"}
+    assert torch.load(str(out) + ".ckpt", weights_only=False)["step"] == 1

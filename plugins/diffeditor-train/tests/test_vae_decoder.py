@@ -133,9 +133,10 @@ def test_bad_input_is_one_line(argv, words, capsys, tmp_path):
     assert len(err) == 1 and words in err[0], err
 
 
-def test_an_existing_out_is_refused(tmp_path, capsys):
+def test_an_existing_out_is_refused_before_training(tmp_path, capsys):
     out = tmp_path / "keep"
     out.mkdir()
     (out / "x").write_text("precious")
     assert run("--shapes", 2, "--steps", 1, "--out", out) == 2
     assert (out / "x").read_text() == "precious"
+    assert not (tmp_path / "keep.ckpt").exists()  # refused before any step

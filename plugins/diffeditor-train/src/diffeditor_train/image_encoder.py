@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .components import encode_text, load_frozen
 from .data import load_pairs
-from .loop import TrainError, autocast, sample_indices, train_loop
+from .loop import TrainError, autocast, commit_folder, sample_indices, train_loop
 
 PRESETS = {
     # 128-px scenes: 8x8 patches of 16 px, 3 layers of width 128 (~0.65 M parameters, 1.3 MB fp16)
@@ -126,14 +126,16 @@ def train_image_encoder(args) -> dict:
                         desc="image-encoder")
     k = min(len(pairs), 256)
     acc = retrieval_accuracy(model, pix[:k].to(device, torch.float32), pooled[:k].to(device))
-    save_tower(model, processor, args.out, fp16=not args.fp32)
+    save_tower(model, processor, args.out, fp16=not args.fp32,
+               replace=bool(args.force or args.resume))
     return {"steps": result.step, "final_loss": result.losses[-1] if result.losses else None,
             "first_loss": result.losses[0] if result.losses else None,
             "retrieval_top1": acc, "seconds": result.seconds, "cpu_seconds": result.cpu_seconds,
             "out": str(args.out)}
 
 
-def save_tower(model, processor, out: str | Path, fp16: bool = True) -> None:
+def save_tower(model, processor, out: str | Path, fp16: bool = True, *,
+               replace: bool = True) -> None:
     """Write the tower as a transformers folder (safetensors) with its preprocessor config."""
     import shutil
     import tempfile
@@ -156,9 +158,7 @@ def save_tower(model, processor, out: str | Path, fp16: bool = True) -> None:
         tmp.chmod(0o777 & ~mask)
         for f in tmp.iterdir():
             f.chmod(0o666 & ~mask)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        commit_folder(tmp, out, replace=replace)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -119,7 +119,8 @@ def export_state_dict(unet, dtype: torch.dtype = torch.float16) -> dict[str, dic
     return {"image_proj": proj, "ip_adapter": ip}
 
 
-def save_ip_file(sd: dict[str, dict[str, torch.Tensor]], out: str | Path) -> None:
+def save_ip_file(sd: dict[str, dict[str, torch.Tensor]], out: str | Path, *,
+                 replace: bool = True) -> None:
     """Write ``.bin`` (torch dict of the two groups) or ``.safetensors`` (flat ``group.key``)."""
     out = Path(out)
     suffix = out.suffix.lower()
@@ -127,9 +128,9 @@ def save_ip_file(sd: dict[str, dict[str, torch.Tensor]], out: str | Path) -> Non
         from safetensors.torch import save_file
 
         flat = {f"{g}.{k}": v.contiguous() for g, group in sd.items() for k, v in group.items()}
-        atomic_write(out, lambda tmp: save_file(flat, tmp))
+        atomic_write(out, lambda tmp: save_file(flat, tmp), replace=replace)
     elif suffix in (".bin", ".pt", ".pth"):
-        atomic_write(out, lambda tmp: torch.save(sd, tmp))
+        atomic_write(out, lambda tmp: torch.save(sd, tmp), replace=replace)
     else:
         raise TrainError(f"--out {out}: use a .bin or .safetensors file name")
 
@@ -234,12 +235,17 @@ def train_image_prompt(args) -> dict:
                         progress=not args.no_progress, desc="image-prompt")
     sd = export_state_dict(unet, torch.float32 if args.fp32 else torch.float16)
     validate_ip_state_dict(sd, unet, num_tokens=args.num_tokens)
-    save_ip_file(sd, args.out)
+    save_ip_file(sd, args.out, replace=_may_replace(args))
     validate_ip_state_dict(load_ip_state_dict(args.out), unet, num_tokens=args.num_tokens)
     return {"steps": result.step, "first_loss": result.losses[0] if result.losses else None,
             "final_loss": result.losses[-1] if result.losses else None,
             "seconds": result.seconds, "cpu_seconds": result.cpu_seconds, "out": str(args.out),
             "bytes": Path(args.out).stat().st_size}
+
+
+def _may_replace(args) -> bool:
+    """An existing OUT is replaced only with --force, or by the run --resume continues."""
+    return bool(getattr(args, "force", False) or getattr(args, "resume", False))
 
 
 def _export_checkpoint(args, unet, mods) -> dict:
@@ -255,7 +261,7 @@ def _export_checkpoint(args, unet, mods) -> dict:
     for name, module in mods.items():
         module.load_state_dict(state["modules"][name])
     sd = export_state_dict(unet, torch.float32 if args.fp32 else torch.float16)
-    save_ip_file(sd, args.out)
+    save_ip_file(sd, args.out, replace=_may_replace(args))
     validate_ip_state_dict(load_ip_state_dict(args.out), unet, num_tokens=args.num_tokens)
     losses = state.get("losses", [])
     return {"steps": state["step"], "first_loss": losses[0] if losses else None,

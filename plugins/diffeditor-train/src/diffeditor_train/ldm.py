@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .components import model_folder, to_model_images, tokenize
 from .data import shapes_pairs
-from .loop import TrainError, autocast, sample_indices, train_loop
+from .loop import TrainError, autocast, commit_folder, sample_indices, train_loop
 
 KL_WEIGHT = 1e-6
 
@@ -176,15 +176,11 @@ def train_ldm(args) -> dict:
         scheduler=DDIMScheduler.from_pretrained(reference / "scheduler", local_files_only=True),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     out = Path(args.out)
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
-        raise TrainError(f"--out {out} exists; choose a new folder (outputs are never overwritten)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
+        commit_folder(tmp, out, replace=bool(args.force or args.resume))
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -45,8 +45,11 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
             os.unlink(tmp)
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then rename ``tmp_path`` over ``path``."""
+def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None], *,
+                 replace: bool = True) -> None:
+    """Call ``write(tmp_path)`` then rename ``tmp_path`` over ``path``. With ``replace=False``
+    the commit is a hard link, which never replaces a file that appeared meanwhile (a
+    :class:`TrainError` then)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
@@ -54,10 +57,36 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
     try:
         write(tmp)
         _public(tmp)
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise TrainError(f"{path} appeared while training; it was left as it is (add "
+                                 f"--force to replace it)") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def commit_folder(tmp: Path, out: Path, *, replace: bool) -> None:
+    """Rename the finished folder ``tmp`` to ``out``. An existing empty ``out`` is taken; any
+    other existing ``out`` only with ``replace`` (``--force``/``--resume``), else a
+    :class:`TrainError` and ``out`` is left as it is."""
+    import shutil
+
+    if out.exists() or out.is_symlink():
+        if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+            out.rmdir()
+        elif not replace:
+            raise TrainError(f"--out {out} exists; add --force to replace it (or choose a new "
+                             f"folder)")
+        elif out.is_dir() and not out.is_symlink():
+            shutil.rmtree(out)
+        else:
+            out.unlink()
+    tmp.rename(out)
 
 
 def _public(path: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from diffeditor.hookspecs import hookimpl
@@ -24,7 +25,10 @@ def _common(p: argparse.ArgumentParser, *, steps: int, batch: int, lr: float) ->
     p.add_argument("--checkpoint-every", type=int, default=100, metavar="N",
                    help="write the checkpoint every N steps (default 100) and at the end")
     p.add_argument("--resume", action="store_true",
-                   help="continue from --checkpoint (same options; --steps may grow)")
+                   help="continue from --checkpoint (same options; --steps may grow); the run "
+                   "then replaces its own OUT and checkpoint")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing OUT or checkpoint (default: refuse before training)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
@@ -38,7 +42,14 @@ def _data(p: argparse.ArgumentParser, default_shapes: int | None = None) -> None
     p.add_argument("--data-seed", type=int, default=0, help="seed of the generated scenes")
 
 
+# What each sub-command writes: "file" with the suffixes it can write, or "folder". A sub-command
+# that sets no ``out_kind`` default gets the checks of a file of any suffix.
+OUT_FILE, OUT_FOLDER = "file", "folder"
+IP_SUFFIXES = (".bin", ".pt", ".pth", ".safetensors")  # what image_prompt.save_ip_file writes
+
+
 def _prepare(args) -> None:
+    """Check every option and every output before any model loads or any step runs."""
     import torch
 
     from .loop import TrainError
@@ -66,6 +77,68 @@ def _prepare(args) -> None:
             and not Path(str(args.checkpoint) + ".vae").is_file():
         raise TrainError(f"--resume: no checkpoint at {args.checkpoint}; run without --resume "
                          f"first (or name it with --checkpoint)")
+    check_outputs(args)
+
+
+def _exists(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
+
+
+def check_outputs(args) -> None:
+    """The outputs of a train command, checked before training (so a run never trains for hours
+    and then refuses its file name, and never replaces a file it did not write):
+
+    * OUT has a suffix the sub-command can write (``out_suffixes``), or is a folder name;
+    * OUT and the checkpoint are different paths, and neither is an existing folder where a file
+      goes (nor a file where a folder goes);
+    * an existing OUT is replaced only with ``--force`` or ``--resume`` (the run continued is the
+      one that wrote it); an existing folder OUT that is empty counts as free;
+    * an existing checkpoint (or its ``.vae`` companion) is replaced only with ``--force`` or
+      ``--resume``; ``--export-only`` reads it and writes nothing there.
+    """
+    from diffeditor.errors import show
+
+    from .loop import TrainError
+
+    out, ckpt = Path(args.out), Path(args.checkpoint)
+    kind = getattr(args, "out_kind", OUT_FILE)
+    suffixes = getattr(args, "out_suffixes", None)
+    force, resume = getattr(args, "force", False), getattr(args, "resume", False)
+    if kind == OUT_FILE and suffixes and out.suffix.lower() not in suffixes:
+        raise TrainError(f"--out {show(out)}: use a file name ending in "
+                         f"{' or '.join(suffixes)}")
+    try:
+        same = out.resolve() == ckpt.resolve()
+    except (OSError, RuntimeError):
+        same = str(out) == str(ckpt)
+    if same:
+        raise TrainError(f"--checkpoint {show(ckpt)} is --out too; name another checkpoint file")
+    if _exists(out):
+        if kind == OUT_FILE and out.is_dir():
+            raise TrainError(f"--out {show(out)} is a folder; name a file")
+        if kind == OUT_FOLDER and not out.is_dir():
+            raise TrainError(f"--out {show(out)} exists and is not a folder; name a new folder")
+        empty = kind == OUT_FOLDER and not any(out.iterdir())
+        if not (empty or force or resume):
+            raise TrainError(f"--out {show(out)} exists; add --force to replace it (or choose "
+                             f"another name)")
+    if getattr(args, "export_only", False):
+        return
+    for path in (ckpt, Path(str(ckpt) + ".vae")):
+        if _exists(path):
+            if path.is_dir():
+                raise TrainError(f"--checkpoint {show(path)} is a folder; name a file")
+            if not (force or resume):
+                raise TrainError(f"checkpoint {show(path)} exists; add --resume to continue that "
+                                 f"run or --force to start afresh over it")
+    for path in (out, ckpt):
+        parent = path.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise TrainError(f"{show(path)}: {show(parent)} is not a folder")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise TrainError(f"{show(path)}: the folder {show(parent)} is not writable")
 
 
 def _report(result: dict) -> int:
@@ -122,7 +195,7 @@ def register_commands(subparsers):
     p.add_argument("--fp32", action="store_true", help="store float32 weights (default fp16)")
     _data(p)
     _common(p, steps=2000, batch=64, lr=5e-4)
-    p.set_defaults(func=_cmd_image_encoder)
+    p.set_defaults(func=_cmd_image_encoder, out_kind=OUT_FOLDER)
 
     p = sub.add_parser(
         "image-prompt", description="Train the image prompt (resampler and per-layer image K/V) against the frozen UNet; writes the ip_sd15_64.bin layout.", help="the image prompt (IP-Adapter-Plus resampler + to_k_ip/to_v_ip) "
@@ -145,7 +218,7 @@ def register_commands(subparsers):
                    help="write --out from --checkpoint (its latest step) without training")
     _data(p)
     _common(p, steps=1000, batch=16, lr=1e-4)
-    p.set_defaults(func=_cmd_image_prompt)
+    p.set_defaults(func=_cmd_image_prompt, out_kind=OUT_FILE, out_suffixes=IP_SUFFIXES)
 
     p = sub.add_parser(
         "vae-decoder", description="Fine-tune a model's VAE decoder (and post_quant_conv) with "
@@ -157,11 +230,13 @@ def register_commands(subparsers):
     p.add_argument("--from", dest="model_from", default="shapes", metavar="MODEL",
                    help="model whose vae/ is fine-tuned (name or folder; default shapes)")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output VAE folder")
-    p.add_argument("--shapes", type=int, default=8000, metavar="N",
-                   help="training scenes of the shapes world (default 8000)")
+    p.add_argument("--shapes", type=int, default=3000, metavar="N",
+                   help="training scenes of the shapes world (default 3000)")
     p.add_argument("--data-seed", type=int, default=10, help="seed of the training scenes")
-    p.add_argument("--crop", type=int, default=8, metavar="CELLS",
-                   help="latent crop side (default 8 = 64 px at 128; 0 = whole images)")
+    p.add_argument("--crop", type=int, default=0, metavar="CELLS",
+                   help="latent crop side (default 0 = whole images; 8 = 64 px at 128). Whole "
+                   "images are the default: the decoder's GroupNorm and mid-block attention see "
+                   "the whole latent at inference, and crops measured worse there")
     p.add_argument("--crop-margin", type=int, default=8, metavar="PX",
                    help="pixels along a crop's inner edges left out of the loss (default 8)")
     p.add_argument("--grad-weight", type=float, default=1.0,
@@ -172,8 +247,8 @@ def register_commands(subparsers):
                    help="held-out scenes for the before/after PSNR report (default 64; 0: none)")
     p.add_argument("--eval-seed", type=int, default=9000, help="seed of the held-out scenes")
     p.add_argument("--fp32", action="store_true", help="store float32 weights (default fp16)")
-    _common(p, steps=2000, batch=16, lr=1e-4)
-    p.set_defaults(func=_cmd_vae_decoder)
+    _common(p, steps=4000, batch=8, lr=3e-4)
+    p.set_defaults(func=_cmd_vae_decoder, out_kind=OUT_FOLDER)
 
     p = sub.add_parser(
         "ldm", description="Train a shapes-ldm model with the bundled model's recipe: VAE, then text encoder and UNet from scratch.", help="the recipe of the bundled shapes-ldm: VAE, then text encoder + UNet from "
@@ -192,5 +267,5 @@ def register_commands(subparsers):
     p.add_argument("--tokenizer", default="shapes", metavar="MODEL",
                    help="model folder or name whose tokenizer/ is copied (default shapes)")
     _common(p, steps=1292, batch=256, lr=3e-4)
-    p.set_defaults(func=_cmd_ldm)
+    p.set_defaults(func=_cmd_ldm, out_kind=OUT_FOLDER)
 

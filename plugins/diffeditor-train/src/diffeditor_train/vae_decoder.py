@@ -9,7 +9,7 @@ they are, so the latent space, and every UNet trained on it, stays valid; only t
   The target is the scene drawn **without** the world's pixel noise (the generator knows it), so
   the decoder is not asked to reproduce noise it cannot know; against the noisy source the best
   possible round trip is then about 38.6 dB (sigma 3).
-- **Crops** (``--crop C`` latent cells, 0 = whole images): a random C x C latent window, snapped
+- **Whole images** by default. **Crops** (``--crop C`` latent cells) are offered: a random C x C latent window, snapped
   to an image side with probability 1/2 per axis so that the borders (where the old decoder drew
   its frame) are trained often. Pixels within ``--crop-margin`` of a window edge that is not an
   image border are left out of the loss: the decoder cannot know what lies beyond such an edge.
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .components import model_folder
-from .loop import TrainError, autocast, sample_indices, train_loop
+from .loop import TrainError, autocast, commit_folder, sample_indices, train_loop
 
 ENCODER_PREFIXES = ("encoder.", "quant_conv.")
 DECODER_PREFIXES = ("decoder.", "post_quant_conv.")
@@ -154,9 +154,7 @@ def train_vae_decoder(args) -> dict:
         raise TrainError("--crop and --crop-margin must be at least 0")
     if not args.grad_weight >= 0:
         raise TrainError("--grad-weight must be at least 0")
-    out = Path(args.out)
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
-        raise TrainError(f"--out {out} exists; choose a new folder (outputs are never overwritten)")
+    out = Path(args.out)  # checked before training by the plugin's _prepare
     folder, _ = model_folder(args.model_from)
     device = torch.device(args.device)
     vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32,
@@ -230,9 +228,7 @@ def train_vae_decoder(args) -> dict:
     try:
         save = vae.to("cpu", torch.float32 if args.fp32 else torch.float16)
         save.save_pretrained(tmp, safe_serialization=True)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
+        commit_folder(tmp, out, replace=bool(args.force or args.resume))
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
