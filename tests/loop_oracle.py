@@ -152,17 +152,19 @@ class RecordingImagePrompt:
         return {"image_embeds": [vals.view(batch, 1, 1).to(dtype)]}
 
 
-def analytic_engine(like, dtype: torch.dtype = torch.float32):
+def analytic_engine(like, dtype: torch.dtype = torch.float32, prediction_type: str = "epsilon"):
     """An :class:`~diffeditor.engine.Engine` on the analytic UNet (weights rounded to bfloat16,
     so that a bfloat16 engine holds exactly the same weights, then in ``dtype``), with the real
-    VAE, text encoder, tokenizer and DDIM scheduler of the engine ``like``."""
-    import copy
+    VAE, text encoder, tokenizer and DDIM scheduler of the engine ``like`` (configured to read
+    the UNet's output as ``prediction_type``)."""
+    from diffusers import DDIMScheduler
 
     from diffeditor.engine import Engine
 
     unet = AnalyticUNet().to(torch.bfloat16).to(dtype)
+    scheduler = DDIMScheduler.from_config(like.scheduler.config, prediction_type=prediction_type)
     pipe = SimpleNamespace(unet=unet, vae=like.vae, text_encoder=like.text_encoder,
-                           tokenizer=like.tokenizer, scheduler=copy.deepcopy(like.scheduler))
+                           tokenizer=like.tokenizer, scheduler=scheduler)
     eng = Engine(pipe, model_id="analytic")
     eng.image_prompt = RecordingImagePrompt(unet)
     return eng
@@ -234,6 +236,16 @@ def reference_edit(eng, plan, spec, *, guidance_rows_batched: bool = False) -> R
     def alpha(t: int) -> float:
         return float(ac[t]) if t >= 0 else float(sch.final_alpha_cumprod)
 
+    kind = sch.config.prediction_type
+
+    def as_eps(out: Tensor, z: Tensor, a: float) -> Tensor:
+        """The noise the output means for a latent at level a (v = √a·ε − √(1−a)·x0)."""
+        if kind == "v_prediction":
+            return math.sqrt(a) * out + math.sqrt(1 - a) * z
+        if kind == "sample":
+            return (z - math.sqrt(a) * out) / math.sqrt(1 - a)
+        return out
+
     def cbar_of(prompt: str) -> Tensor:
         return unet.summary(eng.encode_text([prompt]))
 
@@ -257,6 +269,7 @@ def reference_edit(eng, plan, spec, *, guidance_rows_batched: bool = False) -> R
             e, _, toks = closed_form(unet, z[k], t, cbar_of(prompts[k]), None, g_inv, ip_cond)
             bank[i][k] = toks
             a_t, a_p = alpha(t), alpha(t_low)
+            e = as_eps(e, z[k], a_p)  # z[k] sits at a_p
             z[k] = math.sqrt(a_t) * (z[k] - math.sqrt(1 - a_p) * e) / math.sqrt(a_p) + math.sqrt(1 - a_t) * e
             inv[k].append(z[k])
 
@@ -313,9 +326,9 @@ def reference_edit(eng, plan, spec, *, guidance_rows_batched: bool = False) -> R
         kv = bank_kv(i) if i in bank_steps else None
         gamma = spec.image_prompt_scale if i in ip_steps else 0.0
         for u in range(passes):
-            e_c = closed_form(unet, x, t, cond_c, kv, gamma, ip_cond)[0]
+            e_c = as_eps(closed_form(unet, x, t, cond_c, kv, gamma, ip_cond)[0], x, a_t)
             if spec.guidance_scale != 1.0:
-                e_u = closed_form(unet, x, t, uncond_c, kv, gamma, ip_uncond)[0]
+                e_u = as_eps(closed_form(unet, x, t, uncond_c, kv, gamma, ip_uncond)[0], x, a_t)
                 eps = e_u + spec.guidance_scale * (e_c - e_u)
             else:
                 eps = e_c
@@ -363,7 +376,7 @@ def reference_edit(eng, plan, spec, *, guidance_rows_batched: bool = False) -> R
                             "eps_hat_minus_eps": (eps_hat - eps).detach().clone(),
                             "ratio": ratios if g_on else None})
             if u < passes - 1:  # time travel: back from t-Δ to t, eps at t-Δ, cond, no bank/ip
-                e_r = closed_form(unet, x_prev, max(t_low, 0), cond_c)[0]
+                e_r = as_eps(closed_form(unet, x_prev, max(t_low, 0), cond_c)[0], x_prev, a_p)
                 x = math.sqrt(a_t) * (x_prev - math.sqrt(1 - a_p) * e_r) / math.sqrt(a_p) \
                     + math.sqrt(1 - a_t) * e_r
         x = x_prev.detach()
