@@ -57,6 +57,39 @@ def model_family(unet_config, prediction_type: str = "epsilon", text_config=None
     return "sd1"
 
 
+def folder_family(folder: str | Path) -> str | None:
+    """:func:`model_family` of a diffusers pipeline folder, read from its config files (nothing
+    is loaded); ``None`` when they cannot be read."""
+    import json
+    from types import SimpleNamespace
+
+    def config(*parts: str):
+        try:
+            data = json.loads(Path(folder, *parts).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            return None
+        return SimpleNamespace(**data) if isinstance(data, dict) else None
+
+    unet = config("unet", "config.json")
+    if unet is None:
+        return None
+    sched = config("scheduler", "scheduler_config.json")
+    return model_family(unet, getattr(sched, "prediction_type", "epsilon"),
+                        config("text_encoder", "config.json"))
+
+
+def with_family_defaults(entry: ModelEntry | None, folder: str | Path) -> ModelEntry | None:
+    """``entry`` (a folder's card, or ``None``) with its family's defaults under its own; a
+    folder without a card whose family has defaults gets an entry holding just those."""
+    family = FAMILY_DEFAULTS.get(folder_family(folder) or "", {})
+    if not family:
+        return entry
+    if entry is None:
+        return ModelEntry(name=str(folder), location=str(folder), defaults=dict(family))
+    entry.defaults = {**family, **entry.defaults}
+    return entry
+
+
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
@@ -188,7 +221,7 @@ def resolve_model(model: str | None, registry=None) -> tuple[str, ModelEntry | N
         return entry.location, entry
     if Path(model).expanduser().exists():
         folder = Path(model).expanduser()
-        return str(folder), read_model_card(folder, reg)
+        return str(folder), with_family_defaults(read_model_card(folder, reg), folder)
     looks_like_path = model.startswith((".", "/", "~")) or model.count("/") != 1
     if looks_like_path:
         from .errors import ModelError
