@@ -334,6 +334,11 @@ class Editor:
         return parse_spec(spec, base_dir=base_dir, defaults=self.defaults(), registry=self.registry)
 
     def default_resolution(self) -> int:
+        """The model's (or its family's) ``resolution`` default; else 768 for a 512 px-native
+        model (the reference's), the native size below that."""
+        own = self.defaults().get("resolution")
+        if own:
+            return int(own)
         cfg = self.engine.unet.config
         size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
         native = size * self.engine.vae_scale

@@ -224,3 +224,26 @@ def test_feature_levels_past_the_unet_are_refused_in_one_line(sdxl, tmp_path):
     assert run.returncode != 0
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and "3 up_blocks" in lines[0], run.stderr
+
+
+@pytest.mark.parametrize("family, unet_params", [("sd2-v", 865_910_724), ("sdxl", 2_567_463_684)])
+def test_bench_random_models_have_the_real_architectures(family, unet_params):
+    """``diffeditor bench --random-sd2 / --random-sdxl``: their UNets (built on the meta
+    device: no memory) have the released models' parameter counts and read as their family."""
+    from diffusers import UNet2DConditionModel
+
+    from diffeditor import bench
+    from diffeditor.models import model_family
+
+    config = bench.sdxl_unet_config() if family == "sdxl" else bench.sd2_unet_config()
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**config)
+    assert sum(p.numel() for p in unet.parameters()) == unet_params
+    text = bench._clip_config(1024, 23, 16, "gelu", 512) if family == "sd2-v" else None
+    prediction = "v_prediction" if family == "sd2-v" else "epsilon"
+    assert model_family(unet.config, prediction, text) == family
+
+
+def test_bench_takes_one_random_model(tmp_path):
+    run = _cli("bench", "--random-sd2", "--random-sdxl", cwd=tmp_path)
+    assert run.returncode != 0 and "not allowed with" in run.stderr
