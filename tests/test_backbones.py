@@ -247,3 +247,24 @@ def test_bench_random_models_have_the_real_architectures(family, unet_params):
 def test_bench_takes_one_random_model(tmp_path):
     run = _cli("bench", "--random-sd2", "--random-sdxl", cwd=tmp_path)
     assert run.returncode != 0 and "not allowed with" in run.stderr
+
+
+@pytest.mark.parametrize("family", ["sd2v", "sdxl"])
+def test_every_builtin_task_edits_on_the_family(request, family, tmp_path):
+    """Each built-in task's benchmark scene (move, drag, paste, appearance, resize; compose
+    has none) edits on the tiny model through the Python API: finite, the input's size, not the input."""
+    from diffeditor.specs import parse_spec
+
+    ed = _editor(request.getfixturevalue(family))
+    names = sorted(set(ed.registry.bench_scenes) & {"move", "drag", "paste", "appearance", "resize"})
+    assert len(names) == 5
+    for name in names:
+        folder = tmp_path / name
+        folder.mkdir()
+        data = dict(ed.registry.bench_scenes[name].build(64, folder), steps=4, resolution=64,
+                    prompt=PROMPT)
+        spec = parse_spec(data, base_dir=folder, defaults=ed.defaults(), registry=ed.registry)
+        result = ed.edit(spec)
+        image = getattr(result, "image", result)
+        arr = torch.tensor(__import__("numpy").array(image), dtype=torch.float32)
+        assert torch.isfinite(arr).all() and arr.std() > 0, name
