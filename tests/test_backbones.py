@@ -268,3 +268,34 @@ def test_every_builtin_task_edits_on_the_family(request, family, tmp_path):
         image = getattr(result, "image", result)
         arr = torch.tensor(__import__("numpy").array(image), dtype=torch.float32)
         assert torch.isfinite(arr).all() and arr.std() > 0, name
+
+
+def test_sd2_image_prompt_loads_in_its_width_and_refuses_another_in_one_line(sd2v, tmp_path):
+    """SD 2.x: the IP-Adapter-Plus key layout sized to the UNet's cross-attention width (1024
+    for SD 2.x; here the tiny model's) attaches and edits; a file made for another width
+    (SD 1.5's 768 layout) is refused in one line naming the mismatch."""
+    from diffusers import UNet2DConditionModel
+    from test_image_prompt import TINY_CLIP_WIDTH, cross_attention_layers, make_ip_state_dict
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    unet = UNet2DConditionModel.from_pretrained(sd2v / "unet")
+    encoder = tmp_path / "image_encoder"
+    CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=TINY_CLIP_WIDTH, intermediate_size=37, num_hidden_layers=3,
+        num_attention_heads=4, image_size=32, patch_size=8, projection_dim=16)).save_pretrained(encoder)
+    write_disc_scene(tmp_path)
+    (tmp_path / "move.json").write_text(json.dumps(
+        {"task": "move", "image": "i.png", "mask": "m.png", "offset": [16, 8], "steps": 4,
+         "resolution": 64, "image_prompt_scale": 0.3}))
+    for name, cross in (("fits", unet.config.cross_attention_dim), ("other", 48)):
+        sd = make_ip_state_dict(cross_attention_layers(unet), cross_dim=cross,
+                                clip_dim=TINY_CLIP_WIDTH, width=64, heads=1)
+        torch.save(sd, tmp_path / f"{name}.bin")
+    ok = _cli("edit", "-q", "--device", "cpu", "--model", str(sd2v), "move.json", "--out", "a.png",
+              "--image-prompt-weights", "fits.bin", "--image-prompt-encoder", str(encoder), cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    bad = _cli("edit", "-q", "--device", "cpu", "--model", str(sd2v), "move.json", "--out", "b.png",
+               "--image-prompt-weights", "other.bin", "--image-prompt-encoder", str(encoder), cwd=tmp_path)
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode != 0 and len(lines) == 1 and "Traceback" not in bad.stderr, bad.stderr
+    print(lines[0])
