@@ -455,13 +455,12 @@ class Engine:
     def time_ids(self, latent_hw: tuple[int, int], batch: int) -> Tensor:
         """SDXL's added time ids ``(B, 6)``: original size, crop top-left, target size (pixels)."""
         h, w = latent_hw[0] * self.vae_scale, latent_hw[1] * self.vae_scale
-        return torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32,
-                            device=self.device).expand(batch, 6)
+        return torch.tensor([[h, w, 0, 0, h, w]]).float().expand(batch, 6)
 
     def to_eps(self, out: Tensor, z: Tensor, t: Tensor, a: Tensor | None = None) -> Tensor:
         """The model's output as ε (:func:`~diffeditor.sampling.eps_from_prediction`), at the
         noise level ``a`` of ``z`` (default: ᾱ of the timestep ``t`` the model was given)."""
-        if self.prediction_type == "epsilon":
+        if self.prediction_type == "epsilon":  # pragma: no mutate (a shortcut: no GPU sync for ᾱ)
             return out
         if a is None:
             a = self._alphas[int(torch.as_tensor(t).reshape(-1)[0])]

@@ -105,7 +105,8 @@ def test_one_inversion_step_equals_diffusers_ddim_inverse(prediction_type, n, pi
     theirs = inv.step(out, int(grid.timesteps[i]), z).prev_sample
     # the model is called at timestep t on the less noisy latent: its output is read at that
     # latent's own level ᾱ_prev
-    eps = eps_from_prediction(out, z, grid.alphas_prev[i], prediction_type)
+    # (ᾱ as a Python float here: the conversion computes in float64 whatever it is given)
+    eps = eps_from_prediction(out, z, float(grid.alphas_prev[i]), prediction_type)
     ours = ddim_invert_step(z, eps, grid.alphas_prev[i], grid.alphas[i])
     torch.testing.assert_close(ours, theirs, **TOL)
 
