@@ -71,6 +71,115 @@ def random_sd15(device: str, dtype: str, tokenizer_folder: str | None = None, re
     return pipe
 
 
+def _tokenizer(tokenizer_folder, registry, flag: str):
+    from transformers import CLIPTokenizer
+
+    if tokenizer_folder is None:
+        tokenizer_folder = _registered_tokenizer(registry) if registry is not None else None
+        if tokenizer_folder is None:
+            from .errors import DiffEditorError
+
+            raise DiffEditorError(f"{flag} needs SD's tokenizer: pass --tokenizer DIR, or "
+                                  "install a model plugin whose folder has one")
+    return CLIPTokenizer.from_pretrained(tokenizer_folder)
+
+
+def _sd_vae(scaling_factor: float = 0.18215):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        sample_size=512, scaling_factor=scaling_factor)
+
+
+def _ddim(prediction_type: str = "epsilon"):
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                         prediction_type=prediction_type)
+
+
+def sd2_unet_config() -> dict:
+    """SD 2.x 768-v's UNet (stabilityai/stable-diffusion-2's config)."""
+    return dict(sample_size=96, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+                cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+                use_linear_projection=True,
+                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+
+
+def sdxl_unet_config() -> dict:
+    """SDXL base 1.0's UNet."""
+    return dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+                use_linear_projection=True, cross_attention_dim=2048,
+                addition_embed_type="text_time", addition_time_embed_dim=256,
+                projection_class_embeddings_input_dim=2816)
+
+
+def _clip_config(hidden: int, layers: int, heads: int, act: str, projection: int = 768):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                          num_attention_heads=heads, max_position_embeddings=77, vocab_size=49408,
+                          hidden_act=act, projection_dim=projection)
+
+
+def random_sd2(device: str, dtype: str, tokenizer_folder: str | None = None, registry=None):
+    """SD 2.x 768-v's exact architecture with random weights: OpenCLIP ViT-H text tower as
+    diffusers converts it (23 layers, GELU), v-prediction."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from .models import resolve_device, resolve_dtype
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    tok = _tokenizer(tokenizer_folder, registry, "--random-sd2")
+    pipe = StableDiffusionPipeline(
+        vae=_sd_vae(), text_encoder=CLIPTextModel(_clip_config(1024, 23, 16, "gelu", 512)),
+        tokenizer=tok, unet=UNet2DConditionModel(**sd2_unet_config()),
+        scheduler=_ddim("v_prediction"), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pipe.to(dev, dt)
+    return pipe
+
+
+def random_sdxl(device: str, dtype: str, tokenizer_folder: str | None = None, registry=None):
+    """SDXL base's exact architecture with random weights: CLIP ViT-L and OpenCLIP bigG text
+    encoders (the second with projection: the pooled embedding), added time conditions."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from .models import resolve_device, resolve_dtype
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    tok = _tokenizer(tokenizer_folder, registry, "--random-sdxl")
+    pipe = StableDiffusionXLPipeline(
+        vae=_sd_vae(0.13025), text_encoder=CLIPTextModel(_clip_config(768, 12, 12, "quick_gelu")),
+        text_encoder_2=CLIPTextModelWithProjection(_clip_config(1280, 32, 20, "gelu", 1280)),
+        tokenizer=tok, tokenizer_2=tok, unet=UNet2DConditionModel(**sdxl_unet_config()),
+        scheduler=_ddim(), force_zeros_for_empty_prompt=True)
+    pipe.to(dev, dt)
+    return pipe
+
+
+RANDOM_MODELS = {"random-sd15": random_sd15, "random-sd2": random_sd2, "random-sdxl": random_sdxl}
+"""The benchmark's random-weight models by name (flags ``--random-sd15`` ...)."""
+
+
+def _random_name(args) -> str | None:
+    for name in RANDOM_MODELS:
+        if getattr(args, name.replace("-", "_"), False):
+            return name
+    return None
+
+
 def _peak_rss_gib() -> float | None:
     try:
         import resource
@@ -109,10 +218,10 @@ def load_bench_editor(args):
     from .editor import Editor
     from .engine import Engine
 
-    if args.random_sd15:
-        pipe = random_sd15(args.device, args.dtype, args.tokenizer, args.registry)
-        editor = Editor(Engine(pipe, model_id="random-sd15"), None, "random-sd15",
-                        registry=args.registry)
+    name = _random_name(args)
+    if name:
+        pipe = RANDOM_MODELS[name](args.device, args.dtype, args.tokenizer, args.registry)
+        editor = Editor(Engine(pipe, model_id=name), None, name, registry=args.registry)
     else:
         editor = Editor.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                         registry=args.registry)
@@ -175,7 +284,7 @@ def _header(args, editor, res: int) -> dict:
     return {
         "device": f"{dev} ({where})",
         "dtype": str(eng.dtype).replace("torch.", ""),
-        "model": "random-sd15" if args.random_sd15 else editor.model,
+        "model": _random_name(args) or editor.model,
         "resolution": res,
         "task": args.task,
         "steps": args.steps,
@@ -341,10 +450,15 @@ def add_bench_command(subparsers, registry=None) -> None:
     p.add_argument("--steps", type=int, default=50, help="DDIM steps of every timed run (default: 50)")
     p.add_argument("--repeats", type=int, default=3,
                    help="timed runs of each; medians are reported (default: 3)")
-    p.add_argument("--random-sd15", action="store_true",
-                   help="SD 1.5's architecture with random weights (no download; default: off)")
+    rand = p.add_mutually_exclusive_group()
+    rand.add_argument("--random-sd15", action="store_true",
+                      help="SD 1.5's architecture with random weights (no download; default: off)")
+    rand.add_argument("--random-sd2", action="store_true",
+                      help="SD 2.x 768-v's architecture with random weights (v-prediction, 768 px; default: off)")
+    rand.add_argument("--random-sdxl", action="store_true",
+                      help="SDXL base's architecture with random weights (two text encoders, 1024 px; default: off)")
     p.add_argument("--tokenizer", default=None, metavar="DIR",
-                   help="tokenizer folder for --random-sd15 (default: the shapes model's)")
+                   help="tokenizer folder for --random-* (default: the shapes model's)")
     p.add_argument("--reference-settings", action="store_true",
                    help="the reference's task defaults (CFG 4, ...) instead of the model's registered ones (default: the model's)")
     fast = p.add_argument_group("fast path (defaults: all on where measured faster)")
@@ -378,7 +492,7 @@ def add_bench_command(subparsers, registry=None) -> None:
         if errors:
             raise CheckErrors(errors)
         quiet_libraries()
-        _say(f"bench: loading {'random-sd15' if args.random_sd15 else args.model or 'the default model'}")
+        _say(f"bench: loading {_random_name(args) or args.model or 'the default model'}")
         editor = load_bench_editor(args)
         for res in args.resolution or [None]:
             if args.ablate:

@@ -140,7 +140,7 @@ class CFGDenoiser(Denoiser):
         where z_prev sits: ε_θ(z_{t-Δ}, t-Δ), the lower timestep. (Not decorated, so mutation
         testing reaches it.)"""
         with torch.no_grad():
-            eps = self.engine.eps(z_prev, step.t_prev, self.cond, [True])
+            eps = self.engine.eps(z_prev, step.t_prev, self.cond, [True], a=step.a_prev)
             return ddim_invert_step(z_prev, eps, step.a_prev, step.a_t)
 
     def constrain(self, z: Tensor, i: int) -> Tensor:

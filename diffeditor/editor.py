@@ -338,8 +338,21 @@ class Editor:
             raise SpecError(exc.args[0]) from None
 
     # -- specs --------------------------------------------------------------------------------
+    def family(self) -> str:
+        """The model family (:func:`~diffeditor.models.model_family`): ``sd1``, ``sd2``,
+        ``sd2-v`` or ``sdxl``."""
+        from .models import model_family
+
+        eng = self.engine
+        return model_family(eng.unet.config, eng.prediction_type,
+                            getattr(eng.text_encoder, "config", None))
+
     def defaults(self) -> dict[str, Any]:
-        return dict(self.entry.defaults) if self.entry else {}
+        """Spec-field defaults: the model family's, under the model's own."""
+        from .models import FAMILY_DEFAULTS
+
+        own = dict(self.entry.defaults) if self.entry else {}
+        return {**FAMILY_DEFAULTS.get(self.family(), {}), **own}
 
     def parse(self, spec: EditSpec | dict | str | Path, base_dir: str | Path | None = None) -> EditSpec:
         """Validate a spec (object, dict or file path) with this model's defaults."""
@@ -348,6 +361,11 @@ class Editor:
         return parse_spec(spec, base_dir=base_dir, defaults=self.defaults(), registry=self.registry)
 
     def default_resolution(self) -> int:
+        """The model's (or its family's) ``resolution`` default; else 768 for a 512 px-native
+        model (the reference's), the native size below that."""
+        own = self.defaults().get("resolution")
+        if own:
+            return int(own)
         cfg = self.engine.unet.config
         size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
         native = size * self.engine.vae_scale

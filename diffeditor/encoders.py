@@ -22,18 +22,43 @@ from .hookspecs import hookimpl
 from .interfaces import ImagePromptAdapter, TextPromptEncoder
 
 
+def _ids(tok, prompts: list[str], device) -> Tensor:
+    return tok(prompts, padding="max_length", max_length=tok.model_max_length,
+               truncation=True, return_tensors="pt").input_ids.to(device)
+
+
 class ClipTextEncoder(TextPromptEncoder):
-    """The model's tokenizer and CLIP text model (padded to the tokenizer's 77 tokens)."""
+    """The model's tokenizer and CLIP text model (padded to the tokenizer's 77 tokens).
+
+    * SD 1.x and 2.x: the text model's last hidden state (SD 2.x's OpenCLIP ViT-H as diffusers
+      converts it: a ``CLIPTextModel`` whose config already drops the last layer);
+    * SDXL (the engine has ``text_encoder_2``): both encoders' penultimate hidden states side
+      by side (768 + 1280 = 2048 wide), and the second one's pooled, projected embedding
+      carried as one more token (zero-padded to the width) at the end: ``(B, 78, 2048)``; the
+      engine splits it off into ``added_cond_kwargs["text_embeds"]`` for every UNet call.
+    """
 
     name = "clip"
     description = "the model's CLIP text encoder (Stable Diffusion's own conditioning)"
 
     @torch.no_grad()
     def encode(self, engine: Any, prompts: list[str]) -> Tensor:
-        tok = engine.tokenizer
-        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length,
-                  truncation=True, return_tensors="pt").input_ids.to(engine.text_encoder.device)
-        return engine.text_encoder(ids)[0]
+        enc2 = getattr(engine, "text_encoder_2", None)
+        if enc2 is None:
+            ids = _ids(engine.tokenizer, prompts, engine.text_encoder.device)
+            return engine.text_encoder(ids)[0]
+        states = []
+        for tok, enc in ((engine.tokenizer, engine.text_encoder), (engine.tokenizer_2, enc2)):
+            out = enc(_ids(tok, prompts, enc.device), output_hidden_states=True)
+            states.append(out.hidden_states[-2])
+        pooled = out[0]  # CLIPTextModelWithProjection: text_embeds (B, projection_dim)
+        hidden = torch.cat([s.to(pooled.dtype) for s in states], dim=-1)
+        if pooled.shape[-1] > hidden.shape[-1]:
+            raise ValueError(f"pooled embedding of width {pooled.shape[-1]} is wider than the "
+                             f"context ({hidden.shape[-1]})")
+        last = torch.zeros_like(hidden[:, :1])
+        last[:, 0, : pooled.shape[-1]] = pooled
+        return torch.cat([hidden, last], dim=1)
 
 
 class IPAdapterImagePrompt(ImagePromptAdapter):

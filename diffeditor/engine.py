@@ -35,7 +35,14 @@ from .errors import SpecError
 from .features import decoder_features, output_and_features
 from .interfaces import EditPlan, Features
 from .samplers import DIFFEDITOR, Sampler, StepCallback, sample_ddim
-from .sampling import DDIMTimesteps, bound_guidance, combine_cfg, ddim_invert
+from .sampling import (
+    PREDICTION_TYPES,
+    DDIMTimesteps,
+    bound_guidance,
+    combine_cfg,
+    ddim_invert,
+    eps_from_prediction,
+)
 from .schedule import Schedule
 
 log = logging.getLogger(__name__)
@@ -62,6 +69,12 @@ class _OwnedOutputs:  # pragma: no mutate block
 
     def __getattr__(self, name):
         return getattr(self._compiled, name)
+
+
+def _pooled_dim(config) -> int:
+    """Width of the pooled text embedding an SDXL-layout UNet (``addition_embed_type:
+    text_time``) expects: its added projection's input less the six time-id embeddings."""
+    return int(config.projection_class_embeddings_input_dim) - 6 * int(config.addition_time_embed_dim)
 
 
 def _by_image(feats: Features, names) -> dict[str, Features]:
@@ -275,6 +288,27 @@ class Engine:
         self.tokenizer = pipe.tokenizer
         self.scheduler = pipe.scheduler
         self.model_id = model_id
+        #: what the UNet predicts (the scheduler's ``prediction_type``): every output is
+        #: converted to ε in :meth:`eps` (:func:`~diffeditor.sampling.eps_from_prediction`)
+        self.prediction_type = getattr(self.scheduler.config, "prediction_type", "epsilon")
+        if self.prediction_type not in PREDICTION_TYPES:
+            from .errors import ModelError
+
+            raise ModelError(f"the model's scheduler predicts {str(self.prediction_type)[:40]!r}; "
+                             f"diffeditor supports {', '.join(PREDICTION_TYPES)}")
+        self._alphas = self.scheduler.alphas_cumprod.double()
+        #: SDXL: the second tokenizer and text encoder (CLIP with projection: the pooled
+        #: embedding), and the width of that pooled embedding (0: no added conditions)
+        self.tokenizer_2 = getattr(pipe, "tokenizer_2", None)
+        self.text_encoder_2 = getattr(pipe, "text_encoder_2", None)
+        self.pooled_dim = 0
+        if getattr(self.unet.config, "addition_embed_type", None) == "text_time":
+            self.pooled_dim = _pooled_dim(self.unet.config)
+        pipe_config = getattr(pipe, "config", None)
+        #: SDXL's unconditional branch: zeros instead of the encoded empty prompt (diffusers'
+        #: ``force_zeros_for_empty_prompt``, true for SDXL base)
+        self.zero_uncond = bool(self.pooled_dim and pipe_config is not None
+                                and pipe_config.get("force_zeros_for_empty_prompt", False))
         self.image_prompt = None  # an ImagePromptEncoder, when the model has image-prompt weights
         #: the text prompt encoder (a registered TextPromptEncoder; the Editor sets the spec's)
         self.text_prompt_encoder = CLIP
@@ -290,7 +324,9 @@ class Engine:
                                         "vae_tiling": False, "compile": None}
         self._text_cache: dict[tuple[str, str], Tensor] = {}
         self._unet32 = None  # float32 copy for guidance_precision: float32 (made on first use)
-        for module in (self.unet, self.vae, self.text_encoder):
+        for module in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
+            if module is None:
+                continue
             module.requires_grad_(False)
             module.eval()
 
@@ -377,6 +413,13 @@ class Engine:
         return torch.stack([self._text_cache[k] for k in keys])
 
     @torch.no_grad()
+    def encode_uncond(self) -> Tensor:
+        """The unconditional branch's context: the empty prompt's embedding, or zeros for an
+        SDXL model that asks for them (``force_zeros_for_empty_prompt``, as diffusers does)."""
+        emb = self.encode_text([""])
+        return torch.zeros_like(emb) if self.zero_uncond else emb
+
+    @torch.no_grad()
     def encode_image(self, image: Tensor) -> Tensor:
         """``(B, 3, H, W)`` in [-1, 1] -> scaled latent (posterior mean), float32."""
         x = image.to(self.vae.device, self.vae.dtype)
@@ -394,16 +437,47 @@ class Engine:
             return {}
         return {"added_cond_kwargs": self.image_prompt.added_cond_kwargs(batch, cond_rows)}
 
+    def _unet_inputs(self, z: Tensor, context: Tensor, cond_rows: list[bool] | None = None
+                     ) -> tuple[Tensor, dict]:
+        """``(encoder_hidden_states, extra kwargs)`` of one UNet call on the batch ``z``: the
+        image prompt's tokens and, for SDXL, the added conditions of every row: its pooled text
+        embedding (carried as the context's last token, see :class:`ClipTextEncoder`) and the
+        time ids (original size, crop (0, 0), target size: the working size of ``z``)."""
+        kwargs = self._unet_kwargs(z.shape[0], cond_rows)
+        if not self.pooled_dim:
+            return context, kwargs
+        added = dict(kwargs.get("added_cond_kwargs", {}))
+        added["text_embeds"] = context[:, -1, : self.pooled_dim]
+        added["time_ids"] = self.time_ids(tuple(z.shape[-2:]), z.shape[0]).to(context)
+        kwargs["added_cond_kwargs"] = added
+        return context[:, :-1], kwargs
+
+    def time_ids(self, latent_hw: tuple[int, int], batch: int) -> Tensor:
+        """SDXL's added time ids ``(B, 6)``: original size, crop top-left, target size (pixels)."""
+        h, w = latent_hw[0] * self.vae_scale, latent_hw[1] * self.vae_scale
+        return torch.tensor([[h, w, 0, 0, h, w]]).float().expand(batch, 6)
+
+    def to_eps(self, out: Tensor, z: Tensor, t: Tensor, a: Tensor | None = None) -> Tensor:
+        """The model's output as ε (:func:`~diffeditor.sampling.eps_from_prediction`), at the
+        noise level ``a`` of ``z`` (default: ᾱ of the timestep ``t`` the model was given)."""
+        if self.prediction_type == "epsilon":  # pragma: no mutate (a shortcut: no GPU sync for ᾱ)
+            return out
+        if a is None:
+            a = self._alphas[int(torch.as_tensor(t).reshape(-1)[0])]
+        return eps_from_prediction(out, z.float(), a, self.prediction_type)
+
     @torch.no_grad()
-    def eps(self, z: Tensor, t: Tensor, context: Tensor, cond_rows: list[bool] | None = None) -> Tensor:
-        """Noise prediction in float32 for a batch (never differentiated: guidance enters
-        through :meth:`features`)."""
+    def eps(self, z: Tensor, t: Tensor, context: Tensor, cond_rows: list[bool] | None = None,
+            a: Tensor | None = None) -> Tensor:
+        """Noise prediction ε in float32 for a batch (never differentiated: guidance enters
+        through :meth:`features`), converted from the model's prediction type at the noise
+        level ``a`` of ``z`` (default: the timestep's)."""
         self.counters.unet_forward += 1
+        ctx, kwargs = self._unet_inputs(z, context, cond_rows)
         out = self.net(
-            z.to(self.dtype), t, encoder_hidden_states=context, return_dict=False,
-            **self._unet_kwargs(z.shape[0], cond_rows),
+            z.to(self.dtype), t, encoder_hidden_states=ctx, return_dict=False, **kwargs,
         )[0]
-        return out.float()
+        return self.to_eps(out.float(), z, t, a)
 
     @staticmethod
     def _cfg_rows(z: Tensor, cond: Tensor, context: Tensor, scale: float) -> tuple[Tensor, Tensor, list[bool]]:
@@ -422,13 +496,14 @@ class Engine:
 
     def features(self, z: Tensor, t: Tensor, context: Tensor, levels, scale, net=None) -> Features:
         self.counters.unet_partial += 1
-        kwargs = self._unet_kwargs(z.shape[0], [True] * z.shape[0])
+        context, kwargs = self._unet_inputs(z, context, [True] * z.shape[0])
         if net is not None:  # another precision: its inputs follow
             dtype = next(net.parameters()).dtype
             context = context.to(dtype)
             if "added_cond_kwargs" in kwargs:
-                kwargs["added_cond_kwargs"] = {k: [e.to(dtype) for e in v]
-                                               for k, v in kwargs["added_cond_kwargs"].items()}
+                kwargs["added_cond_kwargs"] = {
+                    k: [e.to(dtype) for e in v] if isinstance(v, list) else v.to(dtype)
+                    for k, v in kwargs["added_cond_kwargs"].items()}
         return decoder_features(net if net is not None else self.net, z, t, context, tuple(levels),
                                 scale, kwargs)
 
@@ -528,7 +603,9 @@ class Engine:
             bank.step = i
             if image_prompt is not None:
                 self._set_image_prompt(image_prompt[0] if i in image_prompt[1] else 0.0)
-            return self.eps(z, grid.timesteps[i].to(self.device), context, [True] * len(names))
+            # the model sees the next timestep; its output is read at z's own level
+            return self.eps(z, grid.timesteps[i].to(self.device), context, [True] * len(names),
+                            a=grid.alphas_prev[i])
 
         def tick(i: int, z: Tensor) -> None:
             if bar is not None:
@@ -645,6 +722,10 @@ class Engine:
             sched_spec = spec.schedule.with_preset(schedules)
         except KeyError as exc:
             raise SpecError(exc.args[0], "schedule.preset") from None
+        blocks = len(self.unet.up_blocks)
+        if any(lv >= blocks for lv in spec.feature_levels):
+            raise SpecError(f"feature levels {list(spec.feature_levels)}: this UNet has "
+                            f"{blocks} up_blocks (0..{blocks - 1})", "feature_levels")
         sched = Schedule.resolve(sched_spec, spec.steps, plan.attention.window)
         sde_mask = plan.sde_mask if spec.sde_region == "regional" else None
         s = Settings.from_spec(spec, sched, None if sde_mask is None else sde_mask.to(self.device))
@@ -729,7 +810,7 @@ class Engine:
     def denoiser(self, plan: EditPlan, s: Settings, inv: Inversion, policy, log: list | None = None) -> Denoiser:
         """The edit's denoiser: CFG UNet, memory bank, image prompt, regional guidance, pins."""
         cond = self.encode_text([plan.prompts.get("source", "")])
-        context = torch.cat([self.encode_text([""]), cond])
+        context = torch.cat([self.encode_uncond(), cond])
         names = list(plan.images)
         ref_contexts = self.encode_text([plan.prompts.get(k, "") for k in names])
         n = s.steps
@@ -765,15 +846,14 @@ class Engine:
         self.counters.unet_forward += 1
         self.counters.merged_reference += 1
         bank.inject_rows = k
+        ctx_all, kwargs = self._unet_inputs(batch, torch.cat([ctx, contexts]),
+                                            rows + [True] * len(names))
         try:
-            out, feats = output_and_features(
-                self.net, batch, t, torch.cat([ctx, contexts]), slice(k, None),
-                tuple(levels), scale,
-                self._unet_kwargs(batch.shape[0], rows + [True] * len(names)),
-            )
+            out, feats = output_and_features(self.net, batch, t, ctx_all, slice(k, None),
+                                             tuple(levels), scale, kwargs)
         finally:
             bank.inject_rows = None
-        return out[:k].float(), _by_image(feats, names)
+        return self.to_eps(out[:k].float(), zz, t), _by_image(feats, names)
 
     @torch.no_grad()
     def _reference_features(self, inv: Inversion, names, contexts, i: int, t, spec) -> dict[str, Features]:
@@ -807,4 +887,4 @@ class Engine:
 
     def _plain_denoiser(self, prompt: str, guidance_scale: float) -> CFGDenoiser:
         cond = self.encode_text([prompt])
-        return CFGDenoiser(self, cond, torch.cat([self.encode_text([""]), cond]), guidance_scale)
+        return CFGDenoiser(self, cond, torch.cat([self.encode_uncond(), cond]), guidance_scale)

@@ -90,7 +90,12 @@ class ImagePromptRuntime:
     @classmethod
     def load(cls, engine, weights: str | os.PathLike[str], encoder_folder: str | os.PathLike[str]):
         """Attach ``weights`` (``ip_sd15_64.bin`` layout) to the engine's UNet and load the CLIP
-        image encoder from ``encoder_folder``."""
+        image encoder from ``encoder_folder``. An SDXL UNet is refused (its
+        ``ip-adapter-plus_sdxl`` layout is not supported yet)."""
+        if getattr(engine, "pooled_dim", 0):
+            raise ImagePromptError("the image prompt supports SD 1.x UNets (ip_sd15_64.bin layout); "
+                                   "SDXL's ip-adapter-plus_sdxl layout is not supported yet: edit "
+                                   "without --image-prompt")
         attach_image_prompt(engine.unet, load_ip_state_dict(weights), 0.0)
         enc = ImagePromptEncoder.from_pretrained(encoder_folder, engine.device, engine.dtype)
         return cls(engine.unet, enc)

@@ -1,4 +1,4 @@
-"""Model loading: SD 1.x-layout diffusers pipelines from a hub id, a local folder or a name."""
+"""Model loading: SD 1.x, 2.x and SDXL diffusers pipelines from a hub id, a local folder or a name."""
 
 from __future__ import annotations
 
@@ -31,6 +31,64 @@ class ModelEntry:
     description: str = ""
     defaults: dict[str, Any] = field(default_factory=dict)
     image_prompt: dict[str, str] | None = None
+
+
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sd1": {},  # the spec's own defaults (resolution: the reference's 768)
+    "sd2": {},  # SD 2.x base (512 px, epsilon): as SD 1.x
+    "sd2-v": {"resolution": 768},  # SD 2.x 768-v: its native size
+    # SDXL: its native size; guidance features from up_blocks 0 and 1 (docs/backbones.md: the
+    # same resolutions, 1/2 and 1/1 of the latent, as SD 1.x's levels 1 and 2)
+    "sdxl": {"resolution": 1024, "feature_levels": [0, 1]},
+}
+"""Spec-field defaults per model family, applied under a model's own (registered entry or
+``diffeditor.json`` card) and the user's values; :func:`model_family` names the family."""
+
+
+def model_family(unet_config, prediction_type: str = "epsilon", text_config=None) -> str:
+    """``sdxl`` (added text/time conditions), ``sd2-v`` / ``sd2`` (an OpenCLIP text encoder as
+    diffusers converts it: GELU activations, 1024 wide; v or ε prediction) or ``sd1``, read from
+    the UNet's and text encoder's configs and the scheduler's prediction type."""
+    if getattr(unet_config, "addition_embed_type", None) == "text_time":
+        return "sdxl"
+    open_clip = (getattr(unet_config, "cross_attention_dim", None) == 1024
+                 or getattr(text_config, "hidden_act", None) == "gelu")
+    if open_clip:
+        return "sd2-v" if prediction_type == "v_prediction" else "sd2"
+    return "sd1"
+
+
+def folder_family(folder: str | Path) -> str | None:
+    """:func:`model_family` of a diffusers pipeline folder, read from its config files (nothing
+    is loaded); ``None`` when they cannot be read."""
+    import json
+    from types import SimpleNamespace
+
+    def config(*parts: str):
+        try:
+            data = json.loads(Path(folder, *parts).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            return None
+        return SimpleNamespace(**data) if isinstance(data, dict) else None
+
+    unet = config("unet", "config.json")
+    if unet is None:
+        return None
+    sched = config("scheduler", "scheduler_config.json")
+    return model_family(unet, getattr(sched, "prediction_type", "epsilon"),
+                        config("text_encoder", "config.json"))
+
+
+def with_family_defaults(entry: ModelEntry | None, folder: str | Path) -> ModelEntry | None:
+    """``entry`` (a folder's card, or ``None``) with its family's defaults under its own; a
+    folder without a card whose family has defaults gets an entry holding just those."""
+    family = FAMILY_DEFAULTS.get(folder_family(folder) or "", {})
+    if not family:
+        return entry
+    if entry is None:
+        return ModelEntry(name=str(folder), location=str(folder), defaults=dict(family))
+    entry.defaults = {**family, **entry.defaults}
+    return entry
 
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -249,7 +307,7 @@ def resolve_model(model: str | None, registry=None) -> tuple[str, ModelEntry | N
                                  f"({' or '.join(SINGLE_FILE_SUFFIXES)}); a diffusers model is a "
                                  "folder: pass the folder")
             return str(folder), None
-        return str(folder), read_model_card(folder, reg)
+        return str(folder), with_family_defaults(read_model_card(folder, reg), folder)
     if is_single_file(model):
         from .errors import ModelError
 
@@ -348,16 +406,26 @@ def load_pipeline(location: str, device=None, dtype=None, local_files_only: bool
             check_model_folder(location)
         if local_files_only is None:
             local_files_only = is_dir or os.environ.get("HF_HUB_OFFLINE", "") in ("1", "true")
+        xl = is_dir and is_sdxl_folder(location)
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                location, dtype=dt, local_files_only=local_files_only,
-                safety_checker=None, requires_safety_checker=False, feature_extractor=None,
-            )
+            if xl:
+                from diffusers import StableDiffusionXLPipeline
+
+                pipe = StableDiffusionXLPipeline.from_pretrained(
+                    location, dtype=dt, local_files_only=local_files_only,
+                    image_encoder=None, feature_extractor=None)
+            else:
+                pipe = StableDiffusionPipeline.from_pretrained(
+                    location, dtype=dt, local_files_only=local_files_only,
+                    safety_checker=None, requires_safety_checker=False, feature_extractor=None,
+                )
         except Exception as exc:  # a library's error for a bad folder: one line, never a traceback
             if is_dir:
+                need = "text_encoder_2/, tokenizer_2/, " if xl else ""
                 raise ModelError(
-                    f"{location} is not a loadable SD 1.x diffusers pipeline folder ({_first_line(exc)}); "
-                    "it needs model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/"
+                    f"{location} is not a loadable {'SDXL' if xl else 'SD 1.x/2.x'} diffusers "
+                    f"pipeline folder ({_first_line(exc)}); it needs model_index.json, unet/, "
+                    f"vae/, text_encoder/, tokenizer/, {need}scheduler/"
                 ) from None
             raise ModelError(_missing_model_message(location, exc, registry)) from None
     if vae is not None:
@@ -687,6 +755,20 @@ def file_hash(path: str | Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return "sha256:" + h.hexdigest()
+
+
+def is_sdxl_folder(folder: str | Path) -> bool:
+    """Whether a diffusers pipeline folder holds an SDXL pipeline (its ``model_index.json``
+    names a second text encoder, or an SDXL pipeline class)."""
+    import json
+
+    try:
+        index = json.loads((Path(folder) / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    if not isinstance(index, dict):
+        return False
+    return "text_encoder_2" in index or str(index.get("_class_name", "")).startswith("StableDiffusionXL")
 
 
 def _first_line(exc: BaseException) -> str:

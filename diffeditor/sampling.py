@@ -56,6 +56,32 @@ class DDIMTimesteps:
         return cls(ts, ac[ts], a_prev, prev.clamp(min=0))
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+"""What a UNet may predict (diffusers' scheduler ``prediction_type``): the noise ε, the velocity
+v = √ᾱ·ε − √(1−ᾱ)·x0 (SD 2.x 768-v), or the clean sample x0."""
+
+
+def eps_from_prediction(out: Tensor, z: Tensor, a: Tensor | float, prediction_type: str) -> Tensor:
+    """The noise ε implied by a model's output ``out`` for the latent ``z`` at noise level
+    ``a`` = ᾱ (the one place a prediction type is read; every ε consumer gets this):
+
+    * ``epsilon``: ``out`` itself (returned as is: ε-models stay bit-identical);
+    * ``v_prediction``: ε = √ᾱ·v + √(1−ᾱ)·z;
+    * ``sample``: ε = (z − √ᾱ·x0)/√(1−ᾱ).
+
+    ``a`` is the level of ``z`` (as diffusers' ``DDIMScheduler`` and ``DDIMInverseScheduler``
+    read it): in a denoising step the step's own ᾱ_t, in an inversion step (the model called at
+    the next timestep on the less noisy latent) the latent's ᾱ_prev."""
+    if prediction_type == "epsilon":
+        return out
+    a = torch.as_tensor(a, dtype=torch.float64)
+    if prediction_type == "v_prediction":
+        return float(a.sqrt()) * out + float((1 - a).sqrt()) * z.to(out.dtype)
+    if prediction_type == "sample":
+        return (z.to(out.dtype) - float(a.sqrt()) * out) / float((1 - a).clamp(min=1e-12).sqrt())
+    raise ValueError(f"prediction_type {prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}")
+
+
 def sde_sigma(eta: float | Tensor, a_t: Tensor, a_prev: Tensor) -> Tensor:
     """σ_t(η) = η·√((1−ᾱ_prev)/(1−ᾱ_t)·(1−ᾱ_t/ᾱ_prev)), DDIM's stochasticity (diffusers'
     ``DDIMScheduler._get_variance`` times η)."""

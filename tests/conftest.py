@@ -24,6 +24,7 @@ SHARED = Path(os.environ.get("DIFFEDITOR_SHARED", REPO.parent / "shared"))
 # one test; files that do not exist (yet) are simply not there. They get the ``mutation`` marker, which pyproject's [tool.mutmut] selects.
 MUTATION_SUITE = frozenset({
     "test_sampling_properties.py",
+    "test_prediction_types.py",
     "test_schedule.py",
     "test_guidance_bound.py",
     "test_attention_bank.py",

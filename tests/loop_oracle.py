@@ -57,6 +57,8 @@ class Call:
     gamma: float
     ip: Tensor | None  # (B,) image-prompt token value per row
     out: Tensor | None = None  # eps; None for a feature pass stopped early
+    pooled: Tensor | None = None  # SDXL layout: (B,) summary of each row's text_embeds
+    time_ids: Tensor | None = None  # SDXL layout: (B, 6)
 
 
 class _Block(torch.nn.Module):
@@ -81,12 +83,17 @@ class _Block(torch.nn.Module):
 class AnalyticUNet(torch.nn.Module):
     """See the module docstring."""
 
-    def __init__(self, sample_size: int = 8):
+    def __init__(self, sample_size: int = 8, pooled_dim: int = 0):
         super().__init__()
         gen = torch.Generator().manual_seed(1234)
         self._proj: Tensor | None = None
         self.up_blocks = torch.nn.ModuleList([_Block(j, gen) for j in range(3)])
         self.config = SimpleNamespace(in_channels=C, sample_size=sample_size)
+        if pooled_dim:  # SDXL's layout: added text (pooled) and time conditions
+            self.config = SimpleNamespace(
+                in_channels=C, sample_size=sample_size, addition_embed_type="text_time",
+                addition_time_embed_dim=8, projection_class_embeddings_input_dim=pooled_dim + 48)
+            self.pooled_proj = torch.randn(pooled_dim, generator=torch.Generator().manual_seed(98))
         self.ip_scale = 0.0
         self.calls: list[Call] = []
 
@@ -107,6 +114,12 @@ class AnalyticUNet(torch.nn.Module):
                 added_cond_kwargs=None, **_):
         dtype = self.up_blocks[0].attn1.to_q.weight.dtype  # computes in its weights' dtype
         given = [sample.dtype, encoder_hidden_states.dtype]
+        added = dict(added_cond_kwargs or {})
+        sdxl = getattr(self.config, "addition_embed_type", None) == "text_time"
+        if sdxl and not {"text_embeds", "time_ids"} <= set(added):  # as SDXL's UNet refuses
+            raise ValueError("an SDXL UNet needs text_embeds and time_ids in added_cond_kwargs")
+        if "image_embeds" not in added:
+            added_cond_kwargs = None
         if added_cond_kwargs is not None:
             given.append(added_cond_kwargs["image_embeds"][0].dtype)
         if any(d != dtype for d in given):  # as a real UNet's layers would refuse them
@@ -123,13 +136,27 @@ class AnalyticUNet(torch.nn.Module):
                     sample.requires_grad, mode, step, rows, float(self.ip_scale),
                     None if ip is None else ip.float().clone())
         self.calls.append(call)
+        if sdxl:  # recorded before the blocks: a feature pass stops after one
+            call.pooled = self.pooled_summary(added["text_embeds"].detach().float())
+            call.time_ids = added["time_ids"].detach().float().clone()
         eps = (0.3 + 0.4 * t / 1000) * z + 0.5 * cbar
         for j, block in enumerate(self.up_blocks):  # hooks may stop the pass after a block
             eps = eps + U_J[j] * block(z, t, cbar)
         if ip is not None:
             eps = eps + self.ip_scale * ip.view(b, 1, 1, 1)
+        if sdxl:
+            eps = eps + added_term(call.pooled, call.time_ids).view(b, 1, 1, 1).to(dtype)
         call.out = eps.detach().float().clone()
         return (eps,) if not return_dict else SimpleNamespace(sample=eps)
+
+    def pooled_summary(self, pooled: Tensor) -> Tensor:
+        """p̄ per row: ``<pooled, Q>/√|Q|`` with a fixed random Q, ``(B,)``."""
+        return (pooled * self.pooled_proj).sum(dim=1) / math.sqrt(self.pooled_proj.numel())
+
+
+def added_term(pbar: Tensor, time_ids: Tensor) -> Tensor:
+    """What SDXL's added conditions add to the analytic noise prediction, per row."""
+    return 0.5 * pbar + 0.2 * time_ids.sum(dim=1) / 1000
 
 
 class RecordingImagePrompt:
@@ -152,17 +179,24 @@ class RecordingImagePrompt:
         return {"image_embeds": [vals.view(batch, 1, 1).to(dtype)]}
 
 
-def analytic_engine(like, dtype: torch.dtype = torch.float32):
+def analytic_engine(like, dtype: torch.dtype = torch.float32, prediction_type: str = "epsilon",
+                    text_encoder_2=None):
     """An :class:`~diffeditor.engine.Engine` on the analytic UNet (weights rounded to bfloat16,
     so that a bfloat16 engine holds exactly the same weights, then in ``dtype``), with the real
-    VAE, text encoder, tokenizer and DDIM scheduler of the engine ``like``."""
-    import copy
+    VAE, text encoder, tokenizer and DDIM scheduler of the engine ``like`` (configured to read
+    the UNet's output as ``prediction_type``)."""
+    from diffusers import DDIMScheduler
 
     from diffeditor.engine import Engine
 
-    unet = AnalyticUNet().to(torch.bfloat16).to(dtype)
+    pooled = text_encoder_2.config.projection_dim if text_encoder_2 is not None else 0
+    unet = AnalyticUNet(pooled_dim=pooled).to(torch.bfloat16).to(dtype)
+    scheduler = DDIMScheduler.from_config(like.scheduler.config, prediction_type=prediction_type)
     pipe = SimpleNamespace(unet=unet, vae=like.vae, text_encoder=like.text_encoder,
-                           tokenizer=like.tokenizer, scheduler=copy.deepcopy(like.scheduler))
+                           tokenizer=like.tokenizer, scheduler=scheduler)
+    if text_encoder_2 is not None:  # SDXL's layout: a second encoder, zeros for the uncond
+        pipe.text_encoder_2, pipe.tokenizer_2 = text_encoder_2, like.tokenizer
+        pipe.config = {"force_zeros_for_empty_prompt": True}
     eng = Engine(pipe, model_id="analytic")
     eng.image_prompt = RecordingImagePrompt(unet)
     return eng
@@ -183,10 +217,12 @@ def _attention(blk: _Block, q_tokens: Tensor, kv_tokens: Tensor | None = None,
     return (w @ v) @ a.to_out[0].weight.T
 
 
-def closed_form(unet: AnalyticUNet, z: Tensor, t: int, cbar: Tensor, kv=None, gamma: float = 0.0,
+def closed_form(unet: AnalyticUNet, z: Tensor, t: int, cbar, kv=None, gamma: float = 0.0,
                 ip: Tensor | None = None) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """``(eps, block outputs, tokens per block)`` of the analytic UNet without its modules'
-    forward (``kv(j, tokens)`` returns the keys/values block ``j`` attends to, or ``None``)."""
+    forward (``kv(j, tokens)`` returns the keys/values block ``j`` attends to, or ``None``).
+    ``cbar`` may be ``(c̄, added)``: the SDXL layout's added-conditions term of the row."""
+    cbar, added = cbar if isinstance(cbar, tuple) else (cbar, None)
     b, _, h, w = z.shape
     cb = cbar.view(b, 1, 1, 1)
     eps = (0.3 + 0.4 * t / 1000) * z + 0.5 * cb
@@ -202,6 +238,8 @@ def closed_form(unet: AnalyticUNet, z: Tensor, t: int, cbar: Tensor, kv=None, ga
         eps = eps + U_J[j] * f
     if ip is not None:
         eps = eps + gamma * ip.view(b, 1, 1, 1)
+    if added is not None:
+        eps = eps + added.view(b, 1, 1, 1)
     return eps, feats, toks
 
 
@@ -234,8 +272,37 @@ def reference_edit(eng, plan, spec, *, guidance_rows_batched: bool = False) -> R
     def alpha(t: int) -> float:
         return float(ac[t]) if t >= 0 else float(sch.final_alpha_cumprod)
 
-    def cbar_of(prompt: str) -> Tensor:
-        return unet.summary(eng.encode_text([prompt]))
+    kind = sch.config.prediction_type
+
+    def as_eps(out: Tensor, z: Tensor, a: float) -> Tensor:
+        """The noise the output means for a latent at level a (v = √a·ε − √(1−a)·x0)."""
+        if kind == "v_prediction":
+            return math.sqrt(a) * out + math.sqrt(1 - a) * z
+        if kind == "sample":
+            return (z - math.sqrt(a) * out) / math.sqrt(1 - a)
+        return out
+
+    sdxl = getattr(unet.config, "addition_embed_type", None) == "text_time"
+
+    def cbar_of(prompt: str, uncond: bool = False):
+        if not sdxl:
+            return unet.summary(eng.encode_text([prompt]))
+        # SDXL: both encoders' penultimate states side by side, the second's pooled projection,
+        # the time ids of the working size (original, crop 0 0, target); zeros for the uncond
+        states, pooled = [], None
+        for tok, enc in ((eng.tokenizer, eng.text_encoder), (eng.tokenizer_2, eng.text_encoder_2)):
+            ids = tok([prompt], padding="max_length", max_length=77, truncation=True,
+                      return_tensors="pt").input_ids
+            with torch.no_grad():
+                out = enc(ids, output_hidden_states=True)
+            states.append(out.hidden_states[-2])
+            pooled = out[0]
+        ctx = torch.cat(states, dim=-1)
+        if uncond:
+            ctx, pooled = torch.zeros_like(ctx), torch.zeros_like(pooled)
+        h_px, w_px = (int(s) for s in plan.images["source"].shape[-2:])
+        ids6 = torch.tensor([[h_px, w_px, 0, 0, h_px, w_px]], dtype=torch.float32)
+        return unet.summary(ctx), added_term(unet.pooled_summary(pooled.float()), ids6)
 
     names = list(plan.images)
     prompts = {k: plan.prompts.get(k, "") for k in names}
@@ -257,6 +324,7 @@ def reference_edit(eng, plan, spec, *, guidance_rows_batched: bool = False) -> R
             e, _, toks = closed_form(unet, z[k], t, cbar_of(prompts[k]), None, g_inv, ip_cond)
             bank[i][k] = toks
             a_t, a_p = alpha(t), alpha(t_low)
+            e = as_eps(e, z[k], a_p)  # z[k] sits at a_p
             z[k] = math.sqrt(a_t) * (z[k] - math.sqrt(1 - a_p) * e) / math.sqrt(a_p) + math.sqrt(1 - a_t) * e
             inv[k].append(z[k])
 
@@ -288,7 +356,7 @@ def reference_edit(eng, plan, spec, *, guidance_rows_batched: bool = False) -> R
         return kv
 
     # 3. the edit
-    cond_c, uncond_c = cbar_of(prompts["source"]), cbar_of("")
+    cond_c, uncond_c = cbar_of(prompts["source"]), cbar_of("", uncond=True)
     ip_uncond = torch.tensor([UNCOND_IP])
     zt = {k: inv[k][n] for k in names}
     x = plan.surgery(zt) if plan.surgery else zt["source"]
@@ -313,9 +381,9 @@ def reference_edit(eng, plan, spec, *, guidance_rows_batched: bool = False) -> R
         kv = bank_kv(i) if i in bank_steps else None
         gamma = spec.image_prompt_scale if i in ip_steps else 0.0
         for u in range(passes):
-            e_c = closed_form(unet, x, t, cond_c, kv, gamma, ip_cond)[0]
+            e_c = as_eps(closed_form(unet, x, t, cond_c, kv, gamma, ip_cond)[0], x, a_t)
             if spec.guidance_scale != 1.0:
-                e_u = closed_form(unet, x, t, uncond_c, kv, gamma, ip_uncond)[0]
+                e_u = as_eps(closed_form(unet, x, t, uncond_c, kv, gamma, ip_uncond)[0], x, a_t)
                 eps = e_u + spec.guidance_scale * (e_c - e_u)
             else:
                 eps = e_c
@@ -363,7 +431,7 @@ def reference_edit(eng, plan, spec, *, guidance_rows_batched: bool = False) -> R
                             "eps_hat_minus_eps": (eps_hat - eps).detach().clone(),
                             "ratio": ratios if g_on else None})
             if u < passes - 1:  # time travel: back from t-Δ to t, eps at t-Δ, cond, no bank/ip
-                e_r = closed_form(unet, x_prev, max(t_low, 0), cond_c)[0]
+                e_r = as_eps(closed_form(unet, x_prev, max(t_low, 0), cond_c)[0], x_prev, a_p)
                 x = math.sqrt(a_t) * (x_prev - math.sqrt(1 - a_p) * e_r) / math.sqrt(a_p) \
                     + math.sqrt(1 - a_t) * e_r
         x = x_prev.detach()
