@@ -546,7 +546,7 @@ class TaskTab:
                                     raise SegmenterError(reason)
                                 mask = seg.segment(np.asarray(img.convert("RGB")), (x, y))
                             except SegmenterError as exc:
-                                note = cli_message(exc)
+                                note = f"error: {exc}"
                                 updates = [_no_change() for _ in masks]
                                 break
                             vals[m] = mask
