@@ -847,9 +847,18 @@ def serve(model: str | None = "shapes", device: str | None = None, dtype: str | 
         examples = Path("specs")
     segmenters = load_segmenters(sam_path=sam, device=str(editor.engine.device))
     demo = build_app(service, segmenters, examples, tasks=tasks)
-    _, url, _ = demo.launch(server_name=host, server_port=port or None, prevent_thread_lock=True,
-                            quiet=True, ssr_mode=False, allowed_paths=[str(out)],
-                            show_error=True, css=CSS, head=HEAD, theme=gr.themes.Default())
+    for attempt in range(3):
+        try:
+            _, url, _ = demo.launch(server_name=host, server_port=port or None, prevent_thread_lock=True,
+                                    quiet=True, ssr_mode=False, allowed_paths=[str(out)],
+                                    show_error=True, css=CSS, head=HEAD, theme=gr.themes.Default())
+            break
+        except ValueError as exc:
+            # gradio's one 3-s look at its own page fails on a busy machine: try again
+            if "localhost is not accessible" not in str(exc) or attempt == 2:
+                raise
+            log.warning("the page did not answer gradio's check in time; starting again")
+            demo.close()
     print(f"diffeditor ui: serving model {model} at {url} (edits kept in {out})", flush=True)
     if block:
         try:
