@@ -303,3 +303,90 @@ def test_a_view_returned_again_is_the_same_file_never_rewritten():
     assert other != first
     # gradio serves the path as given (no re-encode through its rewrite-in-place PIL cache)
     assert gr.Image(format="png").postprocess(first).path == first
+
+
+def test_form_errors_are_plain_words_naming_the_label(tmp_path):
+    """pydantic's 'targets: List should have at least 1 item after validation, not 0' becomes
+    one line naming the field by its label and saying what to do."""
+    from diffeditor_ui.form import plain_error
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "i.png")
+    Image.new("L", (64, 64), 255).save(tmp_path / "m.png")
+    form = task_form(get_registry().task("drag"), SHAPES_DEFAULTS)
+
+    def message(values):
+        with pytest.raises(SpecError) as err:
+            parse_spec(spec_data(form, values), base_dir=tmp_path, source="page")
+        return plain_error(err.value, form)
+
+    base = {"image": "i.png", "mask": "m.png", "handles": [[5.0, 5.0]], "targets": []}
+    assert message(base) == "targets: place at least one target point (click on the image)"
+    assert message({**base, "mask": None, "targets": [[9.0, 9.0]]}) == \
+        "mask: paint the mask (or click an object to select it)"
+    assert message({**base, "targets": [[9.0, 9.0]], "steps": 1}) == "steps: must be at least 2"
+    assert message({**base, "targets": [[9.0, 9.0]], "guidance_clip": "0"}) == "guidance clip: must be more than 0.0"
+    with pytest.raises(SpecError) as err:
+        spec_data(form, {**base, "guidance_clip": "lots"})
+    assert plain_error(err.value, form) == "guidance clip: type a number or off, not 'lots'"
+
+
+def test_an_unset_optional_number_shows_off_and_means_none():
+    from diffeditor_ui.form import optional_number, show_optional
+
+    f = task_form(get_registry().task("drag"), SHAPES_DEFAULTS).by_name()
+    clip = f["guidance_clip"]
+    assert clip.kind == "optional" and show_optional(clip.default) == "off"
+    assert optional_number("off", clip) is None and optional_number(" ", clip) is None
+    assert optional_number("2.5", clip) == 2.5
+    assert f["resolution"].kind == "number"  # the model fills it: a number box showing 128
+
+
+def test_command_txt_names_the_device_also_when_none_was_asked_for(tmp_path):
+    """The page started without --device runs on the best available device; command.txt must
+    name it, or the command may run elsewhere and not reproduce the result."""
+    from diffeditor_ui.service import EditService
+
+    from diffeditor.editor import Editor
+
+    if "shapes" not in get_registry().models:
+        pytest.skip("diffeditor-shapes is not installed")
+    editor = Editor.from_pretrained("shapes")
+    line = EditService(editor, tmp_path, "shapes").command_line()
+    assert f"--model shapes --device {editor.engine.device} " in line
+    assert "--dtype float32" in EditService(editor, tmp_path, "shapes", "cpu", "float32").command_line()
+
+
+def test_plugins_ship_examples_by_attribute_or_entry_point(tmp_path, monkeypatch):
+    from diffeditor_ui import app
+
+    spec = tmp_path / "ex.json"
+    spec.write_text('{"task": "third"}')
+
+    class T:
+        name = "third"
+        ui_examples = [("my example", spec), str(spec), tmp_path / "missing.json"]
+
+    assert app.plugin_examples(T(), tmp_path / "cache") == [("my example", spec), ("ex", spec)]
+
+    class Made:
+        name = "third"
+
+        @staticmethod
+        def ui_examples(folder):
+            (folder / "made.json").write_text('{"task": "third"}')
+            return [folder / "made.json"]
+
+    (got,) = app.plugin_examples(Made(), tmp_path / "cache")
+    assert got[0] == "made" and got[1].is_file()
+
+    class EP:
+        name = "more"
+
+        @staticmethod
+        def load():
+            return lambda task, folder: [("from an entry point", spec)] if task == "third" else []
+
+    import importlib.metadata as md
+
+    monkeypatch.setattr(md, "entry_points", lambda group=None: [EP()] if group == app.EXAMPLES_GROUP else [])
+    assert ("from an entry point", spec) in app.plugin_examples(Made(), tmp_path / "cache2")
