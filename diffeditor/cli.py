@@ -178,8 +178,14 @@ def cmd_models(args) -> int:
 def cmd_config(args) -> int:
     """``diffeditor config``: user settings (the default model) in the platform's config
     folder (``$XDG_CONFIG_HOME/diffeditor/config.json`` when that is set)."""
-    from .models import (CONFIG_KEYS, MODEL_ENV, read_user_config, resolve_model,
-                         user_config_path, write_user_config)
+    from .models import (
+        CONFIG_KEYS,
+        MODEL_ENV,
+        read_user_config,
+        resolve_model,
+        user_config_path,
+        write_user_config,
+    )
 
     data = read_user_config()
     if args.action == "path":

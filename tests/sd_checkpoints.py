@@ -18,7 +18,12 @@ TOKENIZER = REPO / "plugins" / "diffeditor-shapes" / "src" / "diffeditor_shapes"
 def tiny_sd1_folder(folder: Path, seed: int = 0) -> Path:
     """A random SD 1.x-layout pipeline (four UNet levels as SD's, a two-level VAE, a two-layer CLIP text
     encoder, the shapes model's tokenizer) saved as a diffusers folder."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(seed)
@@ -111,7 +116,7 @@ def _vae_key(key: str, value: torch.Tensor, n_levels: int) -> tuple[str, torch.T
         if leaf == "weight" and value.ndim == 2:
             value = value[:, :, None, None]  # a linear layer here is a 1x1 convolution there
         return f"{side}.mid.attn_1.{name}.{leaf}", value
-    blocks, i, kind = rest[0], int(rest[1]), rest[2]
+    i, kind = int(rest[1]), rest[2]
     level = i if side == "encoder" else n_levels - 1 - i
     where = "down" if side == "encoder" else "up"
     if kind in ("downsamplers", "upsamplers"):

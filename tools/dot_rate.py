@@ -44,9 +44,9 @@ def found_mask(image: np.ndarray, rgb) -> np.ndarray:
 
 
 def main(argv=None) -> int:
-    from diffusers import AutoencoderKL, StableDiffusionPipeline
     from diffeditor_shapes import MODEL_DIR
     from diffeditor_shapes.scenes import PALETTE, random_scene, render
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(MODEL_DIR))

@@ -15,11 +15,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import write_disc_scene
+from PIL import Image
+from sd_checkpoints import (
+    config_only,
+    tiny_sd1_folder,
+    vae_state_dict,
+    write_checkpoint,
+    write_lora,
+)
+
 from diffeditor.cli import main
-from sd_checkpoints import config_only, tiny_sd1_folder, vae_state_dict, write_checkpoint, write_lora
 
 pytest.importorskip("peft")
 
@@ -77,8 +83,9 @@ def base(files):
 def test_single_file_builds_the_same_model(files, base):
     """The checkpoint in the original key layout loads back into exactly the source weights,
     and edits as the folder does (the same weights, in other memory: last-bit rounding)."""
-    from diffeditor.models import load_pipeline
     from diffusers import StableDiffusionPipeline
+
+    from diffeditor.models import load_pipeline
 
     pipe = load_pipeline(str(files["st"]), "cpu", "float32", config=str(files["config"]))
     ref = StableDiffusionPipeline.from_pretrained(files["folder"])

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from test_reliability_inputs import MOVE, assert_one_error, edit, run, scene  # noqa: F401
 
-from diffeditor.errors import SpecError, UsageError
+from diffeditor.errors import UsageError
 from diffeditor.models import resolve_model
 from diffeditor.specs import parse_spec
 
@@ -54,9 +54,9 @@ def test_bad_yaml_one_line(scene, capsys, text, words):  # noqa: F811
 
 
 JSON_CASES = [
-    ("big-int", '{"task": "move", "image": "image.png", "mask": "mask.png", "seed": %s}' % BIG,
+    ("big-int", '{"task": "move", "image": "image.png", "mask": "mask.png", "seed": ' + BIG + "}",
      "an integer of 4301 digits"),
-    ("big-int-unknown", '{"task": "move", "x": {"y": [%s]}}' % BIG, "an integer of 4301 digits"),
+    ("big-int-unknown", '{"task": "move", "x": {"y": [' + BIG + "]}}", "an integer of 4301 digits"),
     ("dup-task", '{"task": "drag", "task": "move", "image": "image.png", "mask": "mask.png"}',
      "key 'task' appears twice"),
     ("bool-offset", '{"task": "move", "image": "image.png", "mask": "mask.png", '

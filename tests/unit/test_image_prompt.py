@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SHAPES_MODEL  # noqa: E402  (the installed shapes plugin's model)
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
 from diffusers.models.embeddings import IPAdapterPlusImageProjection, MultiIPAdapterImageProjection
@@ -33,8 +34,6 @@ from diffeditor.image_prompt import (
     set_image_prompt_scale,
     validate_ip_state_dict,
 )
-
-from conftest import SHAPES_MODEL  # noqa: E402  (the installed shapes plugin's model)
 
 # SD 1.5 / ip_sd15_64.bin constants.
 SD15_UNET_CONFIG = {

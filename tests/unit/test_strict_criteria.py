@@ -12,7 +12,6 @@ import math
 
 import numpy as np
 import pytest
-
 from diffeditor_eval import shapes_eval
 from diffeditor_eval.shapes_eval import (
     CASE_KINDS,
@@ -317,9 +316,8 @@ def test_summaries_per_background_and_pairs():
 
 
 def test_demo_sheet_shows_every_panel_at_the_inputs_displayed_size():
-    from PIL import Image
-
     from diffeditor_shapes.demo import _side_by_side
+    from PIL import Image
 
     src = Image.new("RGB", (128, 96), (255, 0, 0))
     other = Image.new("RGB", (64, 48), (0, 0, 255))  # a result at another size
@@ -348,11 +346,11 @@ def test_demo_scores_a_perfect_editor_as_right_and_passes_its_steps(tmp_path, mo
     input's displayed size, and --steps reaches the specs (it used to be ignored)."""
     from pathlib import Path
 
+    from diffeditor_shapes import demo
     from PIL import Image
 
     import diffeditor
     from diffeditor.imageio import save_image
-    from diffeditor_shapes import demo
 
     seen = []
 

@@ -3,8 +3,6 @@ borders and leave unknowable pixels out of the loss, the run resumes bit-exactly
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file

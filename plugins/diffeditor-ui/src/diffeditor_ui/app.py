@@ -24,12 +24,12 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
+from diffeditor.errors import DiffEditorError
+
 from . import drawing
 from .form import OFF, FieldUI, TaskForm, plain_error, show_optional, task_form
 from .segment import SegmenterError, load_segmenters
-from .service import EditCancelled, EditService, cli_message
-
-from diffeditor.errors import DiffEditorError
+from .service import EditCancelled, EditService
 
 log = logging.getLogger(__name__)
 
