@@ -24,67 +24,17 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from diffeditor.errors import DiffEditorError
-
 from . import drawing
-from .form import OFF, FieldUI, TaskForm, plain_error, show_optional, task_form
+from .form import FieldUI, TaskForm, task_form
 from .segment import SegmenterError, load_segmenters
-from .service import EditCancelled, EditService
+from .service import EditCancelled, EditService, cli_message
 
 log = logging.getLogger(__name__)
 
 POINTS_MODE = "place points"
-DEST_MODE = "set the destination (click or drag)"
-COMPARE = ["after (result)", "before (input)"]
-VIEW_HEIGHT = 540  # the input views and the result: one displayed size
 CSS = """
 .diffeditor-status textarea {font-family: monospace}
-.diffeditor-view img {-webkit-user-drag: none; user-select: none}
-.diffeditor-gallery img {object-fit: contain !important}
-.diffeditor-progress {display: flex; gap: .6em; align-items: center; font-size: .9em}
-.diffeditor-progress progress {flex: 1; height: 1em}
 """
-
-# Frees the WebGL context of every canvas the page removes (a brush editor unmounted when its
-# tab is left): a context is otherwise held until garbage collection, and past about 16 the
-# browser drops the oldest live one ("Too many active WebGL contexts"), blanking an editor.
-HEAD = """<script>
-(() => {
-  const get = HTMLCanvasElement.prototype.getContext;
-  HTMLCanvasElement.prototype.getContext = function (type, ...rest) {
-    const ctx = get.call(this, type, ...rest);
-    if (ctx && /^(webgl2?|experimental-webgl)$/.test(type)) this.__diffeditorGL = ctx;
-    return ctx;
-  };
-  const free = (node) => {
-    if (!(node instanceof Element)) return;
-    const canvases = node.tagName === "CANVAS" ? [node] : node.querySelectorAll("canvas");
-    for (const c of canvases) {
-      const gl = c.__diffeditorGL;
-      if (gl && !c.isConnected) {
-        c.__diffeditorGL = null;
-        const ext = gl.getExtension("WEBGL_lose_context");
-        if (ext) ext.loseContext();
-      }
-    }
-  };
-  const watch = () => new MutationObserver((records) => {
-    for (const r of records) for (const n of r.removedNodes) free(n);
-  }).observe(document.body, {childList: true, subtree: true});
-  if (document.body) watch(); else document.addEventListener("DOMContentLoaded", watch);
-})();
-</script>"""
-
-
-def progress_html(phase: str | None, done: int = 0, total: int = 0) -> str:
-    """The progress bar over inversion and sampling: one phase at a time, its steps."""
-    if phase == "done":
-        return '<div class="diffeditor-progress" data-phase="done"><progress value="1" max="1"></progress><span>done</span></div>'
-    if phase is None:
-        return '<div class="diffeditor-progress" data-phase="idle"><progress value="0" max="1"></progress><span>idle</span></div>'
-    return (f'<div class="diffeditor-progress" data-phase="{phase}" data-done="{done}" data-total="{total}">'
-            f'<progress value="{done}" max="{max(total, 1)}"></progress>'
-            f'<span>{phase}: step {done} of {total}</span></div>')
 
 
 def _seg_mode(mask: str, seg: str) -> str:
@@ -278,44 +228,30 @@ class TaskTab:
         return "; ".join(notes)
 
     # -- building ------------------------------------------------------------------------------
-    def build(self, editors_visible: bool = True):
-        """The tab's components. Input side (left): each image's upload box and clickable view,
-        its mask editors, the settings. Output side (right, as wide): run, progress, and the
-        result at the main view's displayed size with a before/after toggle."""
+    def build(self):
         form = self.form
         name = form.task
         groups = form.point_groups()
-        dest_on = self.dest_image()
         gr.Markdown(f"**{name}**: {form.description}")
         self.points = gr.State({})
         self.history = gr.State([])
-        self.shown = gr.State({})  # "after"/"before" -> the result's and the input's view files
-        self.editors: list = []
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=1):
+        with gr.Row():
+            with gr.Column(scale=3):
                 for f in form.images():
                     with gr.Group():
                         self.comps[f.name] = gr.Image(
-                            label=f"{f.label}: upload or paste a picture"
-                            + (f" ({f.description})" if f.description else ""),
-                            type="pil", image_mode="RGB",
-                            sources=["upload", "clipboard"], format="png", height=180,
+                            label=f"{f.label} — {f.description}", type="pil", image_mode="RGB",
+                            sources=["upload", "clipboard"], format="png", height=220,
                             elem_id=f"{name}-{f.name}")
                         choices = ([POINTS_MODE] if f.name in groups else []) + [
                             _seg_mode(m, s) for m in form.masks_on(f.name) for s in self.segmenters]
-                        if f.name == dest_on:
-                            choices.append(DEST_MODE)
-                        how = []
-                        if f.name in groups:
-                            how.append("click to place " + " -> ".join(groups[f.name]) + " points")
-                        elif form.masks_on(f.name):
-                            how.append("click to select an object")
-                        if f.name == dest_on:
-                            how.append("click or drag to set where the object goes")
                         self.views[f.name] = gr.Image(
-                            label=f"{f.label}: " + ("; ".join(how) or "preview"),
+                            label=f"{f.label}: " + (
+                                "click to place " + " -> ".join(groups[f.name]) + " points"
+                                if f.name in groups else "click to select an object"
+                                if form.masks_on(f.name) else "preview"),
                             interactive=False, format="png", elem_id=f"{name}-{f.name}-view",
-                            height=VIEW_HEIGHT, buttons=[], elem_classes=["diffeditor-view"])
+                            buttons=[])
                         self.modes[f.name] = gr.Radio(
                             choices, value=choices[0] if choices else None, label="a click on the view will",
                             visible=len(choices) > 1, elem_id=f"{name}-{f.name}-mode")
@@ -325,16 +261,13 @@ class TaskTab:
                                 self.clear_btn = gr.Button("clear points", size="sm", elem_id=f"{name}-clear")
                     for m in form.masks_on(f.name):
                         mf = self.fields[m]
-                        # shown only while its tab is: a browser keeps few WebGL contexts (see
-                        # build_app), each editor holds some
                         self.comps[m] = gr.ImageEditor(
                             label=f"{mf.label} — paint it ({mf.description})", type="numpy",
                             image_mode="RGBA", sources=[], transforms=[], layers=False,
                             brush=gr.Brush(colors=["#ff00ff"], default_color="#ff00ff",
                                            color_mode="fixed", default_size=6),
                             eraser=gr.Eraser(default_size=6), format="png",
-                            elem_id=f"{name}-{m}", height=360, visible=editors_visible)
-                        self.editors.append(self.comps[m])
+                            elem_id=f"{name}-{m}", height=360)
                 for f in form.fields:
                     if not f.advanced and f.name not in self.comps and f.kind != "points":
                         self.comps[f.name] = self._scalar(f)
@@ -342,7 +275,7 @@ class TaskTab:
                     for f in form.fields:
                         if f.advanced and f.name not in self.comps:
                             self.comps[f.name] = self._scalar(f)
-            with gr.Column(scale=1):
+            with gr.Column(scale=2):
                 if self.examples:
                     gr.Markdown("examples")
                     with gr.Row():
@@ -353,32 +286,19 @@ class TaskTab:
                 with gr.Row():
                     self.run_btn = gr.Button("Run", variant="primary", elem_id=f"{name}-run")
                     self.cancel_btn = gr.Button("Cancel", variant="stop", elem_id=f"{name}-cancel")
-                self.progress = gr.HTML(progress_html(None), elem_id=f"{name}-progress")
                 self.status = gr.Textbox(label="status", interactive=False, lines=1,
                                          elem_id=f"{name}-status", elem_classes=["diffeditor-status"])
-                self.result = gr.Image(label="result (shown at the input view's size)", interactive=False,
-                                       format="png", height=VIEW_HEIGHT, elem_id=f"{name}-result",
-                                       elem_classes=["diffeditor-view"])
-                with gr.Row():
-                    self.compare = gr.Radio(COMPARE, value=COMPARE[0], label="show", elem_id=f"{name}-compare",
-                                            scale=2)
-                    self.download = gr.DownloadButton("download spec", value=None, interactive=False,
-                                                      elem_id=f"{name}-download", scale=1)
                 self.preview = gr.Image(label="x̂0 preview (every few steps)", interactive=False,
                                         format="png", height=200, elem_id=f"{name}-preview", buttons=[])
-                self.gallery = gr.Gallery(label="results of this session", columns=4, height=180, object_fit="contain",
-                                          format="png", elem_id=f"{name}-gallery",
-                                          elem_classes=["diffeditor-gallery"])
+                self.result = gr.Image(label="result", interactive=False, type="pil", format="png",
+                                       elem_id=f"{name}-result")
+                self.download = gr.DownloadButton("download spec", value=None, interactive=False,
+                                                  elem_id=f"{name}-download")
+                self.gallery = gr.Gallery(label="results of this session", columns=4, height=160, object_fit="contain",
+                                          format="png", elem_id=f"{name}-gallery")
                 with gr.Accordion("sidecar", open=False):
                     self.sidecar = gr.JSON(label="result sidecar", elem_id=f"{name}-sidecar")
         self._wire()
-
-    def dest_image(self) -> str | None:
-        """The image whose view sets the destination by click or drag (move, resize, paste)."""
-        preview = self.form.hints.get("preview") or {}
-        if preview.get("kind") in ("move", "paste") and preview.get("offset") in self.fields:
-            return preview.get("on", "image")
-        return None
 
     def _scalar(self, f: FieldUI):
         label = f.label
@@ -396,9 +316,6 @@ class TaskTab:
             return gr.Checkbox(value=bool(f.default), label=label, info=info, elem_id=eid)
         if f.kind == "text":
             return gr.Textbox(value=f.default or "", label=label, info=info, elem_id=eid)
-        if f.kind == "optional":  # unset shows "off", not 0
-            return gr.Textbox(value=show_optional(f.default), label=f"{label} (a number, or {OFF})",
-                              info=info, elem_id=eid)
         if f.kind == "pair":
             d = f.default or [0.0, 0.0]
             with gr.Row():
@@ -441,8 +358,7 @@ class TaskTab:
                 self.comps[m].change(redraw, inputs, views, trigger_mode="always_last",
                                      show_progress="hidden")
             self.views[f.name].select(self._click_handler(f.name), inputs + [self.modes[f.name]],
-                                      [self.points] + [self.comps[m] for m in masks] + views + [self.status]
-                                      + self._dest_outputs(f.name) + [self.modes[f.name]])
+                                      [self.points] + [self.comps[m] for m in masks] + views + [self.status])
         for f in form.of_kind("pair", "slider"):
             c = self.comps[f.name]
             for comp in (c if isinstance(c, tuple) else (c,)):
@@ -473,62 +389,29 @@ class TaskTab:
             btn.click(self._example_loader(spec_path), None,
                       inputs + views + [self.status])
         run_outputs = [self.status, self.preview, self.result, self.download, self.gallery,
-                       self.sidecar, self.history, self.progress, self.shown, self.compare]
-        self.compare.change(lambda choice, shown: (shown or {}).get(choice, gr.update()),
-                            [self.compare, self.shown], [self.result], show_progress="hidden")
+                       self.sidecar, self.history]
         self.run_btn.click(self._run, inputs + [self.history], run_outputs,
-                           concurrency_limit=1, concurrency_id="edit", show_progress="hidden")
+                           concurrency_limit=1, concurrency_id="edit")
         self.cancel_btn.click(self._cancel, None, None, concurrency_limit=None,
                               concurrency_id="cancel", show_progress="hidden")
-
-    def _dest_outputs(self, image_name: str) -> list:
-        """The offset fields a click on this view sets (x, y), if it sets the destination."""
-        if image_name != self.dest_image():
-            return []
-        return list(self.comps[(self.form.hints.get("preview") or {})["offset"]])
-
-    def destination(self, vals: dict[str, Any], x: float, y: float):
-        """The offset that puts the object's centre at image pixel (x, y), or a note why not."""
-        preview = self.form.hints.get("preview") or {}
-        mask = vals.get(preview["mask"])
-        label = self.fields[preview["mask"]].label
-        if mask is None or not mask.any():
-            return None, f"{label}: paint or select the object first, then click where it goes"
-        cx, cy = drawing.centroid(mask)
-        if preview["kind"] == "paste":  # the reference's mask, in the edited image's pixels
-            img = vals.get(preview.get("on", "image"))
-            cx, cy = cx * img.width / mask.shape[1], cy * img.height / mask.shape[0]
-        return (round(x - cx, 1), round(y - cy, 1)), ""
 
     def _click_handler(self, image_name: str):
         form = self.form
         masks = form.masks_on(image_name)
         pts = form.point_groups().get(image_name, [])
-        dest = self._dest_outputs(image_name)
-        preview = form.hints.get("preview") or {}
 
         def on_click(*args, evt: Any = None):
             *rest, mode = args
             vals, points = self.values(rest)
             img = vals.get(image_name)
             skip = [None] * len(masks)
-            keep_dest = [_no_change() for _ in dest]
             if img is None or evt is None:
-                return ([points] + [_no_change() for _ in masks] + self.render_views(vals)
-                        + ["upload an image first"] + keep_dest + [_no_change()])
+                return [points] + [_no_change() for _ in masks] + self.render_views(vals) + ["upload an image first"]
             k = drawing.view_scale(img.size)
             x, y = evt.index[0] / k, evt.index[1] / k
             x, y = round(min(max(x, 0), img.width - 1), 1), round(min(max(y, 0), img.height - 1), 1)
             note = ""
-            new_mode = _no_change()
-            if dest and (mode == DEST_MODE or mode is None):
-                offset, note = self.destination(vals, x, y)
-                updates = [_no_change() for _ in masks]
-                if offset is not None:
-                    vals[preview["offset"]] = list(offset)
-                    keep_dest = list(offset)
-                    note = f"destination ({x:g}, {y:g}): offset {offset[0]:g}, {offset[1]:g}"
-            elif mode == POINTS_MODE or (mode is None and pts):
+            if mode == POINTS_MODE or (mode is None and pts):
                 target = min(pts, key=lambda p: (len(points.get(p, [])), pts.index(p)))
                 points = {**points, target: [*points.get(target, []), [x, y]],
                           "_order": [*points.get("_order", []), target]}
@@ -546,17 +429,14 @@ class TaskTab:
                                     raise SegmenterError(reason)
                                 mask = seg.segment(np.asarray(img.convert("RGB")), (x, y))
                             except SegmenterError as exc:
-                                note = f"error: {exc}"
+                                note = cli_message(exc)
                                 updates = [_no_change() for _ in masks]
                                 break
                             vals[m] = mask
                             updates[j] = editor_value(img, mask)
                             note = f"{m}: {int(mask.sum())} pixels selected by {s_name}"
-                            if dest and m == preview.get("mask"):  # next: where it goes
-                                new_mode = DEST_MODE
-                                note += "; now click or drag where it goes"
                 updates = [u if u is not None else _no_change() for u in updates]
-            return [points] + updates + self.render_views(vals) + [note] + keep_dest + [new_mode]
+            return [points] + updates + self.render_views(vals) + [note]
 
         # gradio passes event data to a parameter annotated with SelectData
         def handler(evt: gr.SelectData, *args):  # gradio inserts special arguments by position
@@ -600,8 +480,6 @@ class TaskTab:
                     import json
 
                     out.append(json.dumps(v, indent=1) if v is not None else "")
-                elif f.kind == "optional":
-                    out.append(show_optional(v))
                 else:
                     out.append(v)
                 vals[f.name] = v
@@ -625,42 +503,35 @@ def bind_handlers(tab: TaskTab):
     """The run and cancel handlers, with the annotations gradio reads (request, progress)."""
     service = tab.service
 
-    def run(request: gr.Request, *args):
+    def run(request: gr.Request, progress=gr.Progress(), *args):  # noqa: B008 (gradio's idiom)
         *args, history = args
         history = list(history or [])
         vals, _ = tab.values(args)
         session = request.session_hash or "anon"
-        nothing = gr.update()
-
-        def out(status, bar=nothing, preview=nothing, result=nothing, download=nothing, gallery=nothing,
-                sidecar=nothing, shown=nothing, compare=nothing):
-            return [status, preview, result, download, gallery, sidecar, history, bar, shown, compare]
-
         folder = service.new_folder()
+        nothing = gr.update()
         try:
             spec, names = service.make_spec(tab.form, vals, folder)
         except Exception as exc:
-            if not isinstance(exc, DiffEditorError):
-                log.error("bad form", exc_info=exc)
-            yield out(f"error: {plain_error(exc, tab.form)}", progress_html(None))
+            yield [cli_message(exc), nothing, nothing, nothing, nothing, nothing, history]
             return
-        yield out("starting", preview=None)
+        yield ["starting", None, nothing, nothing, nothing, nothing, history]
         events = service.start(spec, session, preview_every=max(1, spec.steps // 5))
         while True:
             ev = events.get()
             if ev[0] == "progress":
                 _, desc, done, total = ev
-                phase = "sampling" if desc == "editing" else desc
-                yield out(f"{phase}: step {done} of {total}", progress_html(phase, done, total))
+                progress((done, total), desc=desc)
             elif ev[0] == "preview":
-                yield out(f"sampling: step {ev[1] + 1} of {spec.steps}", preview=ev[2])
+                yield [f"sampling: step {ev[1] + 1} of {spec.steps}", ev[2], nothing, nothing,
+                       nothing, nothing, history]
             elif ev[0] == "error":
                 exc = ev[1]
                 msg = (f"cancelled: {exc}" if isinstance(exc, EditCancelled)
-                       else f"error: {plain_error(exc, tab.form)}")
+                       else cli_message(exc))
                 if not isinstance(exc, (EditCancelled,)) and not hasattr(exc, "field"):
                     log.error("edit failed", exc_info=exc)
-                yield out(msg)
+                yield [msg, nothing, nothing, nothing, nothing, nothing, history]
                 return
             else:
                 result = ev[1]
@@ -668,16 +539,11 @@ def bind_handlers(tab: TaskTab):
                 meta = result.metadata
                 t = meta["timings_s"]
                 cached = " (cached inversion)" if meta["inversion_cached"] else ""
-                # the result enlarged as the input's view is (same factor, nearest: its pixels
-                # stay exact), so that both show at one size; "before" is the input's view
-                after = view_file(drawing.to_view(result.image)[0])
-                source = vals.get(tab.form.images()[0].name)
-                before = view_file(drawing.to_view(source)[0]) if source is not None else after
-                history = history + [(after, f"{tab.form.task} {len(history) + 1}")]
-                yield out(f"done in {t['wall']:.1f} s{cached}: {result.image.width}x{result.image.height}",
-                          progress_html("done", 1, 1), result=after,
-                          download=gr.update(value=str(zip_path), interactive=True), gallery=history,
-                          sidecar=meta, shown={COMPARE[0]: after, COMPARE[1]: before}, compare=COMPARE[0])
+                shown = view_file(result.image)  # one file for the result and the gallery
+                history = history + [(shown, f"{tab.form.task} {len(history) + 1}")]
+                yield [f"done in {t['wall']:.1f} s{cached}: {result.image.width}x{result.image.height}",
+                       nothing, shown, gr.update(value=str(zip_path), interactive=True),
+                       history, meta, history]
                 return
 
     def cancel(request: gr.Request):
@@ -689,52 +555,9 @@ def bind_handlers(tab: TaskTab):
 
 # -- examples -----------------------------------------------------------------------------------
 
-EXAMPLES_GROUP = "diffeditor_ui.examples"
-
-
-def _example_items(items, where: str) -> list[tuple[str, Path]]:
-    out = []
-    for item in items or ():
-        label, path = item if isinstance(item, (tuple, list)) else (Path(item).stem, item)
-        path = Path(path)
-        if not path.is_file():
-            log.warning("%s: example spec %s is not a file", where, path)
-            continue
-        out.append((str(label), path))
-    return out
-
-
-def plugin_examples(task, cache: Path) -> list[tuple[str, Path]]:
-    """Examples a plugin ships for a task: the task's ``ui_examples`` attribute (spec files, or
-    ``(label, spec file)`` pairs, or a callable ``(folder) -> those`` that may write them into
-    ``folder``), then every ``diffeditor_ui.examples`` entry point (a callable ``(task name,
-    folder) -> those``, for a distribution with examples for tasks it does not define)."""
-    from importlib.metadata import entry_points
-
-    out: list[tuple[str, Path]] = []
-    items = getattr(task, "ui_examples", None)
-    try:
-        if callable(items):
-            folder = cache / f"task-{task.name}"
-            folder.mkdir(parents=True, exist_ok=True)
-            items = items(folder)
-        out += _example_items(items, f"task {task.name}")
-    except Exception as exc:  # a broken plugin costs its examples, not the page
-        log.warning("task %s: ui_examples: %s", task.name, exc)
-    for ep in entry_points(group=EXAMPLES_GROUP):
-        try:
-            folder = cache / f"ep-{ep.name}-{task.name}"
-            folder.mkdir(parents=True, exist_ok=True)
-            out += _example_items(ep.load()(task.name, folder), f"{EXAMPLES_GROUP} {ep.name}")
-        except Exception as exc:
-            log.warning("%s %s: %s", EXAMPLES_GROUP, ep.name, exc)
-    return out
-
-
-def find_examples(task: str, examples_dir: Path | None, cache: Path, task_obj=None) -> list[tuple[str, Path]]:
-    """Examples of a task: spec files of ``examples_dir`` whose task matches, those its plugins
-    ship (:func:`plugin_examples`), then a seeded case of the ``shapes`` world where that plugin
-    knows the task."""
+def find_examples(task: str, examples_dir: Path | None, cache: Path) -> list[tuple[str, Path]]:
+    """Examples of a task: spec files of ``examples_dir`` whose task matches, then a seeded
+    case of the ``shapes`` world where that plugin knows the task."""
     out: list[tuple[str, Path]] = []
     if examples_dir is not None and examples_dir.is_dir():
         from diffeditor.specs import read_spec_file
@@ -745,8 +568,6 @@ def find_examples(task: str, examples_dir: Path | None, cache: Path, task_obj=No
                     out.append((f"{p.stem} (specs)", p))
             except Exception:
                 continue
-    if task_obj is not None:
-        out += plugin_examples(task_obj, cache)
     try:
         from diffeditor_shapes import scenes
     except ImportError:
@@ -762,68 +583,27 @@ def find_examples(task: str, examples_dir: Path | None, cache: Path, task_obj=No
     return out
 
 
-def _show_editors_of(tab: TaskTab, editors: list) -> Any:
-    """The tab-select handler: this tab's editors shown, with their masks painted again (an
-    editor mounted anew shows only its background), every other editor hidden."""
-
-    def show(*values):
-        mine = dict(zip(map(id, tab.editors), values))
-        out = []
-        for t, ed in editors:
-            if t is not tab:
-                out.append(gr.update(visible=False))
-                continue
-            value = mine[id(ed)]
-            bg = value.get("background") if isinstance(value, dict) else None
-            if bg is None:
-                out.append(gr.update(visible=True))
-                continue
-            out.append(gr.update(visible=True, value=editor_value(Image.fromarray(np.asarray(bg)),
-                                                                  editor_mask(value, None))))
-        return out
-
-    return show
-
-
 def build_app(service: EditService, segmenters: dict | None = None, examples_dir: Path | None = None,
-              registry=None, title: str = "diffeditor", tasks: list[str] | None = None):
-    """The page. ``tasks``: the tabs to show (default: every registered task)."""
-    from diffeditor.errors import UsageError
+              registry=None, title: str = "diffeditor"):
     from diffeditor.plugins import get_registry
 
     reg = registry or get_registry()
-    names = sorted(reg.tasks) if not tasks else list(dict.fromkeys(tasks))
-    unknown = [n for n in names if n not in reg.tasks]
-    if unknown:
-        raise UsageError(f"--tasks: no task named {', '.join(unknown)}; installed: {', '.join(sorted(reg.tasks))}")
     segmenters = segmenters if segmenters is not None else load_segmenters()
     cache = Path(tempfile.mkdtemp(prefix="diffeditor-ui-examples-"))
     defaults = service.editor.defaults()
     tabs: list[TaskTab] = []
-    gtabs = []
     with gr.Blocks(title=title) as demo:
         gr.Markdown(f"# diffeditor — model `{service.model_name}` on "
                     f"{service.editor.engine.device} · one tab per installed task")
         with gr.Tabs():
-            for i, name in enumerate(names):
+            for name in sorted(reg.tasks):
                 task = reg.tasks[name]
                 form = task_form(task, defaults)
-                tab = TaskTab(form, service, segmenters, find_examples(name, examples_dir, cache, task))
+                tab = TaskTab(form, service, segmenters, find_examples(name, examples_dir, cache))
                 bind_handlers(tab)
-                with gr.Tab(name, id=name, elem_id=f"tab-{name}") as gtab:
-                    tab.build(editors_visible=i == 0)
+                with gr.Tab(name, id=name, elem_id=f"tab-{name}"):
+                    tab.build()
                 tabs.append(tab)
-                gtabs.append(gtab)
-        # A browser keeps about 16 WebGL contexts per page and silently drops the oldest
-        # beyond that; every brush editor holds some. A visited tab stays mounted, so a tour
-        # of the tabs used to blank the first editors. Only the selected tab's editors are
-        # shown (mounted); the others are unmounted, which frees their contexts, and keep
-        # their values for when their tab comes back.
-        editors = [(tab, ed) for tab in tabs for ed in tab.editors]
-        if editors:
-            for tab, gtab in zip(tabs, gtabs):
-                gtab.select(_show_editors_of(tab, editors), tab.editors, [ed for _, ed in editors],
-                            show_progress="hidden", concurrency_limit=None, concurrency_id="tabs")
     demo.queue(default_concurrency_limit=1)
     demo.diffeditor_tabs = tabs
     return demo
@@ -831,8 +611,7 @@ def build_app(service: EditService, segmenters: dict | None = None, examples_dir
 
 def serve(model: str | None = "shapes", device: str | None = None, dtype: str | None = None,
           host: str = "127.0.0.1", port: int = 7860, out_dir: Path | None = None,
-          sam: str | None = None, examples: Path | None = None, block: bool = True,
-          tasks: list[str] | None = None):
+          sam: str | None = None, examples: Path | None = None, block: bool = True):
     import os
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -842,23 +621,14 @@ def serve(model: str | None = "shapes", device: str | None = None, dtype: str | 
     quiet_libraries()
     editor = Editor.from_pretrained(model, device=device, dtype=dtype)
     out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="diffeditor-ui-"))
-    service = EditService(editor, out, model or "", device, dtype)
+    service = EditService(editor, out, model or "", device)
     if examples is None and Path("specs").is_dir():
         examples = Path("specs")
     segmenters = load_segmenters(sam_path=sam, device=str(editor.engine.device))
-    demo = build_app(service, segmenters, examples, tasks=tasks)
-    for attempt in range(3):
-        try:
-            _, url, _ = demo.launch(server_name=host, server_port=port or None, prevent_thread_lock=True,
-                                    quiet=True, ssr_mode=False, allowed_paths=[str(out)],
-                                    show_error=True, css=CSS, head=HEAD, theme=gr.themes.Default())
-            break
-        except ValueError as exc:
-            # gradio's one 3-s look at its own page fails on a busy machine: try again
-            if "localhost is not accessible" not in str(exc) or attempt == 2:
-                raise
-            log.warning("the page did not answer gradio's check in time; starting again")
-            demo.close()
+    demo = build_app(service, segmenters, examples)
+    _, url, _ = demo.launch(server_name=host, server_port=port or None, prevent_thread_lock=True,
+                            quiet=True, ssr_mode=False, allowed_paths=[str(out)],
+                            show_error=True, css=CSS, theme=gr.themes.Default())
     print(f"diffeditor ui: serving model {model} at {url} (edits kept in {out})", flush=True)
     if block:
         try:

@@ -19,7 +19,6 @@ the "advanced" fold. Displayed defaults are the model's registered defaults wher
 from __future__ import annotations
 
 import json
-import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,15 +29,13 @@ import annotated_types as at
 from diffeditor.specs import EditSpec
 
 MAIN_COMMON = ("prompt", "steps", "seed")
-OFF = "off"  # what an optional number left unset shows
-PATH_NOTE = re.compile(r"\s*\(?path relative to the spec file\)?", re.I)
 SLIDER_MAX_RANGE = 1e5  # wider bounded ranges (seed) get a number box
 
 
 @dataclass
 class FieldUI:
     name: str
-    kind: str  # image | mask | points | pair | slider | number | optional | text | choice | bool | json
+    kind: str  # image | mask | points | pair | slider | number | text | choice | bool | json
     label: str
     description: str = ""
     default: Any = None
@@ -183,14 +180,10 @@ def task_form(task, model_defaults: dict[str, Any] | None = None) -> TaskForm:
             if lo is not None and hi is not None and hi - lo <= SLIDER_MAX_RANGE and not optional:
                 fu.kind = "slider"
                 fu.step = 1 if fu.integer else _float_step(lo, hi, fu.default)
-            elif optional and fu.default is None:  # unset: a text box showing "off", not 0
-                fu.kind = "optional"
             else:
                 fu.kind = "number"
         elif ann is str:
             fu.kind = "text"
-        if fu.kind == "image":  # the page uploads it: no path to write
-            fu.description = PATH_NOTE.sub("", fu.description).strip()
         shown = (fu.kind in ("image", "mask", "points") or name in MAIN_COMMON
                  or name.endswith("prompt") or name in main_extra
                  or name not in EditSpec.model_fields)
@@ -218,8 +211,6 @@ def spec_data(form: TaskForm, values: dict[str, Any]) -> dict[str, Any]:
                 value = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise SpecError(f"not valid JSON: {exc.msg} (line {exc.lineno})", f.name) from None
-        if f.kind == "optional":
-            value = optional_number(value, f)
         if value is None or (f.kind == "points" and not value and not f.required):
             continue
         if f.kind in ("slider", "number") and f.integer and isinstance(value, float) and value.is_integer():
@@ -238,79 +229,3 @@ def relative_spec(spec, names: dict[str, str]) -> dict[str, Any]:
         if key in data and data[key] is not None:
             data[key] = name
     return data
-
-
-def show_optional(value: Any) -> str:
-    """An optional number as its text box shows it: ``off`` for None."""
-    return OFF if value is None else f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def optional_number(text: Any, f: FieldUI):
-    """An optional number's text box -> None (``off`` or empty) or the number."""
-    from diffeditor.errors import SpecError
-
-    if text is None or isinstance(text, (int, float)):
-        return text
-    t = str(text).strip().lower()
-    if t in ("", OFF, "none"):
-        return None
-    try:
-        v = float(t)
-    except ValueError:
-        raise SpecError(f"type a number or {OFF}, not {str(text).strip()[:30]!r}", f.name) from None
-    return int(v) if f.integer and v.is_integer() else v
-
-
-# -- errors in plain words --------------------------------------------------------------------
-
-def _singular(label: str) -> str:
-    return label[:-1] if label.endswith("s") and not label.endswith("ss") else label
-
-
-def _plain(f: FieldUI | None, err: dict) -> str:
-    kind = f.kind if f is not None else ""
-    label = f.label if f is not None else ""
-    etype, ctx = err.get("type", ""), err.get("ctx") or {}
-    if kind == "points" and etype in ("missing", "too_short"):
-        n = ctx.get("min_length", 1)
-        what = _singular(label) + (" point" if n == 1 else " points")
-        return f"place at least {'one' if n == 1 else n} {what} (click on the image)"
-    if etype == "missing":
-        return {"image": "upload an image", "mask": "paint the mask (or click an object to select it)",
-                }.get(kind, "fill this in")
-    bounds = {"greater_than": "must be more than {gt}", "greater_than_equal": "must be at least {ge}",
-              "less_than": "must be less than {lt}", "less_than_equal": "must be at most {le}",
-              "too_short": "needs at least {min_length} items", "too_long": "takes at most {max_length} items"}
-    if etype in bounds:
-        try:
-            return bounds[etype].format(**ctx)
-        except KeyError:
-            pass
-    msg = str(err.get("msg", "is not valid"))
-    msg = re.sub(r"^(Value error|Assertion failed), ", "", msg)
-    return msg[:1].lower() + msg[1:]
-
-
-def plain_error(exc: BaseException, form: TaskForm, source: str = "page") -> str:
-    """One line in plain words for a bad form, naming the field by its label: a pydantic
-    validation error (``page: targets: List should have at least 1 item ...``) becomes
-    ``targets: place at least one target point (click on the image)``."""
-    from pydantic import ValidationError
-
-    fields = form.by_name()
-    err = exc.__context__ if isinstance(exc.__context__, ValidationError) else exc
-    if isinstance(err, ValidationError) and err.errors():
-        e = err.errors()[0]
-        loc = [x for x in e.get("loc", ()) if isinstance(x, str)]
-        f = fields.get(loc[0]) if loc else None
-        if f is not None:
-            return f"{f.label}: {_plain(f, e)}"
-        if loc:
-            return f"{loc[0].replace('_', ' ')}: {_plain(None, e)}"
-    text = str(exc)
-    if text.startswith(f"{source}: "):
-        text = text[len(source) + 2:]
-    name = getattr(exc, "field", None) or text.split(":", 1)[0]
-    if name in fields and text.startswith(f"{name}:"):
-        text = f"{fields[name].label}:{text[len(name) + 1:]}"
-    return text

@@ -9,8 +9,7 @@ def _cmd_ui(args) -> int:
     from .app import serve
 
     return serve(model=args.model, device=args.device, dtype=args.dtype, host=args.host,
-                 port=args.port, out_dir=args.out_dir, sam=args.sam, examples=args.examples,
-                 tasks=[t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None)
+                 port=args.port, out_dir=args.out_dir, sam=args.sam, examples=args.examples)
 
 
 @hookimpl
@@ -37,6 +36,4 @@ def register_commands(subparsers):
                    "segmenter (default: $DIFFEDITOR_SAM_MODEL)")
     p.add_argument("--examples", type=Path, default=None, metavar="DIR",
                    help="a folder of spec files offered as examples (default: ./specs if present)")
-    p.add_argument("--tasks", default=None, metavar="NAME,...",
-                   help="only these tasks' tabs, comma-separated (default: every installed task)")
     p.set_defaults(func=_cmd_ui)

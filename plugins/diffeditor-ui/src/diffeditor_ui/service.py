@@ -40,16 +40,12 @@ def cli_message(exc: BaseException) -> str:
 class EditService:
     """One loaded model; edits run one at a time (the page's queue also allows one)."""
 
-    def __init__(self, editor, out_dir: Path, model_name: str, device: str | None = None,
-                 dtype: str | None = None):
+    def __init__(self, editor, out_dir: Path, model_name: str, device: str | None = None):
         self.editor = editor
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.model_name = model_name
-        # the device the model runs on, named in command.txt also when the page was started
-        # without --device (the best available one), so that the command reproduces the edit
-        self.device = device or str(editor.engine.device)
-        self.dtype = dtype
+        self.device = device
         self.lock = threading.Lock()
         self._cancel: dict[str, threading.Event] = {}
 
@@ -128,19 +124,15 @@ class EditService:
         return events
 
     # -- outputs -----------------------------------------------------------------------------
-    def command_line(self) -> str:
-        """command.txt: the ``diffeditor edit`` line that reproduces a bundle's result."""
-        dev = f" --device {self.device}" if self.device else ""
-        dev += f" --dtype {self.dtype}" if self.dtype else ""
-        return (f"diffeditor edit spec.json --model {self.model_name}{dev} --out again.png\n"
-                "# again.png equals result.png (same model, device and dtype)\n")
-
     def bundle(self, spec, names: dict[str, str], result, folder: Path) -> Path:
         """Write spec.json, result.png/json and command.txt into ``folder``; return its zip."""
         data = relative_spec(spec, names)
         (folder / "spec.json").write_text(json.dumps(data, indent=2) + "\n")
         result.save(folder / "result.png", force=True)
-        (folder / "command.txt").write_text(self.command_line())
+        dev = f" --device {self.device}" if self.device else ""
+        (folder / "command.txt").write_text(
+            f"diffeditor edit spec.json --model {self.model_name}{dev} --out again.png\n"
+            "# again.png equals result.png (same model, device and dtype)\n")
         zip_base = folder.parent / f"{folder.name}-spec"
         return Path(shutil.make_archive(str(zip_base), "zip", root_dir=folder))
 
