@@ -46,6 +46,16 @@ def test_the_encoder_is_byte_identical_and_the_decoder_moved(tiny_run):
     assert sum(not torch.equal(src[k], new[k]) for k in dec) > len(dec) // 2
 
 
+def test_the_written_folder_has_the_umask_permissions(tiny_run):
+    import os
+    import stat
+
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(tiny_run.stat().st_mode) == 0o777 & ~mask
+    assert stat.S_IMODE((tiny_run / VAE_FILE).stat().st_mode) == 0o666 & ~mask
+
+
 def test_the_written_folder_loads_as_the_model_vae(tiny_run):
     from diffusers import AutoencoderKL
 

@@ -184,8 +184,8 @@ def add_demo_command(subparsers) -> None:
         for line in verdicts:
             print(f"strict: {line}")
         print(f"vae_only.png is the source through the VAE alone, no edit ({vae_db:.1f} dB PSNR): "
-              "the faint frame and corner blob in every output come from this small model's VAE, "
-              "not from the edit", file=sys.stderr)
+              "what this small model's VAE loses (soft edges, small colour shifts) is in every "
+              "output, not from the edit", file=sys.stderr)
         print(f"done in {seconds:.1f} s; open {out['side_by_side']} to compare", file=sys.stderr)
         return 0
 

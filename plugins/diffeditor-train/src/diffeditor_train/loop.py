@@ -76,6 +76,12 @@ def commit_folder(tmp: Path, out: Path, *, replace: bool) -> None:
     :class:`TrainError` and ``out`` is left as it is."""
     import shutil
 
+    mask = os.umask(0)
+    os.umask(mask)
+    for folder, _, files in os.walk(tmp):  # mkdtemp and some writers make them owner-only
+        os.chmod(folder, 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o666 & ~mask)
     if out.exists() or out.is_symlink():
         if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
             out.rmdir()
