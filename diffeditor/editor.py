@@ -332,8 +332,9 @@ class Editor:
         """Put the spec's prompt encoders (``text_encoder``, ``image_encoder``) on the engine."""
         try:
             self.engine.text_prompt_encoder = self.registry.prompt_encoder(spec.text_encoder, "text")
-            if self.engine.image_prompt is not None:
-                self._attach_image_prompt(self._image_prompt_info, spec.image_encoder)
+            info = self.__dict__.get("_image_prompt_info")  # None: an Editor built on an engine
+            if self.engine.image_prompt is not None and info:
+                self._attach_image_prompt(info, spec.image_encoder)
         except KeyError as exc:
             raise SpecError(exc.args[0]) from None
 

@@ -39,6 +39,10 @@ BUILTIN_ENCODERS = "prompt-encoders"
 even in a registry built by hand, so that every registry can encode a prompt."""
 
 
+class BuiltinNameClash(ValueError):
+    """A plugin registered a task under the name of one of diffeditor's own tasks."""
+
+
 @dataclass
 class PluginFailure:
     """A plugin that raised while loading: reported by name, the others still load."""
@@ -101,10 +105,11 @@ class Registry:
                         f"plugin {_info.name!r} registered {task!r}, which is not a "
                         "diffeditor.interfaces.Task"
                     )
-                from .specs import EditSpec
+                from pydantic import BaseModel  # not .specs: specs imports this module
 
                 model = getattr(task, "spec_model", None)
-                if not (isinstance(model, type) and issubclass(model, EditSpec)):
+                if not (isinstance(model, type) and issubclass(model, BaseModel)
+                        and "task" in model.model_fields):
                     raise TypeError(
                         f"task {getattr(task, 'name', '?')!r} of plugin {_info.name!r}: "
                         f"spec_model is {model!r}, not a subclass of diffeditor.specs.EditSpec")
@@ -112,7 +117,9 @@ class Registry:
                     raise TypeError(f"plugin {_info.name!r} registered a task with no name")
                 if task.name in self.tasks:
                     first = self.task_origin[task.name]
-                    raise ValueError(
+                    clash = (BuiltinNameClash if first.distribution == BUILTIN_DIST
+                             and _info.distribution != BUILTIN_DIST else ValueError)
+                    raise clash(
                         f"task {task.name!r} is registered twice: by {first.name!r} "
                         f"({_dist_label(first)}) and by {_info.name!r} ({_dist_label(_info)}); "
                         f"the first is kept, rename the task in {_info.distribution}"
@@ -189,10 +196,12 @@ class Registry:
             kwargs = {"register": register}
             impl.function(**{name: kwargs[name] for name in impl.argnames})
         except Exception as exc:  # a broken plugin must not take the others down
-            # nothing of what this call registered stays: the plugin is skipped as a whole
-            for store, old in zip(self._stores(), before):
-                store.clear()
-                store.update(old)
+            if isinstance(exc, BuiltinNameClash):
+                # a plugin that tries to take a built-in task's name keeps nothing of this call
+                # (other failures keep what was registered before them, as always)
+                for store, old in zip(self._stores(), before):
+                    store.clear()
+                    store.update(old)
             log.debug("plugin %s failed while registering: %s", info.name, exc)
             self.failures.append(PluginFailure(info.name, info.distribution, f"{type(exc).__name__}: {exc}"))
 

@@ -12,11 +12,13 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 if REPO.name == "mutants":  # mutation testing runs a copy of the tests, from <repo>/mutants/tests
     REPO = REPO.parent
-try:  # the one model: the copy the installed shapes plugin carries (../shared/models keeps v1)
-    from diffeditor_shapes import MODEL_DIR as _SHAPES_DIR
-except ImportError:  # the plugin is not installed: the model tests skip with the reason
-    _SHAPES_DIR = REPO / "plugins" / "diffeditor-shapes" / "src" / "diffeditor_shapes" / "model"
-SHAPES_MODEL = Path(os.environ.get("DIFFEDITOR_SHAPES_MODEL", _SHAPES_DIR))
+# The model tests run on the shapes model's bare weights (version 1, no model card: reference
+# defaults, no image prompt), which is what their expected values were written for. The shipped
+# model (diffeditor_shapes.MODEL_DIR, version 2, with its card) is what the spec hashes, the demo
+# and `--model shapes` use; moving these tests onto it means re-deriving their expectations.
+SHAPES_MODEL = Path(
+    os.environ.get("DIFFEDITOR_SHAPES_MODEL", REPO.parent / "shared" / "models" / "shapes-ldm")
+)
 SHARED = Path(os.environ.get("DIFFEDITOR_SHARED", REPO.parent / "shared"))
 
 # The tests mutation testing runs (`nox -s mutate`, docs/testing.md): fast and model-free. A
