@@ -19,7 +19,8 @@ import torch
 def main(argv=None) -> int:
     from diffeditor_shapes import MODEL_DIR
     from diffeditor_shapes.scenes import random_scene, render
-    from diffeditor_train.vae_decoder import psnr_table, to_unit
+    from diffeditor_train.components import to_model_images
+    from diffeditor_train.vae_decoder import psnr_table
     from diffusers import AutoencoderKL
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -39,9 +40,9 @@ def main(argv=None) -> int:
         recs = []
         with torch.no_grad():
             for i in range(0, a.n, 32):
-                x = to_unit(images[i:i + 32])
+                x = to_model_images(images[i:i + 32], "cpu")
                 recs.append(vae.decode(vae.encode(x).latent_dist.mean).sample)
-        rec, src = torch.cat(recs), to_unit(images)
+        rec, src = torch.cat(recs), to_model_images(images, "cpu")
         row = {"all": psnr_table(rec, src)}
         for bg in sorted(set(bgs)):
             k = torch.from_numpy(np.flatnonzero(bgs == bg))

@@ -12,6 +12,7 @@ pytest.importorskip("diffeditor_train")
 
 from diffeditor_shapes import MODEL_DIR  # noqa: E402
 from diffeditor_train import vae_decoder as vd  # noqa: E402
+from diffeditor_train.components import to_model_images  # noqa: E402
 
 from diffeditor.cli import main  # noqa: E402
 
@@ -81,8 +82,8 @@ def test_training_lowers_the_decoder_loss_on_a_fixed_batch(tmp_path):
     def loss(folder):
         vae = AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32, local_files_only=True)
         with torch.no_grad():
-            z = vae.encode(vd.to_unit(noisy)).latent_dist.mean
-            return float(vd.decoder_loss(vae.decode(z).sample, vd.to_unit(clean), None, 1.0))
+            z = vae.encode(to_model_images(noisy, "cpu")).latent_dist.mean
+            return float(vd.decoder_loss(vae.decode(z).sample, to_model_images(clean, "cpu"), None, 1.0))
 
     before, after = loss(MODEL_DIR / "vae"), loss(out)
     assert after < 0.97 * before, (before, after)

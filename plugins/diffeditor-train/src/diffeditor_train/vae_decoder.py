@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .components import model_folder
+from .components import model_folder, to_model_images
 from .loop import TrainError, autocast, commit_folder, sample_indices, train_loop
 
 ENCODER_PREFIXES = ("encoder.", "quant_conv.")
@@ -50,11 +50,6 @@ def shapes_clean_noisy(n: int, seed: int, size: int) -> tuple[np.ndarray, np.nda
         clean[i] = render(scene).image
         noisy[i] = render(scene, noise=rng).image
     return noisy, clean
-
-
-def to_unit(images: np.ndarray) -> torch.Tensor:
-    """uint8 NHWC -> float NCHW in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def gradient_l1(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
@@ -116,7 +111,7 @@ def encode_all(vae, images: np.ndarray, device: torch.device, batch: int = 64):
     """Posterior (mean, std) of every image under the frozen encoder."""
     means, stds = [], []
     for i in range(0, len(images), batch):
-        post = vae.encode(to_unit(images[i:i + batch]).to(device)).latent_dist
+        post = vae.encode(to_model_images(images[i:i + batch], device)).latent_dist
         means.append(post.mean.cpu())
         stds.append(post.std.cpu())
     return torch.cat(means), torch.cat(stds)
@@ -142,9 +137,9 @@ def roundtrip_psnr(vae, images: np.ndarray, device: torch.device, batch: int = 3
     """Encode (posterior mean) and decode each image; PSNR against the image itself."""
     outs = []
     for i in range(0, len(images), batch):
-        x = to_unit(images[i:i + batch]).to(device)
+        x = to_model_images(images[i:i + batch], device)
         outs.append(vae.decode(vae.encode(x).latent_dist.mean).sample.float().cpu())
-    return psnr_table(torch.cat(outs), to_unit(images))
+    return psnr_table(torch.cat(outs), to_model_images(images, "cpu"))
 
 
 def train_vae_decoder(args) -> dict:
@@ -189,7 +184,7 @@ def train_vae_decoder(args) -> dict:
         idx = sample_indices(len(mean), args.batch_size, gen)
         eps = torch.randn(mean[idx].shape, generator=gen)
         z = mean[idx] + std[idx] * eps
-        x = to_unit(target[idx.numpy()])
+        x = to_model_images(target[idx.numpy()], "cpu")
         w = None
         if crop < grid:
             corners = crop_windows(len(idx), grid, crop, gen)
